@@ -1,0 +1,54 @@
+# livemig — `make demo` and `make test` do all set-up themselves, idempotently.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The lab (network namespaces, taps) needs root.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo -E)
+PYTEST_ARGS ?=
+
+.PHONY: all setup system venv guest demo test lint typecheck unit integration lab-clean clean
+
+all: setup
+
+setup: system venv guest
+
+system:
+	@scripts/setup-system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+guest: system venv
+	@$(SUDO) $(PY) -m migrate.guest build
+
+demo: setup
+	$(SUDO) $(VENV)/bin/livemig demo --workload openssl
+
+lint: venv
+	$(VENV)/bin/ruff check migrate dirtytrack cpumodel bench tests
+	$(VENV)/bin/ruff format --check migrate dirtytrack cpumodel bench tests
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(SUDO) $(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+
+test: setup lint typecheck
+	$(SUDO) $(VENV)/bin/pytest tests $(PYTEST_ARGS)
+
+# Removes labs left behind by a process that was killed (SIGKILL skips cleanup).
+lab-clean: venv
+	$(SUDO) $(PY) -m migrate.lab sweep
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

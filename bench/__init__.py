@@ -1,0 +1,1 @@
+"""Migration benchmarks: scenarios, guest workloads, downtime measurement, reports."""

@@ -1,0 +1,1 @@
+"""CPU flags and models, host probes, migration compatibility and cluster baselines."""

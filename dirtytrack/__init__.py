@@ -1,0 +1,1 @@
+"""Dirty-page bitmaps, trackers, RAM digests and the pre-copy convergence model."""

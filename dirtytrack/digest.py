@@ -1,0 +1,80 @@
+"""Digests of guest RAM: the integrity check that a migration moved every page.
+
+A digest is a vector of 64-bit xxh3 hashes, one per fixed-size chunk (2 MiB by
+default: ~9 ms per 256 MiB on one core here) or one per page. Two RAM images are
+equal when their chunk digests are; where a chunk differs, :func:`differing_pages`
+drills down to the exact pages so an error can name them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from dirtytrack.ram import PAGE_SIZE
+
+DEFAULT_CHUNK_SIZE = 2 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class RamDigest:
+    """Per-chunk xxh3-64 hashes of a RAM image of ``size`` bytes."""
+
+    size: int
+    chunk_size: int
+    hashes: npt.NDArray[np.uint64]
+
+    def differing_chunks(self, other: RamDigest) -> npt.NDArray[np.intp]:
+        """Indices of chunks whose hashes differ; all chunks if the layouts differ."""
+        if (self.size, self.chunk_size) != (other.size, other.chunk_size):
+            return np.arange(max(len(self.hashes), len(other.hashes)))
+        return np.flatnonzero(self.hashes != other.hashes)
+
+    def matches(self, other: RamDigest) -> bool:
+        return len(self.differing_chunks(other)) == 0
+
+
+def ram_digest(buf: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE) -> RamDigest:
+    """Hash ``buf`` in ``chunk_size`` pieces (the last may be shorter)."""
+    if chunk_size <= 0 or chunk_size % PAGE_SIZE:
+        raise ValueError(f"chunk_size must be a positive multiple of {PAGE_SIZE}")
+    size = len(buf)
+    hashes = np.fromiter(
+        (xxhash.xxh3_64_intdigest(buf[off : off + chunk_size]) for off in range(0, size, chunk_size)),
+        dtype=np.uint64,
+        count=(size + chunk_size - 1) // chunk_size,
+    )
+    return RamDigest(size=size, chunk_size=chunk_size, hashes=hashes)
+
+
+def page_digests(buf: memoryview) -> npt.NDArray[np.uint64]:
+    """One xxh3-64 hash per 4 KiB page of ``buf``."""
+    if len(buf) % PAGE_SIZE:
+        raise ValueError(f"buffer of {len(buf)} bytes is not a whole number of pages")
+    return np.fromiter(
+        (xxhash.xxh3_64_intdigest(buf[off : off + PAGE_SIZE]) for off in range(0, len(buf), PAGE_SIZE)),
+        dtype=np.uint64,
+        count=len(buf) // PAGE_SIZE,
+    )
+
+
+def differing_pages(
+    a: memoryview, b: memoryview, chunks: npt.NDArray[np.intp], chunk_size: int
+) -> npt.NDArray[np.intp]:
+    """Page numbers that differ between ``a`` and ``b`` inside the given chunks."""
+    found: list[npt.NDArray[np.intp]] = []
+    pages_per_chunk = chunk_size // PAGE_SIZE
+    for chunk in chunks:
+        start = int(chunk) * chunk_size
+        end = min(start + chunk_size, len(a), len(b))
+        if end <= start:
+            continue
+        pa = np.frombuffer(a[start:end], dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
+        pb = np.frombuffer(b[start:end], dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
+        found.append(np.flatnonzero((pa != pb).any(axis=1)) + int(chunk) * pages_per_chunk)
+    if not found:
+        return np.empty(0, dtype=np.intp)
+    return np.concatenate(found)

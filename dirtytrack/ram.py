@@ -1,0 +1,92 @@
+"""Guest RAM backing files (``memory-backend-file,share=on``) mapped into this process."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from dirtytrack.errors import RamMappingError
+
+PAGE_SIZE = 4096
+WORDS_PER_PAGE = PAGE_SIZE // 8
+
+
+class RamMapping:
+    """A shared mapping of a guest RAM file, closed on ``__exit__``.
+
+    ``writable=False`` maps read-only (source side, integrity checks); ``True`` maps
+    read-write so a receiver can place pages. The mapping is ``MAP_SHARED``: what QEMU
+    writes is what we read, and what we write QEMU sees.
+
+    Raises :class:`RamMappingError` if the file is missing, empty, or not a whole
+    number of pages.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], writable: bool = False) -> None:
+        self.path = Path(path)
+        self.writable = writable
+        self._mmap: mmap.mmap | None = None
+
+    def __enter__(self) -> RamMapping:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def open(self) -> None:
+        flags = os.O_RDWR if self.writable else os.O_RDONLY
+        try:
+            fd = os.open(self.path, flags)
+        except OSError as exc:
+            raise RamMappingError(f"cannot open guest RAM file {self.path}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or size % PAGE_SIZE:
+                raise RamMappingError(
+                    f"guest RAM file {self.path} has {size} bytes, not a positive multiple of {PAGE_SIZE}"
+                )
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+        except OSError as exc:
+            raise RamMappingError(f"cannot map guest RAM file {self.path}: {exc}") from exc
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+    @property
+    def size(self) -> int:
+        """Size of the mapping in bytes."""
+        return len(self._require())
+
+    @property
+    def page_count(self) -> int:
+        return self.size // PAGE_SIZE
+
+    def buffer(self) -> memoryview:
+        """The whole mapping as a byte ``memoryview`` (valid until :meth:`close`)."""
+        return memoryview(self._require())
+
+    def pages(self) -> npt.NDArray[np.uint64]:
+        """The mapping as a ``(page_count, 512)`` array of uint64 words, no copy."""
+        words = np.frombuffer(self._require(), dtype=np.uint64)
+        return words.reshape(-1, WORDS_PER_PAGE)
+
+    def _require(self) -> mmap.mmap:
+        if self._mmap is None:
+            raise RamMappingError(f"guest RAM file {self.path} is not mapped")
+        return self._mmap
