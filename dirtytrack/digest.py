@@ -8,6 +8,7 @@ drills down to the exact pages so an error can name them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,22 +44,66 @@ def ram_digest(buf: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE) -> RamDige
         raise ValueError(f"chunk_size must be a positive multiple of {PAGE_SIZE}")
     size = len(buf)
     hashes = np.fromiter(
-        (xxhash.xxh3_64_intdigest(buf[off : off + chunk_size]) for off in range(0, size, chunk_size)),
+        (
+            xxhash.xxh3_64_intdigest(buf[off : off + chunk_size])
+            for off in range(0, size, chunk_size)
+        ),
         dtype=np.uint64,
         count=(size + chunk_size - 1) // chunk_size,
     )
     return RamDigest(size=size, chunk_size=chunk_size, hashes=hashes)
 
 
-def page_digests(buf: memoryview) -> npt.NDArray[np.uint64]:
-    """One xxh3-64 hash per 4 KiB page of ``buf``."""
-    if len(buf) % PAGE_SIZE:
-        raise ValueError(f"buffer of {len(buf)} bytes is not a whole number of pages")
-    return np.fromiter(
-        (xxhash.xxh3_64_intdigest(buf[off : off + PAGE_SIZE]) for off in range(0, len(buf), PAGE_SIZE)),
-        dtype=np.uint64,
-        count=len(buf) // PAGE_SIZE,
-    )
+def page_digests(
+    buf: memoryview,
+    *,
+    seed: int = 0,
+    out: npt.NDArray[np.uint64] | None = None,
+    yield_every_pages: int = 0,
+) -> npt.NDArray[np.uint64]:
+    """One xxh3-64 hash per 4 KiB page of ``buf``.
+
+    ``seed`` keys the hash (0 is xxh3's default). ``out`` receives the hashes (one
+    per page) instead of a new array. ``yield_every_pages`` > 0 hands the GIL to
+    other threads after that many pages: the loop holds the GIL throughout (one
+    Python call per page), so without it an event loop in another thread can wait
+    a whole switch interval (5 ms). Raises :class:`ValueError` if ``buf`` is not a
+    whole number of pages or ``out`` has the wrong shape.
+    """
+    view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+    if len(view) % PAGE_SIZE:
+        raise ValueError(f"buffer of {len(view)} bytes is not a whole number of pages")
+    count = len(view) // PAGE_SIZE
+    if out is None:
+        out = np.empty(count, dtype=np.uint64)
+    elif out.shape != (count,):
+        raise ValueError(f"out has shape {out.shape}, expected ({count},)")
+    step = yield_every_pages if yield_every_pages > 0 else max(count, 1)
+    digest = xxhash.xxh3_64_intdigest
+    for first in range(0, count, step):
+        last = min(first + step, count)
+        out[first:last] = np.fromiter(
+            (
+                digest(view[off : off + PAGE_SIZE], seed)
+                for off in range(first * PAGE_SIZE, last * PAGE_SIZE, PAGE_SIZE)
+            ),
+            dtype=np.uint64,
+            count=last - first,
+        )
+        if yield_every_pages > 0 and last < count:
+            yield_gil()
+    return out
+
+
+def yield_gil() -> None:
+    """Let a thread waiting for the GIL run (e.g. the event loop), then continue.
+
+    ``time.sleep(0)`` really blocks for a few tens of microseconds with the GIL
+    released, long enough for a waiting thread to take it; a bare release and
+    reacquire (``os.sched_yield``) is usually won back by this thread before the
+    waiter wakes up (measured: 5-60 ms stalls of a 1 ms ticker thread otherwise).
+    """
+    time.sleep(0)
 
 
 def differing_pages(
