@@ -31,7 +31,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # noqa: ANN401 - argparse's signature
+    def error(self, message: str) -> Any:
         self.exit(EXIT_USAGE, f"livemig: error: {message}\n")
 
 

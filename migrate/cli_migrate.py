@@ -2,8 +2,156 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import dataclasses
+import re
+import sys
+from pathlib import Path
 from typing import Any
+
+from migrate.cli import EXIT_MIGRATION, EXIT_OK, print_json
+from migrate.demo import DemoConfig, Workload, run_demo
+from migrate.engine import STRATEGIES, migrate
+from migrate.errors import ConfigError, MigrationError
+from migrate.policy import Policy
+from migrate.render import render_report
+from migrate.report import MigrationReport
+from migrate.strategy import HostEndpoint, MigrationRequest
+
+_URI_RE = re.compile(
+    r"^(tcp:(?P<host>[^:\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)|unix:(?P<path>/\S+))$"
+)
+
+
+def parse_migration_uri(text: str) -> str:
+    """Accept ``tcp:HOST:PORT`` or ``unix:/PATH``. Raises :class:`ConfigError`."""
+    match = _URI_RE.match(text)
+    if match is None:
+        raise ConfigError(f"bad migration URI {text!r} (want tcp:HOST:PORT or unix:/PATH)")
+    port = match.group("port")
+    if port is not None and not 0 < int(port) < 65536:
+        raise ConfigError(f"bad port in migration URI {text!r}")
+    return text
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
+def _workload(text: str) -> Workload:
+    try:
+        return Workload.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _policy_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="native")
+    parser.add_argument(
+        "--offline", action="store_true", help="stop the VM, move it, start it on the target"
+    )
+    parser.add_argument("--max-downtime-ms", type=_positive(float), default=None,
+                        help="hard ceiling on QEMU's downtime-limit (ms)")  # fmt: skip
+    parser.add_argument("--downtime-limit-ms", type=_positive(float), default=None,
+                        help="downtime-limit to start with (ms)")  # fmt: skip
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the source/target RAM comparison before resuming the target")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    policy = Policy()
+    if args.max_downtime_ms is not None:
+        policy = dataclasses.replace(policy, max_downtime_ms=args.max_downtime_ms)
+    if args.downtime_limit_ms is not None:
+        policy = dataclasses.replace(policy, downtime_limit_ms=args.downtime_limit_ms)
+    return policy
 
 
 def register(sub: Any) -> None:
-    sub.add_parser("demo", help="live-migrate the test guest between two lab hosts")
+    demo = sub.add_parser("demo", help="live-migrate the test guest between two lab hosts (root)")
+    demo.add_argument("--workload", type=_workload, default=Workload("openssl"),
+                      help="idle | openssl | dirty:MIBPS | openssl+dirty:MIBPS")  # fmt: skip
+    demo.add_argument("--memory-mib", type=_positive(int), default=256)
+    demo.add_argument("--dirty-mib", type=_positive(int), default=64,
+                      help="working set of the dirty workload (MiB)")  # fmt: skip
+    demo.add_argument("--bandwidth-mbit", type=_positive(float), default=None,
+                      help="cap the migration link with tc tbf (Mbit/s)")  # fmt: skip
+    demo.add_argument("--log-dir", type=Path, default=None, help="keep QEMU and serial logs here")
+    _policy_args(demo)
+    demo.set_defaults(func=_demo)
+
+    mig = sub.add_parser("migrate", help="migrate a VM between two QEMUs you started")
+    mig.add_argument("--source-qmp", type=Path, required=True, help="QMP socket of the running VM")
+    mig.add_argument("--target-qmp", type=Path, required=True,
+                     help="QMP socket of the target QEMU (started with -incoming defer)")  # fmt: skip
+    mig.add_argument(
+        "--target-uri", type=str, required=True, help="tcp:HOST:PORT the target listens on"
+    )
+    mig.add_argument("--keep-source", action="store_true",
+                     help="leave the source QEMU (paused) instead of quitting it after success")  # fmt: skip
+    _policy_args(mig)
+    mig.set_defaults(func=_migrate)
+
+
+def _emit(report: MigrationReport, as_json: bool, extra: dict[str, Any] | None = None) -> int:
+    if as_json:
+        data = report.to_dict()
+        if extra:
+            data.update(extra)
+        print_json(data)
+    else:
+        print(render_report(report, (extra or {}).get("environment")))
+    return EXIT_OK if report.status == "completed" else EXIT_MIGRATION
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = DemoConfig(
+        strategy=args.strategy,
+        workload=args.workload,
+        memory_mib=args.memory_mib,
+        dirty_mib=args.dirty_mib,
+        bandwidth_mbit=args.bandwidth_mbit,
+        offline=args.offline,
+        verify=not args.no_verify,
+        policy=_policy(args),
+        log_dir=args.log_dir,
+    )
+    if not args.json:
+        print(f"livemig demo: {config.workload.text} guest, {config.memory_mib} MiB, "
+              f"{config.strategy} strategy; building what is missing...", file=sys.stderr)  # fmt: skip
+    result = asyncio.run(run_demo(config))
+    return _emit(result.report, args.json, {"environment": result.to_dict()["environment"]})
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    for path in (args.source_qmp, args.target_qmp):
+        if not path.exists():
+            raise ConfigError(f"no QMP socket at {path}")
+    request = MigrationRequest(
+        source=HostEndpoint("source", args.source_qmp),
+        target=HostEndpoint("target", args.target_qmp, parse_migration_uri(args.target_uri)),
+        strategy=args.strategy,
+        policy=_policy(args),
+        offline=args.offline,
+        verify=not args.no_verify,
+        quit_source=not args.keep_source,
+    )
+    try:
+        report = asyncio.run(migrate(request))
+    except MigrationError as exc:
+        if exc.report is None:
+            raise
+        _emit(exc.report, args.json)
+        raise
+    return _emit(report, args.json)

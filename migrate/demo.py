@@ -1,0 +1,299 @@
+"""``livemig demo``: boot the test guest on lab host A, migrate it live to host B.
+
+Builds what is missing (guest), picks the accelerator by probe, creates the lab,
+starts the source VM with the chosen workload, probes it from the client namespace
+every millisecond, starts the incoming VM (``-incoming defer -S``) on host B, runs
+the migration, and returns the engine's report enriched with what only the lab can
+see: the guest-visible downtime, bytes on the migration link, and the guest's own
+checks after the move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from migrate.accel import AccelChoice, choose_accelerator
+from migrate.engine import run_migration, strategy_for
+from migrate.errors import ConfigError, MigrationError, QemuError
+from migrate.events import EventBus
+from migrate.guest import GuestImage, ensure_guest
+from migrate.lab import Lab
+from migrate.policy import Policy
+from migrate.probe import NetworkProbe, ProbeRecord
+from migrate.qemu import QemuProcess
+from migrate.report import MigrationReport, ProbeSummary, offset_ms
+from migrate.strategy import HostEndpoint, MigrationHooks, MigrationRequest
+from migrate.vmspec import NicSpec, VMSpec
+
+GUEST_MAC = "52:54:00:4c:4d:01"
+MIGRATION_PORT = 4444
+_WORKLOAD_RE = re.compile(r"^(idle|openssl|(?:openssl\+)?dirty:(\d+(?:\.\d+)?))$")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the guest runs: ``idle``, ``openssl``, ``dirty:MIBPS``, ``openssl+dirty:MIBPS``."""
+
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """Raises :class:`ConfigError` for anything else."""
+        match = _WORKLOAD_RE.match(text)
+        if not match or (match.group(2) is not None and float(match.group(2)) <= 0):
+            raise ConfigError(
+                f"unknown workload {text!r} (idle, openssl, dirty:MIBPS, openssl+dirty:MIBPS)"
+            )
+        return cls(text)
+
+    @property
+    def runs_openssl(self) -> bool:
+        return self.text.startswith("openssl")
+
+    @property
+    def dirties_memory(self) -> bool:
+        return "dirty:" in self.text
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """One demo run. Sizes in MiB, bandwidth in Mbit/s, times in seconds."""
+
+    strategy: str = "native"
+    workload: Workload = field(default_factory=lambda: Workload("openssl"))
+    memory_mib: int = 256
+    dirty_mib: int = 64
+    bandwidth_mbit: float | None = None
+    offline: bool = False
+    verify: bool = True
+    policy: Policy = field(default_factory=Policy)
+    probe_interval_ms: float = 1.0
+    warmup_s: float = 1.0
+    settle_s: float = 1.0
+    log_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class DemoEnvironment:
+    """What the demo ran on, reported beside the migration report."""
+
+    accelerator: str
+    accelerator_reason: str
+    cpu_model: str
+    kernel: str
+    guest_key: str
+    workload: str
+    bandwidth_mbit: float | None
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    report: MigrationReport
+    environment: DemoEnvironment
+
+    def to_dict(self) -> dict[str, object]:
+        data = self.report.to_dict()
+        data["environment"] = dataclasses.asdict(self.environment)
+        return data
+
+
+@dataclass(frozen=True)
+class DemoHooks:
+    """Test seams: called with the running QEMU processes at fixed points."""
+
+    after_migration_started: Callable[[QemuProcess, QemuProcess], Awaitable[None]] | None = None
+    before_target_resume: Callable[[QemuProcess, QemuProcess], Awaitable[None]] | None = None
+
+
+def guest_spec(config: DemoConfig, guest: GuestImage, accel: AccelChoice, address: str) -> VMSpec:
+    append = (
+        f"console=ttyS0 quiet panic=-1 mitigations=off livemig.ip={address} "
+        f"livemig.workload={config.workload.text} livemig.dirty_mib={config.dirty_mib}"
+    )
+    return VMSpec(
+        name="demo",
+        memory_mib=config.memory_mib,
+        cpu_model=accel.cpu_model,
+        accelerator=accel.accelerator,
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        append=append,
+        nics=(NicSpec(mac=GUEST_MAC),),
+    )
+
+
+async def wait_workload_started(vm: QemuProcess, workload: Workload, timeout: float = 60.0) -> None:
+    """Wait until the guest is up and its workload has reported once."""
+    await vm.console.wait_for(r"^LIVEMIG READY", timeout)
+    if workload.runs_openssl:
+        await vm.console.wait_for(r"^OPENSSL ", timeout)
+    if workload.dirties_memory:
+        await vm.console.wait_for(r"^MEMDIRTY pass=", timeout)
+
+
+async def run_demo(
+    config: DemoConfig, events: EventBus | None = None, hooks: DemoHooks | None = None
+) -> DemoResult:
+    """Run the demo; the result carries the report also when the migration failed.
+
+    Raises :class:`~migrate.errors.LivemigError` subclasses for set-up failures.
+    """
+    strategy_for(config.strategy)
+    events = events or EventBus()
+    hooks = hooks or DemoHooks()
+    guest = await asyncio.to_thread(ensure_guest)
+    accel = await choose_accelerator(guest)
+    environment = DemoEnvironment(
+        accelerator=accel.accelerator.value,
+        accelerator_reason=accel.reason,
+        cpu_model=accel.cpu_model,
+        kernel=guest.kernel_version,
+        guest_key=guest.key,
+        workload=config.workload.text,
+        bandwidth_mbit=config.bandwidth_mbit,
+    )
+    with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
+        address = lab.next_guest_address()
+        guest_ip = address.split("/")[0]
+        spec = guest_spec(config, guest, accel, address)
+        tap_a, tap_b = lab.add_tap(lab.host_a), lab.add_tap(lab.host_b)
+        source = QemuProcess(
+            spec,
+            role="source",
+            netns=lab.host_a.netns,
+            taps={"net0": tap_a},
+            log_dir=config.log_dir,
+        )
+        async with source:
+            await wait_workload_started(source, config.workload)
+            target = QemuProcess(
+                spec,
+                role="target",
+                netns=lab.host_b.netns,
+                taps={"net0": tap_b},
+                incoming=True,
+                paused=True,
+                log_dir=config.log_dir,
+            )
+            async with (
+                target,
+                NetworkProbe(guest_ip, lab.client_ns, config.probe_interval_ms / 1e3) as probe,
+            ):
+                probe_started = time.time()
+                await asyncio.sleep(config.warmup_s)
+                link_before = lab.migration_link_stats(lab.host_a).tx_bytes
+                request = MigrationRequest(
+                    source=HostEndpoint(f"host-a ({lab.host_a.netns})", source.site.qmp_socket),
+                    target=HostEndpoint(
+                        f"host-b ({lab.host_b.netns})",
+                        target.site.qmp_socket,
+                        lab.host_b.migration_uri(MIGRATION_PORT),
+                    ),
+                    strategy=config.strategy,
+                    policy=config.policy,
+                    offline=config.offline,
+                    verify=config.verify,
+                    vm=spec.name,
+                    hooks=_engine_hooks(hooks, source, target),
+                )
+                console_mark = len(target.console.lines)
+                started = asyncio.create_task(
+                    run_migration(request, source.qmp, target.qmp, events=events)
+                )
+                if hooks.after_migration_started is not None:
+                    await hooks.after_migration_started(source, target)
+                try:
+                    report = await started
+                except MigrationError as exc:
+                    if exc.report is None:
+                        raise
+                    report = exc.report
+                await asyncio.sleep(config.settle_s)
+            wire = lab.migration_link_stats(lab.host_a).tx_bytes - link_before
+            assert probe.record is not None
+            report = _with_probe(report, probe.record, probe_started)
+            report = dataclasses.replace(report, wire_bytes=wire)
+            if report.status == "completed":
+                check = await guest_check(target, config.workload, console_mark)
+                report = dataclasses.replace(report, guest_check=check)
+    return DemoResult(report=report, environment=environment)
+
+
+def _engine_hooks(hooks: DemoHooks, source: QemuProcess, target: QemuProcess) -> MigrationHooks:
+    before = hooks.before_target_resume
+    if before is None:
+        return MigrationHooks()
+
+    async def _before_target_resume() -> None:
+        await before(source, target)
+
+    return MigrationHooks(before_target_resume=_before_target_resume)
+
+
+def _with_probe(
+    report: MigrationReport, record: ProbeRecord, probe_started: float
+) -> MigrationReport:
+    """Add the guest-visible downtime and the probe's view of the timeline."""
+    tl = report.timeline
+    start = tl.started_at
+    end = start + tl.ended_ms / 1e3
+    gap = record.longest_gap(start, end)
+    baseline = record.longest_gap(probe_started + 0.1, start)
+    resume_at = start + tl.target_resume_ms / 1e3 if tl.target_resume_ms is not None else None
+    first_reply = record.first_reply_after(resume_at) if resume_at is not None else None
+    timeline = dataclasses.replace(tl, first_probe_reply_ms=offset_ms(start, first_reply))
+    summary = None
+    if gap is not None:
+        summary = ProbeSummary(
+            interval_ms=record.interval_ns / 1e6,
+            sent=record.sent(start, end),
+            lost=record.lost(start, end),
+            longest_gap_ms=gap.duration_ms,
+            gap_start_ms=(gap.start - start) * 1e3,
+            gap_end_ms=(gap.end - start) * 1e3,
+            max_send_gap_ms=record.max_send_gap_ms(start, end),
+            baseline_gap_ms=baseline.duration_ms if baseline else None,
+        )
+    return dataclasses.replace(
+        report,
+        timeline=timeline,
+        probe=summary,
+        guest_downtime_ms=summary.longest_gap_ms if summary else None,
+    )
+
+
+async def guest_check(vm: QemuProcess, workload: Workload, since: int) -> str:
+    """The guest's own verdict after the move, read from the target's console.
+
+    ``dirty`` workloads: the first full memdirty verification pass that ran entirely
+    on the target must report no bad pages (and no pass may report any). ``openssl``:
+    a benchmark result must arrive from the target. Returns ``ok: ...`` or
+    ``failed: ...``.
+    """
+    verdicts = []
+    try:
+        if workload.dirties_memory:
+            # The pass in progress at resume began on the source; the next one did not.
+            first = await vm.console.wait_for(r"^MEMDIRTY pass=", 30, since=since)
+            index = vm.console.lines.index(first)
+            full = await vm.console.wait_for(r"^MEMDIRTY pass=", 30, since=index + 1)
+            bad_passes = [
+                line.text
+                for line in vm.console.matching(r"^MEMDIRTY pass=", since)
+                if " bad=0 " not in line.text
+            ]
+            if bad_passes:
+                return f"failed: {bad_passes[0]}"
+            verdicts.append(f"memdirty {full.text.split()[1]} verified on target")
+        if workload.runs_openssl:
+            await vm.console.wait_for(r"^OPENSSL ", 30, since=since)
+            verdicts.append("openssl running on target")
+    except QemuError as exc:
+        return f"failed: {exc}"
+    return "ok: " + (", ".join(verdicts) or "guest runs on target")

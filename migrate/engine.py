@@ -1,0 +1,72 @@
+"""The engine's front door: pick the strategy and controller, run, return the report.
+
+``run_migration`` works on QMP sessions the caller already holds (the demo's own
+QEMU processes); ``migrate`` opens the sessions from endpoints (the ``livemig
+migrate`` command, for QEMUs launched by someone else).
+"""
+
+from __future__ import annotations
+
+from migrate.errors import ConfigError
+from migrate.events import EventBus
+from migrate.native import NativeStrategy
+from migrate.policy import Controller, StaticController
+from migrate.qmp import QmpSession
+from migrate.report import MigrationReport
+from migrate.strategy import MigrationRequest, Strategy
+
+STRATEGIES: dict[str, type[Strategy]] = {"native": NativeStrategy}
+
+
+def strategy_for(name: str) -> Strategy:
+    """The strategy called ``name``. Raises :class:`ConfigError` for unknown names."""
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ConfigError(
+            f"unknown strategy {name!r} (known: {', '.join(sorted(STRATEGIES))})"
+        ) from None
+
+
+async def run_migration(
+    request: MigrationRequest,
+    source: QmpSession,
+    target: QmpSession,
+    controller: Controller | None = None,
+    events: EventBus | None = None,
+) -> MigrationReport:
+    """Migrate the VM behind ``source`` to ``target``.
+
+    Returns the report of a completed migration; raises
+    :class:`~migrate.errors.MigrationError` (with ``.report``) otherwise, the VM
+    left running on the source.
+    """
+    strategy = strategy_for(request.strategy)
+    return await strategy.run(
+        request,
+        source,
+        target,
+        controller or StaticController(request.policy),
+        events or EventBus(),
+    )
+
+
+async def migrate(
+    request: MigrationRequest,
+    controller: Controller | None = None,
+    events: EventBus | None = None,
+    connect_timeout: float = 5.0,
+) -> MigrationReport:
+    """Like :func:`run_migration`, opening QMP sessions from the request's endpoints."""
+    if request.source.qmp_socket is None or request.target.qmp_socket is None:
+        raise ConfigError("both endpoints need a QMP socket path")
+    strategy_for(request.strategy)
+    source = await QmpSession.connect(request.source.qmp_socket, "source", connect_timeout)
+    try:
+        target = await QmpSession.connect(request.target.qmp_socket, "target", connect_timeout)
+        try:
+            return await run_migration(request, source, target, controller, events)
+        finally:
+            await target.close()
+    finally:
+        await source.close()

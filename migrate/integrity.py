@@ -1,0 +1,116 @@
+"""Did every page arrive? Source RAM at STOP against target RAM before it resumes.
+
+Both sides' RAM must be in files the engine can map (``memory-backend-file,
+share=on``). The source digest is taken as soon as the source has stopped (its RAM
+no longer changes) while the last pages and device state are still in flight; only
+the target digest sits between the target's completion and its resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from dirtytrack.digest import RamDigest, differing_pages, ram_digest
+from dirtytrack.errors import RamMappingError
+from dirtytrack.ram import RamMapping
+from migrate.report import Integrity
+
+MAX_PAGES_NAMED = 8
+
+
+@dataclass(frozen=True)
+class IntegrityResult:
+    integrity: Integrity
+    detail: str
+    differing_pages: tuple[int, ...] = ()
+
+
+class RamComparison:
+    """Compares a source and a target RAM file; numpy/xxhash work runs in threads.
+
+    :meth:`prepare` maps both files (paying the page faults) while pre-copy runs;
+    :meth:`source_stopped` digests the source while the last pages travel;
+    :meth:`compare` digests the target and compares. :meth:`close` unmaps.
+    """
+
+    def __init__(self, source_ram: Path, target_ram: Path) -> None:
+        self.source_ram = source_ram
+        self.target_ram = target_ram
+        self._maps: tuple[RamMapping, RamMapping] | None = None
+        self._prepared: asyncio.Task[None] | None = None
+        self._source_digest: asyncio.Task[RamDigest] | None = None
+
+    def prepare(self) -> None:
+        """Start mapping both RAM files in the background."""
+        if self._prepared is None:
+            self._prepared = asyncio.create_task(asyncio.to_thread(self._map))
+
+    def _map(self) -> None:
+        src = RamMapping(self.source_ram, populate=True)
+        dst = RamMapping(self.target_ram, populate=True)
+        src.open()
+        try:
+            dst.open()
+        except RamMappingError:
+            src.close()
+            raise
+        self._maps = (src, dst)
+
+    async def _mapped(self) -> tuple[RamMapping, RamMapping]:
+        self.prepare()
+        assert self._prepared is not None
+        await self._prepared
+        assert self._maps is not None
+        return self._maps
+
+    def source_stopped(self) -> None:
+        """Start digesting the source RAM (call once the source VM is stopped)."""
+        if self._source_digest is None:
+            self._source_digest = asyncio.create_task(self._digest(0))
+
+    async def _digest(self, side: int) -> RamDigest:
+        ram = (await self._mapped())[side]
+        return await asyncio.to_thread(ram_digest, ram.buffer())
+
+    async def compare(self) -> IntegrityResult:
+        """Compare the stopped source with the loaded, not yet running, target."""
+        self.source_stopped()
+        assert self._source_digest is not None
+        try:
+            target_digest = await self._digest(1)
+            source_digest = await self._source_digest
+        except RamMappingError as exc:
+            return IntegrityResult(Integrity.UNCHECKED, f"RAM not comparable: {exc}")
+        chunks = source_digest.differing_chunks(target_digest)
+        size_mib = source_digest.size >> 20
+        if len(chunks) == 0:
+            return IntegrityResult(Integrity.OK, f"{size_mib} MiB of RAM identical (xxh3 digests)")
+        if source_digest.size != target_digest.size:
+            detail = (
+                f"RAM sizes differ: source {source_digest.size} B, target {target_digest.size} B"
+            )
+            return IntegrityResult(Integrity.FAILED, detail)
+        src, dst = await self._mapped()
+        found = await asyncio.to_thread(
+            differing_pages, src.buffer(), dst.buffer(), chunks, source_digest.chunk_size
+        )
+        pages = [int(p) for p in found]
+        named = ", ".join(str(p) for p in pages[:MAX_PAGES_NAMED])
+        more = f" and {len(pages) - MAX_PAGES_NAMED} more" if len(pages) > MAX_PAGES_NAMED else ""
+        detail = f"{len(pages)} of {source_digest.size // 4096} pages differ: {named}{more}"
+        return IntegrityResult(Integrity.FAILED, detail, tuple(pages[:MAX_PAGES_NAMED]))
+
+    async def close(self) -> None:
+        for task in (self._source_digest, self._prepared):
+            if task is not None and not task.done():
+                task.cancel()
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, RamMappingError):
+                    await task
+        if self._maps is not None:
+            for ram in self._maps:
+                ram.close()
+            self._maps = None

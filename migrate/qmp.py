@@ -1,0 +1,195 @@
+"""QMP sessions: a thin layer over :class:`qemu.qmp.QMPClient`.
+
+It adds what the engine needs on every call: errors translated into
+:class:`~migrate.errors.QemuError` carrying the command and QEMU's error class, a
+connect that waits for a socket with a deadline, and QMP event timestamps as floats
+(CLOCK_REALTIME seconds, the clock QEMU stamps events with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp.events import ListenerError
+
+from migrate.errors import ConfigError, QemuError
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    """One QMP event: its name, data and QEMU's timestamp (realtime seconds)."""
+
+    name: str
+    data: dict[str, Any]
+    timestamp: float
+
+    @classmethod
+    def from_message(cls, msg: Any) -> QmpEvent:
+        ts = msg.get("timestamp") or {}
+        stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+        return cls(name=str(msg["event"]), data=dict(msg.get("data") or {}), timestamp=stamp)
+
+
+class QmpSession:
+    """A connected QMP session to one QEMU. Use :meth:`connect`; close with :meth:`close`."""
+
+    def __init__(self, client: QMPClient, address: str) -> None:
+        self.client = client
+        self.address = address
+
+    @classmethod
+    async def connect(cls, path: str | Path, name: str, timeout: float = 10.0) -> QmpSession:
+        """Connect to the QMP UNIX socket at ``path``, waiting up to ``timeout`` s for it.
+
+        Raises :class:`ConfigError` if no socket appears, :class:`QemuError` if the
+        peer does not speak QMP.
+        """
+        path = Path(path)
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            if path.is_socket():
+                client = QMPClient(name)
+                try:
+                    await client.connect(str(path))
+                    return cls(client, str(path))
+                except (QMPError, OSError) as exc:
+                    last = exc
+                    await _quiet_disconnect(client)
+            elif path.exists():
+                raise ConfigError(f"{path} is not a UNIX socket")
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        if last is None:
+            raise ConfigError(f"no QMP socket at {path}")
+        raise QemuError(f"cannot open a QMP session on {path}: {last}") from last
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run a QMP command; return its ``return`` value.
+
+        Raises :class:`QemuError` with ``command`` and QEMU's error class/description.
+        """
+        try:
+            return await self.client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise QemuError(
+                f"{command} failed on {self.client.name}: {exc.error.error.desc}",
+                command=command,
+                detail={"class": exc.error_class, "desc": exc.error.error.desc},
+            ) from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise QemuError(
+                f"{command}: lost the QMP session to {self.client.name} ({exc or type(exc).__name__})",
+                command=command,
+            ) from exc
+
+    async def status(self) -> str:
+        """The VM's run state (``running``, ``paused``, ``inmigrate``, ``postmigrate``...)."""
+        result = await self.execute("query-status")
+        return str(result["status"])
+
+    @contextmanager
+    def listener(self, names: Iterable[str] = ()) -> Iterator[EventListener]:
+        """Scope an event listener (all events when ``names`` is empty)."""
+        with self.client.listener(tuple(names)) as events:
+            yield events
+
+    async def close(self) -> None:
+        await _quiet_disconnect(self.client)
+
+
+async def _quiet_disconnect(client: QMPClient) -> None:
+    # Disconnecting re-raises the error that broke the session, if any; at close time
+    # the session is being discarded, so that error has already been reported.
+    with contextlib.suppress(QMPError, OSError, EOFError):
+        await client.disconnect()
+
+
+class EventRecorder:
+    """Records every event of a session from ``__aenter__`` on, with QEMU's timestamps.
+
+    :meth:`wait_for` returns a recorded event or waits for one, so nothing that
+    happens between two awaits is missed.
+    """
+
+    def __init__(self, session: QmpSession) -> None:
+        self.session = session
+        self.events: list[QmpEvent] = []
+        self._listener = EventListener()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EventRecorder:
+        self.session.client.register_listener(self._listener)
+        self._task = asyncio.create_task(self._drain(), name=f"events {self.session.client.name}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(ListenerError):
+            self.session.client.remove_listener(self._listener)
+
+    async def _drain(self) -> None:
+        while True:
+            msg = await self._listener.get()
+            self.events.append(QmpEvent.from_message(msg))
+            async with self._changed:
+                self._changed.notify_all()
+
+    def find(
+        self,
+        name: str,
+        predicate: Callable[[QmpEvent], bool] | None = None,
+        since: int = 0,
+    ) -> QmpEvent | None:
+        """The first recorded ``name`` event at index >= ``since`` that matches."""
+        for event in self.events[since:]:
+            if event.name == name and (predicate is None or predicate(event)):
+                return event
+        return None
+
+    async def wait_for(
+        self,
+        name: str,
+        predicate: Callable[[QmpEvent], bool] | None = None,
+        timeout: float = 10.0,
+        since: int = 0,
+    ) -> QmpEvent | None:
+        """Like :meth:`find`, waiting up to ``timeout`` s; None if it never came."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while (event := self.find(name, predicate, since)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+            return event
+
+    async def wait_any(self, timeout: float, since: int) -> None:
+        """Return when an event beyond index ``since`` exists, or after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while len(self.events) <= since:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+
+def migration_status_is(*statuses: str) -> Callable[[QmpEvent], bool]:
+    """Predicate for MIGRATION events whose ``status`` is one of ``statuses``."""
+    return lambda event: event.data.get("status") in statuses

@@ -1,0 +1,69 @@
+"""Human-readable migration reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from migrate.report import MigrationReport
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / (1 << 20):.1f} MiB"
+
+
+def render_report(report: MigrationReport, environment: Mapping[str, object] | None = None) -> str:
+    """A compact text report: outcome, figures, switchover timeline, integrity."""
+    tl = report.timeline
+    lines = [
+        f"migration {report.status}: {report.vm} {report.source} -> {report.target} "
+        f"({report.strategy}, {report.mode}, policy {report.policy})",
+    ]
+    if report.error:
+        lines.append(f"  error:              {report.error}")
+    lines += [
+        f"  total time:         {_ms(report.total_time_ms)}   (QEMU: {_ms(report.qemu_total_time_ms)})",
+        f"  guest downtime:     {_ms(report.guest_downtime_ms)}   (longest probe reply gap)",
+        f"  QEMU downtime:      {_ms(report.downtime_ms)}",
+        f"  RAM / transferred:  {_mib(report.ram_bytes)} / {_mib(report.transferred_bytes)}"
+        f"   (on the wire: {_mib(report.wire_bytes)})",
+        f"  pre-copy rounds:    {report.precopy_rounds}",
+        f"  integrity:          {report.integrity} — {report.integrity_detail}",
+    ]
+    if report.guest_check:
+        lines.append(f"  guest check:        {report.guest_check}")
+    lines.append("  switchover timeline (ms after migrate was issued):")
+    for label, value in (
+        ("source STOP", tl.source_stop_ms),
+        ("source completed", tl.source_completed_ms),
+        ("target completed", tl.target_completed_ms),
+        ("RAM verified", tl.verified_ms),
+        ("target RESUME", tl.target_resume_ms),
+        ("first probe reply", tl.first_probe_reply_ms),
+    ):
+        lines.append(f"    {label:<18}  {_ms(value)}")
+    lines.append(
+        f"    STOP -> RESUME {_ms(tl.stop_to_resume_ms)}, "
+        f"RESUME -> first reply {_ms(tl.resume_to_first_reply_ms)}"
+    )
+    if report.probe is not None:
+        p = report.probe
+        baseline = f", before migration {_ms(p.baseline_gap_ms)}" if p.baseline_gap_ms else ""
+        lines.append(
+            f"  probe: every {p.interval_ms:g} ms, {p.sent} sent, {p.lost} lost, "
+            f"gap {_ms(p.gap_start_ms)} -> {_ms(p.gap_end_ms)}{baseline}, "
+            f"probe's own worst send gap {_ms(p.max_send_gap_ms)}"
+        )
+    for d in report.decisions:
+        lines.append(
+            f"  decision @{(d.time - tl.started_at) * 1e3:8.1f} ms: {d.action} — {d.reason}"
+        )
+    if environment:
+        lines.append(
+            "  environment: "
+            + ", ".join(f"{k}={v}" for k, v in environment.items() if k != "accelerator_reason")
+        )
+    return "\n".join(lines)

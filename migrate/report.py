@@ -1,0 +1,180 @@
+"""What a migration produced: samples, decisions, the switchover timeline, the report.
+
+All are frozen dataclasses with one serialiser pair (:mod:`migrate.codec`). Times
+named ``*_ms`` inside a :class:`Timeline` are offsets from ``started_at`` (realtime
+seconds, the clock QMP stamps events with).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from migrate.codec import from_dict, to_dict
+from migrate.phase import Phase
+
+
+class Status(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+class Integrity(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    UNCHECKED = "unchecked"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One ``query-migrate`` observation (or one pagestream round)."""
+
+    time: float
+    elapsed_ms: float
+    status: str
+    ram_total_bytes: int = 0
+    ram_remaining_bytes: int = 0
+    ram_transferred_bytes: int = 0
+    dirty_pages_rate: int = 0
+    dirty_sync_count: int = 0
+    mbps: float = 0.0
+    page_size: int = 4096
+    expected_downtime_ms: float | None = None
+    cpu_throttle_pct: int = 0
+    duplicate_pages: int = 0
+    normal_pages: int = 0
+    postcopy_requests: int = 0
+
+    @property
+    def dirty_rate_bytes_per_s(self) -> float:
+        return float(self.dirty_pages_rate * self.page_size)
+
+    @classmethod
+    def from_query_migrate(cls, info: dict[str, Any], now: float, elapsed_ms: float) -> Sample:
+        """Build from QEMU's ``query-migrate`` answer."""
+        ram = info.get("ram") or {}
+        expected = info.get("expected-downtime")
+        return cls(
+            time=now,
+            elapsed_ms=elapsed_ms,
+            status=str(info.get("status", "none")),
+            ram_total_bytes=int(ram.get("total", 0)),
+            ram_remaining_bytes=int(ram.get("remaining", 0)),
+            ram_transferred_bytes=int(ram.get("transferred", 0)),
+            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+            dirty_sync_count=int(ram.get("dirty-sync-count", 0)),
+            mbps=float(ram.get("mbps", 0.0)),
+            page_size=int(ram.get("page-size", 4096)),
+            expected_downtime_ms=float(expected) if expected is not None else None,
+            cpu_throttle_pct=int(info.get("cpu-throttle-percentage", 0)),
+            duplicate_pages=int(ram.get("duplicate", 0)),
+            normal_pages=int(ram.get("normal", 0)),
+            postcopy_requests=int(ram.get("postcopy-requests", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Something the controller did (or asks the strategy to do), and why.
+
+    ``command``/``arguments`` is the QMP command carrying it out, if any, and
+    ``side`` the QEMU it goes to (``source`` or ``target``).
+    """
+
+    time: float
+    action: str
+    reason: str
+    command: str | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    side: str = "source"
+
+
+def offset_ms(origin: float, t: float | None) -> float | None:
+    """``t`` as milliseconds after ``origin`` (both realtime seconds); None stays None."""
+    return None if t is None else (t - origin) * 1e3
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The switchover as QEMU's events and the probe saw it (ms after ``started_at``)."""
+
+    started_at: float
+    source_stop_ms: float | None = None
+    source_completed_ms: float | None = None
+    target_completed_ms: float | None = None
+    verified_ms: float | None = None
+    target_resume_ms: float | None = None
+    first_probe_reply_ms: float | None = None
+    ended_ms: float = 0.0
+
+    @property
+    def stop_to_resume_ms(self) -> float | None:
+        if self.source_stop_ms is None or self.target_resume_ms is None:
+            return None
+        return self.target_resume_ms - self.source_stop_ms
+
+    @property
+    def resume_to_first_reply_ms(self) -> float | None:
+        if self.target_resume_ms is None or self.first_probe_reply_ms is None:
+            return None
+        return self.first_probe_reply_ms - self.target_resume_ms
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    """What the network probe saw during the migration window."""
+
+    interval_ms: float
+    sent: int
+    lost: int
+    longest_gap_ms: float
+    gap_start_ms: float
+    gap_end_ms: float
+    max_send_gap_ms: float
+    baseline_gap_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    """The outcome of one migration: figures, timeline, decisions, integrity.
+
+    ``downtime_ms`` and ``qemu_total_time_ms`` are QEMU's own figures;
+    ``total_time_ms`` is ours (``migrate`` issued → VM running on the target);
+    ``guest_downtime_ms`` is the longest probe reply gap (None without a probe).
+    """
+
+    status: Status
+    strategy: str
+    mode: str
+    vm: str
+    source: str
+    target: str
+    policy: str
+    phase: Phase
+    total_time_ms: float
+    ram_bytes: int
+    timeline: Timeline
+    downtime_ms: float | None = None
+    guest_downtime_ms: float | None = None
+    qemu_total_time_ms: float | None = None
+    setup_time_ms: float | None = None
+    transferred_bytes: int = 0
+    wire_bytes: int | None = None
+    precopy_rounds: int = 0
+    integrity: Integrity = Integrity.UNCHECKED
+    integrity_detail: str = ""
+    guest_check: str | None = None
+    probe: ProbeSummary | None = None
+    samples: tuple[Sample, ...] = ()
+    decisions: tuple[Decision, ...] = ()
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = to_dict(self)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MigrationReport:
+        return from_dict(cls, data)

@@ -1,0 +1,288 @@
+"""What every strategy shares: the request, start conditions, switchover tail, rollback.
+
+The safety rule lives here, once: the target is resumed only after the source has
+stopped and integrity holds; any failure before that stops the target and resumes
+the source (if it was running), so exactly one copy of the VM runs at every moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
+from migrate.events import DecisionMade, EventBus
+from migrate.integrity import IntegrityResult, RamComparison
+from migrate.phase import Phase
+from migrate.policy import Controller, Policy
+from migrate.qmp import EventRecorder, QmpSession, migration_status_is
+from migrate.report import Decision, Integrity, MigrationReport
+
+ACTIVE_STATUSES = frozenset(
+    {"setup", "active", "pre-switchover", "device", "postcopy-active", "postcopy-paused",
+     "postcopy-recover", "wait-unplug", "cancelling"}
+)  # fmt: skip
+SOURCE_START_STATUSES = frozenset({"running", "paused"})
+ANNOUNCE_NOW = {"initial": 0, "max": 100, "rounds": 3, "step": 50}
+
+
+@dataclass(frozen=True)
+class HostEndpoint:
+    """How to reach one side: its QMP socket and (target) the migration listen URI."""
+
+    name: str
+    qmp_socket: Path | None = None
+    migration_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class MigrationHooks:
+    """Points where an embedding program (or a fault-injection test) may act.
+
+    ``before_target_resume`` runs once the target has loaded the VM, paused, before
+    the integrity check and ``cont``.
+    """
+
+    before_target_resume: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    """One migration to perform.
+
+    ``offline`` stops a running VM first and starts it on the target afterwards.
+    ``verify`` compares source and target RAM before the target resumes (needs both
+    RAMs in files this process can map, and a target started with ``-S``).
+    ``quit_source`` ends the source QEMU once the VM runs on the target.
+    """
+
+    source: HostEndpoint
+    target: HostEndpoint
+    strategy: str = "native"
+    policy: Policy = field(default_factory=Policy)
+    offline: bool = False
+    verify: bool = True
+    quit_source: bool = True
+    sample_interval_s: float = 0.1
+    vm: str = "vm"
+    hooks: MigrationHooks = field(default_factory=MigrationHooks)
+
+    @property
+    def migration_uri(self) -> str:
+        if not self.target.migration_uri:
+            raise ConfigError("the target needs a migration URI (e.g. tcp:198.19.0.2:4444)")
+        return self.target.migration_uri
+
+
+class Strategy(Protocol):
+    name: str
+
+    async def run(
+        self,
+        request: MigrationRequest,
+        source: QmpSession,
+        target: QmpSession,
+        controller: Controller,
+        events: EventBus,
+    ) -> MigrationReport: ...
+
+
+@dataclass(frozen=True)
+class StartState:
+    """The VM's situation when the migration began."""
+
+    was_running: bool
+    offline: bool
+    ram_bytes: int
+
+    @property
+    def mode(self) -> str:
+        return "offline" if self.offline else "live"
+
+
+async def check_start(
+    source: QmpSession, target: QmpSession, request: MigrationRequest
+) -> StartState:
+    """Refuse to start unless the source has a VM and the target waits for one.
+
+    Raises :class:`ConfigError` naming the state found.
+    """
+    src_status = await source.status()
+    if src_status not in SOURCE_START_STATUSES:
+        raise ConfigError(f"source VM is not running (its state is {src_status!r})")
+    tgt_status = await target.status()
+    if tgt_status != "inmigrate":
+        raise ConfigError(
+            f"target QEMU is not waiting for an incoming migration (its state is {tgt_status!r}; "
+            "start it with -incoming defer)"
+        )
+    info = await source.execute("query-migrate")
+    if info.get("status") in ACTIVE_STATUSES:
+        raise ConfigError(f"the source is already migrating (status {info['status']})")
+    size = await source.execute("query-memory-size-summary")
+    was_running = src_status == "running"
+    return StartState(
+        was_running=was_running,
+        offline=request.offline or not was_running,
+        ram_bytes=int(size["base-memory"]),
+    )
+
+
+async def ram_backing_file(session: QmpSession) -> Path | None:
+    """The file behind the VM's main RAM if it is a shared ``memory-backend-file``."""
+    try:
+        children = await session.execute("qom-list", {"path": "/objects"})
+    except QemuError:
+        return None
+    for child in children:
+        if child.get("type") != "child<memory-backend-file>":
+            continue
+        path = f"/objects/{child['name']}"
+        share = await session.execute("qom-get", {"path": path, "property": "share"})
+        mem_path = await session.execute("qom-get", {"path": path, "property": "mem-path"})
+        if share and mem_path:
+            return Path(mem_path)
+    return None
+
+
+async def set_capabilities(sessions: tuple[QmpSession, ...], capabilities: dict[str, bool]) -> None:
+    caps = [{"capability": name, "state": state} for name, state in capabilities.items()]
+    for session in sessions:
+        await session.execute("migrate-set-capabilities", {"capabilities": caps})
+
+
+async def start_incoming(target: QmpSession, uri: str) -> None:
+    """``migrate-incoming`` on a target started with ``-incoming defer``.
+
+    A target started with ``-incoming URI`` already listens; that is accepted.
+    """
+    try:
+        await target.execute("migrate-incoming", {"uri": uri})
+    except QemuError as exc:
+        desc = str((exc.detail or {}).get("desc", ""))
+        if "incoming defer" not in desc:
+            raise
+
+
+async def apply_decision(
+    decision: Decision, source: QmpSession, target: QmpSession, events: EventBus
+) -> None:
+    """Carry out a controller decision over QMP and report it."""
+    events.emit(DecisionMade(decision))
+    if decision.command is None:
+        return
+    session = target if decision.side == "target" else source
+    await session.execute(decision.command, decision.arguments or None)
+
+
+@dataclass
+class Switchover:
+    """Timestamps and results of the switchover tail."""
+
+    target_completed: float | None = None
+    verified: float | None = None
+    target_resume: float | None = None
+    resumed: bool = False
+    integrity: IntegrityResult = field(
+        default_factory=lambda: IntegrityResult(Integrity.UNCHECKED, "not compared")
+    )
+
+
+async def finish_on_target(
+    result: Switchover,
+    target: QmpSession,
+    target_events: EventRecorder,
+    comparison: RamComparison | None,
+    hooks: MigrationHooks,
+    timeout: float = 30.0,
+) -> None:
+    """Wait for the target to load the VM, verify its RAM, then resume it.
+
+    Fills ``result`` as it goes; ``result.resumed`` turns true the moment the VM
+    runs on the target, after which nothing may roll the migration back.
+    Raises :class:`MigrationError` if the target fails to load, and
+    :class:`MigrationAborted` if its RAM differs from the source's.
+    """
+    done = await target_events.wait_for(
+        "MIGRATION", migration_status_is("completed", "failed"), timeout=timeout
+    )
+    if done is None or done.data.get("status") != "completed":
+        raise MigrationError("the target did not finish loading the VM")
+    result.target_completed = done.timestamp
+    if hooks.before_target_resume is not None:
+        await hooks.before_target_resume()
+    status = await target.status()
+    if status == "running":
+        result.integrity = IntegrityResult(
+            Integrity.UNCHECKED, "target resumed on its own (not started with -S): RAM not compared"
+        )
+    elif comparison is not None:
+        result.integrity = await comparison.compare()
+        result.verified = time.time()
+        if result.integrity.integrity is Integrity.FAILED:
+            raise MigrationAborted(f"integrity check failed: {result.integrity.detail}")
+    elif result.integrity.integrity is Integrity.UNCHECKED:
+        result.integrity = IntegrityResult(Integrity.UNCHECKED, "RAM not mappable on both sides")
+    if status == "paused":
+        await target.execute("cont")
+    result.resumed = True
+    resume = await target_events.wait_for("RESUME", timeout=10.0)
+    result.target_resume = resume.timestamp if resume else time.time()
+
+
+async def rollback(
+    source: QmpSession, target: QmpSession, start: StartState, events: EventBus
+) -> list[str]:
+    """Put the VM back on the source: cancel, stop the target, resume the source.
+
+    Best effort at every step (each step's failure is recorded, the next still
+    runs); returns what was done, for the report.
+    """
+    notes: list[str] = []
+    with contextlib.suppress(QemuError):
+        info = await source.execute("query-migrate")
+        if info.get("status") in ACTIVE_STATUSES - {"cancelling"}:
+            await source.execute("migrate_cancel")
+            notes.append("cancelled the outgoing migration")
+        deadline = time.monotonic() + 10
+        while (await source.execute("query-migrate")).get("status") in ACTIVE_STATUSES:
+            if time.monotonic() > deadline:
+                notes.append("source migration did not stop within 10 s")
+                break
+            await asyncio.sleep(0.05)
+    # Stop the target before the source runs again: never two running copies.
+    try:
+        await asyncio.wait_for(target.execute("quit"), 5)
+        notes.append("stopped the target QEMU")
+    except (QemuError, TimeoutError):
+        notes.append("target QEMU already gone")
+    if start.was_running:
+        try:
+            if await source.status() != "running":
+                await source.execute("cont")
+                notes.append("resumed the VM on the source")
+            # The target may have announced the guest's MAC already: point the
+            # switches back at the source.
+            await source.execute("announce-self", ANNOUNCE_NOW)
+        except QemuError as exc:
+            notes.append(f"could not resume the source: {exc}")
+            events.notice(f"could not resume the source: {exc}")
+    for note in notes:
+        events.notice(note)
+    return notes
+
+
+def failure_phase(exc: BaseException) -> Phase:
+    aborted = isinstance(exc, MigrationAborted | asyncio.CancelledError | KeyboardInterrupt)
+    return Phase.ABORTED if aborted else Phase.FAILED
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+        return "cancelled by the operator"
+    return str(exc) or type(exc).__name__
