@@ -138,7 +138,8 @@ class Tracker(abc.ABC):
         """Copy the live pages of ``extent`` and make that copy their baseline.
 
         Returns ``out[:extent.count]`` (or a new ``(count, 512)`` array): the bytes to
-        send. Raises :class:`PageRangeError` if the extent lies outside RAM and
+        send. Split big dirty runs (``Bitmap.extents(max_pages=...)``) to bound the
+        buffer. Raises :class:`PageRangeError` if the extent lies outside RAM and
         :class:`BitmapShapeError` if ``out`` is too small or of the wrong type.
         """
         with self._exclusive():
