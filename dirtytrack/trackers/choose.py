@@ -75,7 +75,8 @@ def choose_tracker(
     persistent memory exceeds ``memory_budget_bytes`` (default: the host's
     ``MemAvailable``) is refused. Raises :class:`TrackerUnavailable` listing every
     reason when none works, and :class:`ValueError` for an empty or repeated
-    preference.
+    preference. Building may scan all of RAM (``Baseline.LIVE``), so call it from a
+    worker thread, like the tracker itself.
     """
     if not preference or len(set(preference)) != len(preference):
         raise ValueError(f"preference must list distinct tracker kinds, got {list(preference)}")

@@ -418,7 +418,10 @@ def probe_soft_dirty(pid: int | None = None, proc: ProcFS | None = None) -> None
     Clears this process's own soft-dirty bits, writes a page and checks that bit 55
     appeared (kernels without ``CONFIG_MEM_SOFT_DIRTY`` never set it). For ``pid``,
     checks that its pagemap is readable and its clear_refs writable, without
-    clearing anything. Raises :class:`TrackerUnavailable` saying which check failed.
+    clearing anything. Clearing our own bits write-protects this process's pages
+    once (each takes one fault on its next write where soft-dirty exists), so probe
+    before allocating large buffers. Raises :class:`TrackerUnavailable` saying which
+    check failed.
     """
     proc = proc or ProcFS()
     scratch = np.zeros(3 * PAGE_SIZE, dtype=np.uint8)
