@@ -11,6 +11,7 @@ packages=(
     gcc libc6-dev                  # static build of the guest's memdirty workload
     python3 python3-venv python3-dev
     ca-certificates
+    libvirt-clients                # virsh + libvirt0's cpu_map: the CPU baseline we compare with
 )
 
 missing=()
