@@ -24,7 +24,7 @@ from cpumodel.models import (
     parse_cpu_string,
     psabi_cpu_string,
 )
-from cpumodel.qemu import load_catalog
+from cpumodel.qemu import host_from_qmp_async, host_view_from_qmp, load_catalog
 from cpumodel.sources import load_host, load_hosts, parse_hosts
 
 __all__ = [
@@ -46,6 +46,8 @@ __all__ = [
     "UnknownCpuModel",
     "check_migration",
     "compute_baseline",
+    "host_from_qmp_async",
+    "host_view_from_qmp",
     "load_catalog",
     "load_host",
     "load_hosts",

@@ -21,6 +21,7 @@ from xml.sax.saxutils import quoteattr
 from cpumodel import flags as F
 from cpumodel.errors import CpuMapError, CpuParseError, UnknownCpuModel
 from cpumodel.host import HostCpu, SourceKind, normalize_flags, vendor_from_label, vendor_label
+from cpumodel.models import GuestModel, ModelCatalog
 
 DEFAULT_CPU_MAP_DIR = Path("/usr/share/libvirt/cpu_map")
 
@@ -245,6 +246,18 @@ def model_to_libvirt_xml(model: CpuMapModel) -> str:
         lines.append(f"  <vendor>{vendor_label(model.vendor)}</vendor>")
     lines.append("</cpu>")
     return "\n".join(lines) + "\n"
+
+
+def catalog_from_cpu_map(cpu_map: CpuMap) -> ModelCatalog:
+    """A model catalogue from libvirt's cpu_map, for hosts without QEMU (names match
+    QEMU's unversioned models; flags are libvirt's definitions)."""
+    models = {
+        m.name: GuestModel(name=m.name, vendor=m.vendor, flags=m.flags)
+        for m in cpu_map.models.values()
+    }
+    return ModelCatalog(
+        qemu_version="libvirt cpu_map", models=models, binary=str(cpu_map.directory)
+    )
 
 
 def parse_baseline_features(text: str, cpu_map: CpuMap) -> frozenset[str]:

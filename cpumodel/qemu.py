@@ -278,22 +278,32 @@ def default_cache_dir() -> Path:
     return Path(base) / "livemig"
 
 
-def _cache_path(binary: str, cache_dir: Path) -> Path:
+def _binary_identity(binary: str) -> str:
+    """Resolved path, size, mtime and ``--version`` line of a QEMU binary."""
     resolved = shutil.which(binary)
     if resolved is None:
         raise QemuProbeError(f"QEMU binary '{binary}' not found", argv=(binary,))
     real = os.path.realpath(resolved)
-    st = os.stat(real)
-    key = f"{CATALOG_FORMAT}:{real}:{st.st_size}:{st.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    try:
+        st = os.stat(real)
+        version = subprocess.run(
+            [real, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as exc:
+        raise QemuProbeError(f"cannot run {real} --version: {exc}", argv=(real,)) from exc
+    return f"{CATALOG_FORMAT}:{real}:{st.st_size}:{st.st_mtime_ns}:{version}"
+
+
+def _cache_path(binary: str, cache_dir: Path) -> Path:
+    digest = hashlib.sha256(_binary_identity(binary).encode()).hexdigest()[:16]
     return cache_dir / "cpumodel" / f"qemu-models-{digest}.json"
 
 
 def load_catalog(
     binary: str = DEFAULT_QEMU, cache_dir: Path | None = None, refresh: bool = False
 ) -> ModelCatalog:
-    """The model catalogue of ``binary``, from the cache (keyed by the binary's path, size
-    and mtime) or by probing QEMU; raises QemuProbeError."""
+    """The model catalogue of ``binary``, from the cache (keyed by the binary's path, size,
+    mtime and version) or by probing QEMU; raises QemuProbeError."""
     path = _cache_path(binary, cache_dir or default_cache_dir())
     if not refresh and path.is_file():
         try:
@@ -358,3 +368,12 @@ async def host_view_from_qmp_async(socket_path: str, name: str = "") -> QmpHostV
 def host_view_from_qmp(socket_path: str, name: str = "") -> QmpHostView:
     """Synchronous :func:`host_view_from_qmp_async`."""
     return asyncio.run(host_view_from_qmp_async(socket_path, name))
+
+
+async def host_from_qmp_async(socket_path: str, name: str = "") -> HostCpu:
+    """The host CPU a running QEMU (QMP socket) offers guests; raises QemuProbeError.
+
+    Under KVM that is ``-cpu host`` as KVM allows it on that host, the right input for
+    :func:`cpumodel.check_migration` when the engine already talks to both QEMUs.
+    """
+    return (await host_view_from_qmp_async(socket_path, name)).host

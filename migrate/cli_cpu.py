@@ -23,7 +23,13 @@ from cpumodel.baseline import compute_baseline
 from cpumodel.compat import check_migration
 from cpumodel.errors import CpuMapError, CpuParseError, QemuProbeError
 from cpumodel.host import HostCpu, kvm_supported
-from cpumodel.libvirt import DEFAULT_CPU_MAP_DIR, CpuMap, ModelResolver, load_cpu_map
+from cpumodel.libvirt import (
+    DEFAULT_CPU_MAP_DIR,
+    CpuMap,
+    ModelResolver,
+    catalog_from_cpu_map,
+    load_cpu_map,
+)
 from cpumodel.models import (
     ModelCatalog,
     fitting_models,
@@ -56,8 +62,18 @@ class _Context:
                 except ValueError as exc:
                     raise CpuParseError(f"{self._args.models}: bad model catalogue: {exc}") from exc
             else:
-                self._catalog = load_catalog(self._args.qemu)
+                self._catalog = self._qemu_or_cpu_map()
         return self._catalog
+
+    def _qemu_or_cpu_map(self) -> ModelCatalog:
+        try:
+            return load_catalog(self._args.qemu)
+        except QemuProbeError as exc:
+            cpu_map = self.cpu_map()
+            if cpu_map is None:
+                raise
+            sys.stderr.write(f"livemig: note: {exc}; using libvirt's cpu_map models instead\n")
+            return catalog_from_cpu_map(cpu_map)
 
     def cpu_map(self) -> CpuMap | None:
         """libvirt's cpu_map; None when the default one is not installed."""

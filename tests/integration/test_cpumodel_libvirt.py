@@ -27,10 +27,12 @@ from pathlib import Path
 
 import pytest
 
+from cpumodel import compute_baseline
 from cpumodel import flags as F
 from cpumodel.baseline import NOT_ADDED
 from cpumodel.libvirt import (
     CpuMap,
+    catalog_from_cpu_map,
     host_to_libvirt_xml,
     libvirt_known_flags,
     load_cpu_map,
@@ -194,3 +196,11 @@ def test_host_xml_round_trips_through_libvirt_names() -> None:
     assert {"pclmuldq", "lahf_lm", "sse4.1", "tsc_adjust"} <= names  # libvirt's spellings
     (parsed,) = parse_hosts(xml, "rkl", model_resolver(CPU_MAP, None))
     assert parsed.flags == rocketlake.flags & libvirt_known_flags(CPU_MAP)
+
+
+def test_cpu_map_as_a_model_source_without_qemu() -> None:
+    models = catalog_from_cpu_map(CPU_MAP)
+    baseline = compute_baseline([host("milan"), host("rocketlake"), host("alderlake")], models)
+    assert baseline.level == "x86-64-v3" and baseline.cpu.startswith("kvm64,")
+    intel = compute_baseline([host("rocketlake"), host("alderlake")], models)
+    assert intel.base_model in {m.name for m in CPU_MAP.vendor_models}
