@@ -124,10 +124,8 @@ def parse_cpuid_dump(text: str) -> CpuidDump:
     return CpuidDump(leaves=leaves, msrs=msrs)
 
 
-def _vendor(dump: CpuidDump) -> str:
-    regs = dump.registers(0)
-    assert regs is not None
-    raw = b"".join(r.to_bytes(4, "little") for r in (regs.ebx, regs.edx, regs.ecx))
+def _vendor(leaf0: CpuidRegisters) -> str:
+    raw = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
     return raw.decode("ascii", errors="replace")
 
 
@@ -173,12 +171,13 @@ def _msr_value(dump: CpuidDump, word: F.MsrWord, vmx_true_ctls: bool) -> int | N
 
 
 def decode_cpuid(dump: CpuidDump, name: str = "") -> HostCpu:
-    """Canonical flags and identity of the dumped CPU; never raises for a parsed dump."""
-    vendor = _vendor(dump)
-    leaf1 = dump.registers(1)
-    assert leaf1 is not None
+    """Canonical flags and identity of the dumped CPU; raises CpuParseError without leaves 0/1."""
+    leaf0, leaf1 = dump.registers(0), dump.registers(1)
+    if leaf0 is None or leaf1 is None:  # parse_cpuid_dump guarantees both
+        raise CpuParseError("CPUID dump has no leaf 0 and leaf 1 registers")
+    vendor = _vendor(leaf0)
     family, model, stepping = _signature(leaf1.eax)
-    max_basic = dump.registers(0).eax  # type: ignore[union-attr]
+    max_basic = leaf0.eax
     found: set[str] = set()
     for word in F.CPUID_WORDS:
         if not _leaf_present(dump, word.leaf):

@@ -83,7 +83,8 @@ class QmpCpuSession:
     def __init__(self, client: QMPClient) -> None:
         self._client = client
 
-    async def _execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run one QMP command with a deadline; raises QemuProbeError."""
         try:
             return await asyncio.wait_for(
                 self._client.execute(command, arguments), timeout=_COMMAND_TIMEOUT_S
@@ -93,18 +94,18 @@ class QmpCpuSession:
 
     async def version(self) -> str:
         """QEMU's version as "major.minor.micro"."""
-        answer = await self._execute("query-version")
+        answer = await self.execute("query-version")
         q = answer["qemu"]
         return f"{q['major']}.{q['minor']}.{q['micro']}"
 
     async def kvm_enabled(self) -> bool:
         """Whether this QEMU runs with KVM."""
-        answer = await self._execute("query-kvm")
+        answer = await self.execute("query-kvm")
         return bool(answer.get("enabled"))
 
     async def definitions(self) -> list[QemuCpuDefinition]:
         """Every CPU model QEMU offers, with what the current accelerator lacks for it."""
-        answer = await self._execute("query-cpu-definitions")
+        answer = await self.execute("query-cpu-definitions")
         return [
             QemuCpuDefinition(
                 name=d["name"],
@@ -124,7 +125,7 @@ class QmpCpuSession:
         spec: dict[str, object] = {"name": model}
         if props:
             spec["props"] = dict(props)
-        answer = await self._execute("query-cpu-model-expansion", {"type": kind, "model": spec})
+        answer = await self.execute("query-cpu-model-expansion", {"type": kind, "model": spec})
         return ModelExpansion(name=answer["model"]["name"], props=answer["model"]["props"])
 
 
@@ -151,7 +152,18 @@ class QemuCpuProbe:
         self._client: QMPClient | None = None
         self.argv: tuple[str, ...] = ()
 
-    def _output(self) -> str:
+    @property
+    def pid(self) -> int | None:
+        """The QEMU process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def workdir(self) -> Path | None:
+        """The temporary directory (QMP socket, QEMU's log) while the probe is open."""
+        return self._tmpdir
+
+    def output(self) -> str:
+        """The tail of QEMU's stdout/stderr so far (warnings about filtered features)."""
         if self._tmpdir is None:
             return ""
         try:
@@ -185,7 +197,7 @@ class QemuCpuProbe:
             self._client = QMPClient("livemig-cpuprobe")
             await asyncio.wait_for(self._client.connect(str(socket_path)), _START_TIMEOUT_S)
         except BaseException as exc:
-            output = self._output()
+            output = self.output()
             await self._cleanup()
             if isinstance(exc, (OSError, QMPError, TimeoutError)):
                 raise QemuProbeError(
@@ -203,9 +215,9 @@ class QemuCpuProbe:
             if self._process.returncode is not None:
                 raise QemuProbeError(
                     f"QEMU exited with status {self._process.returncode}: "
-                    f"{self._output().strip()[-300:]}",
+                    f"{self.output().strip()[-300:]}",
                     argv=self.argv,
-                    output=self._output(),
+                    output=self.output(),
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no QMP socket after {_START_TIMEOUT_S:.0f} s")

@@ -86,9 +86,9 @@ def test_probe_kills_qemu_and_removes_its_directory_when_the_body_fails(
 
     async def run() -> None:
         async with probe as session:
-            assert probe._process is not None and probe._tmpdir is not None
-            seen["pid"] = probe._process.pid
-            seen["dir"] = probe._tmpdir
+            assert probe.pid is not None and probe.workdir is not None
+            seen["pid"] = probe.pid
+            seen["dir"] = probe.workdir
             assert (await session.version()).count(".") == 2
             raise _BodyFailed
 
@@ -158,14 +158,14 @@ def test_baseline_cpu_string_runs_in_qemu_under_tcg(
             props = {f: True for f in config.enable} | {f: False for f in config.disable}
             expansion = await session.expand(config.base, props)
             assert expansion.flags >= config.enable
-            cpus = await session._execute("query-cpus-fast")
+            cpus = await session.execute("query-cpus-fast")
             path = cpus[0]["qom-path"]
             values = {}
             for feature in baseline.features:
-                values[feature] = await session._execute(
+                values[feature] = await session.execute(
                     "qom-get", {"path": path, "property": feature}
                 )
-            return values, probe._output()
+            return values, probe.output()
 
     values, output = asyncio.run(run())
     assert not re.search(r"(?i)error|invalid|not found|can't apply", output), output
