@@ -170,7 +170,7 @@ class Lab:
         errors: list[str] = []
         for ns in reversed(self._created):
             try:
-                _remove_namespace(ns)
+                remove_namespace(ns)
             except LabError as exc:
                 errors.append(str(exc))
         self._created.clear()
@@ -241,7 +241,8 @@ def _namespace_pids(ns: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def _remove_namespace(ns: str) -> None:
+def remove_namespace(ns: str) -> None:
+    """Kill every process inside ``ns`` and delete it (gone already is fine)."""
     for pid in _namespace_pids(ns):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -267,7 +268,7 @@ def sweep(all_labs: bool = False) -> list[str]:
         assert match is not None
         owner = int(match.group(1))
         if all_labs or not _pid_alive(owner):
-            _remove_namespace(ns)
+            remove_namespace(ns)
             removed.append(ns)
     return removed
 

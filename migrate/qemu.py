@@ -260,6 +260,15 @@ class QemuProcess:
         except OSError:
             return ""
 
+    async def release_qmp(self) -> None:
+        """Close our QMP session so another client (e.g. ``livemig migrate``) can connect.
+
+        QEMU's QMP socket serves one client at a time. Shutdown then uses signals.
+        """
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stop QEMU: ``quit``, then SIGTERM, then SIGKILL; always clean up files."""
         try:

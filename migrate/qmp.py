@@ -59,9 +59,11 @@ class QmpSession:
             if path.is_socket():
                 client = QMPClient(name)
                 try:
-                    await client.connect(str(path))
+                    # A peer that accepts but never greets must not hang us.
+                    remaining = max(0.5, deadline - time.monotonic())
+                    await asyncio.wait_for(client.connect(str(path)), remaining)
                     return cls(client, str(path))
-                except (QMPError, OSError) as exc:
+                except (QMPError, OSError, TimeoutError) as exc:
                     last = exc
                     await _quiet_disconnect(client)
             elif path.exists():
