@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
@@ -72,8 +73,11 @@ class RamMapping:
             os.close(fd)
 
     def close(self) -> None:
+        """Unmap. If numpy views or memoryviews of the mapping are still alive, the
+        unmap happens when the last of them goes (the mmap object closes itself)."""
         if self._mmap is not None:
-            self._mmap.close()
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
             self._mmap = None
 
     @property

@@ -66,6 +66,8 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
                         help="downtime-limit to start with (ms)")  # fmt: skip
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the source/target RAM comparison before resuming the target")  # fmt: skip
+    parser.add_argument("--no-repair", action="store_true",
+                        help="abort (VM stays on the source) instead of repairing stale target pages")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
@@ -124,6 +126,7 @@ def _demo(args: argparse.Namespace) -> int:
         bandwidth_mbit=args.bandwidth_mbit,
         offline=args.offline,
         verify=not args.no_verify,
+        repair=not args.no_repair,
         policy=_policy(args),
         log_dir=args.log_dir,
     )
@@ -145,6 +148,7 @@ def _migrate(args: argparse.Namespace) -> int:
         policy=_policy(args),
         offline=args.offline,
         verify=not args.no_verify,
+        repair=not args.no_repair,
         quit_source=not args.keep_source,
     )
     try:

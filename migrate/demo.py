@@ -72,6 +72,7 @@ class DemoConfig:
     bandwidth_mbit: float | None = None
     offline: bool = False
     verify: bool = True
+    repair: bool = True
     policy: Policy = field(default_factory=Policy)
     probe_interval_ms: float = 1.0
     warmup_s: float = 1.0
@@ -199,6 +200,7 @@ async def run_demo(
                     policy=config.policy,
                     offline=config.offline,
                     verify=config.verify,
+                    repair=config.repair,
                     vm=spec.name,
                     hooks=_engine_hooks(hooks, source, target),
                 )
@@ -215,13 +217,14 @@ async def run_demo(
                         raise
                     report = exc.report
                 await asyncio.sleep(config.settle_s)
-            wire = lab.migration_link_stats(lab.host_a).tx_bytes - link_before
+                wire = lab.migration_link_stats(lab.host_a).tx_bytes - link_before
+                if report.status == "completed":
+                    check = await guest_check(target, config.workload, console_mark)
+                    report = dataclasses.replace(report, guest_check=check, wire_bytes=wire)
             assert probe.record is not None
-            report = _with_probe(report, probe.record, probe_started)
-            report = dataclasses.replace(report, wire_bytes=wire)
-            if report.status == "completed":
-                check = await guest_check(target, config.workload, console_mark)
-                report = dataclasses.replace(report, guest_check=check)
+            report = dataclasses.replace(
+                _with_probe(report, probe.record, probe_started), wire_bytes=wire
+            )
     return DemoResult(report=report, environment=environment)
 
 
@@ -278,6 +281,8 @@ async def guest_check(vm: QemuProcess, workload: Workload, since: int) -> str:
     """
     verdicts = []
     try:
+        if (bad := _kernel_trouble(vm, since)) is not None:
+            return f"failed: guest kernel: {bad}"
         if workload.dirties_memory:
             # The pass in progress at resume began on the source; the next one did not.
             first = await vm.console.wait_for(r"^MEMDIRTY pass=", 30, since=since)
@@ -295,5 +300,19 @@ async def guest_check(vm: QemuProcess, workload: Workload, since: int) -> str:
             await vm.console.wait_for(r"^OPENSSL ", 30, since=since)
             verdicts.append("openssl running on target")
     except QemuError as exc:
+        if (bad := _kernel_trouble(vm, since)) is not None:
+            return f"failed: guest kernel: {bad}"
+        if not vm.alive:
+            return f"failed: target QEMU exited with {vm.returncode}"
         return f"failed: {exc}"
+    if (bad := _kernel_trouble(vm, since)) is not None:
+        return f"failed: guest kernel: {bad}"
     return "ok: " + (", ".join(verdicts) or "guest runs on target")
+
+
+_KERNEL_TROUBLE = r"(BUG:|Oops|Kernel panic|general protection|is not a head|soft lockup)"
+
+
+def _kernel_trouble(vm: QemuProcess, since: int) -> str | None:
+    found = vm.console.matching(_KERNEL_TROUBLE, since)
+    return found[0].text.split("] ", 1)[-1] if found else None

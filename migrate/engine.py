@@ -60,6 +60,8 @@ async def migrate(
     """Like :func:`run_migration`, opening QMP sessions from the request's endpoints."""
     if request.source.qmp_socket is None or request.target.qmp_socket is None:
         raise ConfigError("both endpoints need a QMP socket path")
+    if request.source.qmp_socket.resolve() == request.target.qmp_socket.resolve():
+        raise ConfigError(f"source and target are the same QEMU ({request.source.qmp_socket})")
     strategy_for(request.strategy)
     source = await QmpSession.connect(request.source.qmp_socket, "source", connect_timeout)
     try:

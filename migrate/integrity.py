@@ -4,6 +4,14 @@ Both sides' RAM must be in files the engine can map (``memory-backend-file,
 share=on``). The source digest is taken as soon as the source has stopped (its RAM
 no longer changes) while the last pages and device state are still in flight; only
 the target digest sits between the target's completion and its resume.
+
+Repair: the stopped source's RAM is the truth, and the target is paused, so pages
+that differ can be copied source → target and the comparison repeated before the
+target runs. This is needed in practice: QEMU before 9.0 loses dirty pages under
+TCG (its dirty-bitmap fast path does not reset the TCG TLB's dirty state; fixed
+upstream by commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with
+TCG memory access"), and on these machines a guest dirtying 16 MiB/s arrives with
+~30 stale kernel pages and crashes unless they are repaired.
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from dirtytrack.digest import RamDigest, differing_pages, ram_digest
 from dirtytrack.errors import RamMappingError
-from dirtytrack.ram import RamMapping
+from dirtytrack.ram import PAGE_SIZE, RamMapping
 from migrate.report import Integrity
 
 MAX_PAGES_NAMED = 8
@@ -23,9 +34,12 @@ MAX_PAGES_NAMED = 8
 
 @dataclass(frozen=True)
 class IntegrityResult:
+    """The verdict; ``repaired_pages`` were copied from the source before it held."""
+
     integrity: Integrity
     detail: str
     differing_pages: tuple[int, ...] = ()
+    repaired_pages: int = 0
 
 
 class RamComparison:
@@ -50,7 +64,8 @@ class RamComparison:
 
     def _map(self) -> None:
         src = RamMapping(self.source_ram, populate=True)
-        dst = RamMapping(self.target_ram, populate=True)
+        # Writable so that stale pages can be repaired in place; QEMU sees the writes.
+        dst = RamMapping(self.target_ram, writable=True, populate=True)
         src.open()
         try:
             dst.open()
@@ -75,8 +90,12 @@ class RamComparison:
         ram = (await self._mapped())[side]
         return await asyncio.to_thread(ram_digest, ram.buffer())
 
-    async def compare(self) -> IntegrityResult:
-        """Compare the stopped source with the loaded, not yet running, target."""
+    async def compare(self, repair: bool = False) -> IntegrityResult:
+        """Compare the stopped source with the loaded, not yet running, target.
+
+        With ``repair``, differing pages are copied from the source and the whole
+        comparison is repeated; the result is OK only if the second one matches.
+        """
         self.source_stopped()
         assert self._source_digest is not None
         try:
@@ -84,24 +103,35 @@ class RamComparison:
             source_digest = await self._source_digest
         except RamMappingError as exc:
             return IntegrityResult(Integrity.UNCHECKED, f"RAM not comparable: {exc}")
-        chunks = source_digest.differing_chunks(target_digest)
         size_mib = source_digest.size >> 20
-        if len(chunks) == 0:
-            return IntegrityResult(Integrity.OK, f"{size_mib} MiB of RAM identical (xxh3 digests)")
         if source_digest.size != target_digest.size:
             detail = (
                 f"RAM sizes differ: source {source_digest.size} B, target {target_digest.size} B"
             )
             return IntegrityResult(Integrity.FAILED, detail)
+        chunks = source_digest.differing_chunks(target_digest)
+        if len(chunks) == 0:
+            return IntegrityResult(Integrity.OK, f"{size_mib} MiB of RAM identical (xxh3 digests)")
         src, dst = await self._mapped()
         found = await asyncio.to_thread(
             differing_pages, src.buffer(), dst.buffer(), chunks, source_digest.chunk_size
         )
         pages = [int(p) for p in found]
-        named = ", ".join(str(p) for p in pages[:MAX_PAGES_NAMED])
-        more = f" and {len(pages) - MAX_PAGES_NAMED} more" if len(pages) > MAX_PAGES_NAMED else ""
-        detail = f"{len(pages)} of {source_digest.size // 4096} pages differ: {named}{more}"
-        return IntegrityResult(Integrity.FAILED, detail, tuple(pages[:MAX_PAGES_NAMED]))
+        listed = _list_pages(pages)
+        total = source_digest.size // PAGE_SIZE
+        if not repair:
+            detail = f"{len(pages)} of {total} pages differ: {listed}"
+            return IntegrityResult(Integrity.FAILED, detail, tuple(pages[:MAX_PAGES_NAMED]))
+        await asyncio.to_thread(_copy_pages, src, dst, found)
+        recheck = await self._digest(1)
+        if not source_digest.matches(recheck):
+            detail = f"{len(pages)} of {total} pages differed and repair did not hold: {listed}"
+            return IntegrityResult(Integrity.FAILED, detail, tuple(pages[:MAX_PAGES_NAMED]))
+        detail = (
+            f"{size_mib} MiB of RAM identical after repairing {len(pages)} stale page(s) "
+            f"from the stopped source: {listed}"
+        )
+        return IntegrityResult(Integrity.OK, detail, tuple(pages[:MAX_PAGES_NAMED]), len(pages))
 
     async def close(self) -> None:
         for task in (self._source_digest, self._prepared):
@@ -114,3 +144,13 @@ class RamComparison:
             for ram in self._maps:
                 ram.close()
             self._maps = None
+
+
+def _list_pages(pages: list[int]) -> str:
+    named = ", ".join(str(p) for p in pages[:MAX_PAGES_NAMED])
+    more = f" and {len(pages) - MAX_PAGES_NAMED} more" if len(pages) > MAX_PAGES_NAMED else ""
+    return named + more
+
+
+def _copy_pages(src: RamMapping, dst: RamMapping, pages: npt.NDArray[np.intp]) -> None:
+    dst.pages()[pages] = src.pages()[pages]

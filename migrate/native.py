@@ -139,7 +139,9 @@ class _NativeRun:
             reason = info.get("error-desc") or f"QEMU reported status {info.get('status')}"
             raise MigrationError(str(reason))
         self.phase.advance(Phase.SWITCHOVER)
-        await finish_on_target(self.switchover, target, tgt_log, self.comparison, request.hooks)
+        await finish_on_target(
+            self.switchover, target, tgt_log, self.comparison, request.hooks, request.repair
+        )
         self.phase.advance(Phase.COMPLETED)
         if request.quit_source:
             await _quit(source)
@@ -221,6 +223,7 @@ class _NativeRun:
             precopy_rounds=int(ram.get("dirty-sync-count", 0)),
             integrity=sw.integrity.integrity,
             integrity_detail=sw.integrity.detail,
+            repaired_pages=sw.integrity.repaired_pages,
             samples=tuple(self.samples),
             decisions=tuple(self.decisions),
             error=error,

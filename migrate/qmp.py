@@ -63,7 +63,13 @@ class QmpSession:
                     remaining = max(0.5, deadline - time.monotonic())
                     await asyncio.wait_for(client.connect(str(path)), remaining)
                     return cls(client, str(path))
-                except (QMPError, OSError, TimeoutError) as exc:
+                except TimeoutError:
+                    await _quiet_disconnect(client)
+                    raise QemuError(
+                        f"no QMP greeting on {path} within {timeout:.0f} s "
+                        "(QEMU serves one QMP client at a time: is another one connected?)"
+                    ) from None
+                except (QMPError, OSError) as exc:
                     last = exc
                     await _quiet_disconnect(client)
             elif path.exists():

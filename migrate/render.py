@@ -32,6 +32,13 @@ def render_report(report: MigrationReport, environment: Mapping[str, object] | N
         f"   (on the wire: {_mib(report.wire_bytes)})",
         f"  pre-copy rounds:    {report.precopy_rounds}",
         f"  integrity:          {report.integrity} — {report.integrity_detail}",
+        *(
+            [
+                f"  repaired pages:     {report.repaired_pages} (stale in QEMU's stream, copied from the stopped source)"
+            ]
+            if report.repaired_pages
+            else []
+        ),
     ]
     if report.guest_check:
         lines.append(f"  guest check:        {report.guest_check}")

@@ -165,6 +165,7 @@ class MigrationReport:
     precopy_rounds: int = 0
     integrity: Integrity = Integrity.UNCHECKED
     integrity_detail: str = ""
+    repaired_pages: int = 0
     guest_check: str | None = None
     probe: ProbeSummary | None = None
     samples: tuple[Sample, ...] = ()

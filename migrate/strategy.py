@@ -58,6 +58,8 @@ class MigrationRequest:
     ``offline`` stops a running VM first and starts it on the target afterwards.
     ``verify`` compares source and target RAM before the target resumes (needs both
     RAMs in files this process can map, and a target started with ``-S``).
+    ``repair`` copies pages that differ from the stopped source into the paused
+    target (then re-verifies) instead of aborting; see :mod:`migrate.integrity`.
     ``quit_source`` ends the source QEMU once the VM runs on the target.
     """
 
@@ -67,6 +69,7 @@ class MigrationRequest:
     policy: Policy = field(default_factory=Policy)
     offline: bool = False
     verify: bool = True
+    repair: bool = True
     quit_source: bool = True
     sample_interval_s: float = 0.1
     vm: str = "vm"
@@ -199,6 +202,7 @@ async def finish_on_target(
     target_events: EventRecorder,
     comparison: RamComparison | None,
     hooks: MigrationHooks,
+    repair: bool,
     timeout: float = 30.0,
 ) -> None:
     """Wait for the target to load the VM, verify its RAM, then resume it.
@@ -222,7 +226,7 @@ async def finish_on_target(
             Integrity.UNCHECKED, "target resumed on its own (not started with -S): RAM not compared"
         )
     elif comparison is not None:
-        result.integrity = await comparison.compare()
+        result.integrity = await comparison.compare(repair=repair)
         result.verified = time.time()
         if result.integrity.integrity is Integrity.FAILED:
             raise MigrationAborted(f"integrity check failed: {result.integrity.detail}")

@@ -38,7 +38,9 @@ def _require_prerequisites() -> None:
         if shutil.which(tool) is None:
             missing.append(tool)
     if missing:
-        pytest.fail("integration prerequisites missing: " + ", ".join(missing) + " (run `make test`)")
+        pytest.fail(
+            "integration prerequisites missing: " + ", ".join(missing) + " (run `make test`)"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -99,14 +101,20 @@ class VmFactory:
     accel: AccelChoice
     log_dir: Path
 
-    def spec(self, workload: str = "idle", memory_mib: int = 128, dirty_mib: int = 32) -> tuple[VMSpec, str]:
-        config = DemoConfig(workload=Workload.parse(workload), memory_mib=memory_mib, dirty_mib=dirty_mib)
+    def spec(
+        self, workload: str = "idle", memory_mib: int = 128, dirty_mib: int = 32
+    ) -> tuple[VMSpec, str]:
+        config = DemoConfig(
+            workload=Workload.parse(workload), memory_mib=memory_mib, dirty_mib=dirty_mib
+        )
         address = self.lab.next_guest_address()
         return guest_spec(config, self.guest, self.accel, address), address.split("/")[0]
 
     def source(self, spec: VMSpec, role: str = "source") -> QemuProcess:
         tap = self.lab.add_tap(self.lab.host_a)
-        return QemuProcess(spec, role=role, netns=self.lab.host_a.netns, taps={"net0": tap}, log_dir=self.log_dir)
+        return QemuProcess(
+            spec, role=role, netns=self.lab.host_a.netns, taps={"net0": tap}, log_dir=self.log_dir
+        )
 
     def target(self, spec: VMSpec, role: str = "target") -> QemuProcess:
         tap = self.lab.add_tap(self.lab.host_b)
@@ -116,7 +124,9 @@ class VmFactory:
         )  # fmt: skip
 
     @asynccontextmanager
-    async def pair(self, workload: str = "idle", memory_mib: int = 128, dirty_mib: int = 32) -> AsyncIterator[Pair]:
+    async def pair(
+        self, workload: str = "idle", memory_mib: int = 128, dirty_mib: int = 32
+    ) -> AsyncIterator[Pair]:
         spec, ip = self.spec(workload, memory_mib, dirty_mib)
         async with self.source(spec) as source:
             await wait_workload_started(source, Workload.parse(workload))

@@ -24,7 +24,12 @@ MEMDIRTY_MAGIC = 0x0A5954524944444C  # scripts/guest/memdirty.c
 
 
 def _demo(tmp_path: Path, **kwargs: object) -> DemoConfig:
-    base: dict[str, object] = {"memory_mib": 128, "dirty_mib": 32, "log_dir": tmp_path, "warmup_s": 0.5}
+    base: dict[str, object] = {
+        "memory_mib": 128,
+        "dirty_mib": 32,
+        "log_dir": tmp_path,
+        "warmup_s": 0.5,
+    }
     base.update(kwargs)
     return DemoConfig(**base)  # type: ignore[arg-type]
 
@@ -32,7 +37,9 @@ def _demo(tmp_path: Path, **kwargs: object) -> DemoConfig:
 def _assert_completed(report_dict: dict[str, object]) -> None:
     assert report_dict["status"] == "completed", report_dict.get("error")
     assert report_dict["integrity"] == "ok"
-    assert isinstance(report_dict["guest_downtime_ms"], float) and report_dict["guest_downtime_ms"] > 0
+    assert (
+        isinstance(report_dict["guest_downtime_ms"], float) and report_dict["guest_downtime_ms"] > 0
+    )
     assert str(report_dict["guest_check"]).startswith("ok"), report_dict["guest_check"]
 
 
@@ -64,7 +71,14 @@ def test_openssl_guest_demo_cli_json(tmp_path: Path) -> None:
     assert len(lines) == 1
     report = json.loads(lines[0])
     _assert_completed(report)
-    for key in ("strategy", "total_time_ms", "downtime_ms", "transferred_bytes", "ram_bytes", "precopy_rounds"):
+    for key in (
+        "strategy",
+        "total_time_ms",
+        "downtime_ms",
+        "transferred_bytes",
+        "ram_bytes",
+        "precopy_rounds",
+    ):
         assert key in report
     assert report["guest_check"] == "ok: openssl running on target"
     assert report["ram_bytes"] == 128 << 20 and report["transferred_bytes"] > 0
@@ -97,6 +111,7 @@ def _corrupt(path: Path, pick: str) -> int:
         chosen = [int(c) for c in candidates[:: max(1, len(candidates) // 16)][:16]]
         for page in chosen:
             pages[page, 100] ^= np.uint64(0xDEADBEEF)
+        del pages  # release the view before the mapping closes
         return chosen[0]
 
 
@@ -111,7 +126,7 @@ def test_corrupted_target_page_aborts_and_keeps_vm_on_source(vms: VmFactory) -> 
 
             from migrate.strategy import MigrationHooks
 
-            request = pair.request(hooks=MigrationHooks(before_target_resume=corrupt))
+            request = pair.request(hooks=MigrationHooks(before_target_resume=corrupt), repair=False)
             with pytest.raises(MigrationAborted) as info:
                 await run_migration(request, pair.source.qmp, pair.target.qmp)
             report = info.value.report
@@ -128,6 +143,22 @@ def test_corrupted_target_page_aborts_and_keeps_vm_on_source(vms: VmFactory) -> 
     asyncio.run(scenario())
 
 
+def test_corrupted_target_pages_are_repaired_before_resume(tmp_path: Path) -> None:
+    """With repair on (the default), stale target pages are copied from the stopped source."""
+
+    async def corrupt(_source: QemuProcess, target: QemuProcess) -> None:
+        assert target.ram_path is not None
+        _corrupt(target.ram_path, "memdirty")
+
+    config = _demo(tmp_path, workload=Workload("dirty:2"))
+    result = asyncio.run(run_demo(config, hooks=DemoHooks(before_target_resume=corrupt)))
+    report = result.report
+    _assert_completed(report.to_dict())
+    assert report.repaired_pages >= 16
+    assert "after repairing" in report.integrity_detail
+    assert "memdirty" in str(report.guest_check)
+
+
 def test_guest_pattern_check_catches_a_stale_page(tmp_path: Path) -> None:
     """With the RAM comparison off, the guest's own memdirty check still sees corruption."""
 
@@ -135,7 +166,9 @@ def test_guest_pattern_check_catches_a_stale_page(tmp_path: Path) -> None:
         assert target.ram_path is not None
         _corrupt(target.ram_path, "memdirty")
 
-    config = _demo(tmp_path, workload=Workload("dirty:2"), verify=False)
+    # Offline: the VM is stopped for the whole copy, so QEMU 7.2's TCG dirty-tracking
+    # bug cannot add stale pages of its own; only the injected ones are wrong.
+    config = _demo(tmp_path, workload=Workload("dirty:2"), verify=False, offline=True)
     result = asyncio.run(run_demo(config, hooks=DemoHooks(before_target_resume=corrupt)))
     report = result.report
     assert report.status is Status.COMPLETED
@@ -148,7 +181,9 @@ def test_target_dying_mid_migration_leaves_vm_on_source(vms: VmFactory) -> None:
     async def scenario() -> None:
         vms.lab.set_bandwidth(40)  # ~5 MB/s: the migration takes seconds
         async with vms.pair("openssl") as pair:
-            task = asyncio.create_task(run_migration(pair.request(), pair.source.qmp, pair.target.qmp))
+            task = asyncio.create_task(
+                run_migration(pair.request(), pair.source.qmp, pair.target.qmp)
+            )
             await asyncio.sleep(1.5)
             assert not task.done()
             pair.target.kill()
@@ -173,7 +208,9 @@ def test_cancelled_migration_rolls_back(vms: VmFactory) -> None:
             bus = EventBus()
             finished: list[Finished] = []
             bus.add_callback(lambda e: finished.append(e) if isinstance(e, Finished) else None)
-            task = asyncio.create_task(run_migration(pair.request(), pair.source.qmp, pair.target.qmp, events=bus))
+            task = asyncio.create_task(
+                run_migration(pair.request(), pair.source.qmp, pair.target.qmp, events=bus)
+            )
             await asyncio.sleep(1.0)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -191,12 +228,12 @@ def test_cancelled_migration_rolls_back(vms: VmFactory) -> None:
 def test_bandwidth_cap_holds(vms: VmFactory) -> None:
     async def scenario() -> None:
         vms.lab.set_bandwidth(80)
-        async with vms.pair("idle", memory_mib=64) as pair:
+        async with vms.pair("idle") as pair:
             report = await run_migration(pair.request(), pair.source.qmp, pair.target.qmp)
             assert report.status is Status.COMPLETED and report.integrity is Integrity.OK
-            assert report.qemu_total_time_ms
-            rate_mbit = report.transferred_bytes * 8 / (report.qemu_total_time_ms / 1e3) / 1e6
-            assert rate_mbit < 80 * 1.15, rate_mbit
+            # QEMU's own total-time is sometimes 0 (seen here): use ours.
+            rate_mbit = report.transferred_bytes * 8 / (report.total_time_ms / 1e3) / 1e6
+            assert 20 < rate_mbit < 80 * 1.15, rate_mbit
 
     asyncio.run(scenario())
 
@@ -225,7 +262,9 @@ def test_livemig_migrate_cli_on_qemus_launched_elsewhere(vms: VmFactory) -> None
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "migrate.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "migrate.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_refuses_wrong_vm_states(vms: VmFactory) -> None:
@@ -238,13 +277,35 @@ def test_cli_refuses_wrong_vm_states(vms: VmFactory) -> None:
             uri = vms.lab.host_b.migration_uri(4446)
             run, inc = str(running.site.qmp_socket), str(incoming.site.qmp_socket)
             # An incoming QEMU given as the source: no VM runs there.
-            result = await asyncio.to_thread(_cli, "migrate", "--source-qmp", inc, "--target-qmp", run, "--target-uri", uri)
+            result = await asyncio.to_thread(
+                _cli, "migrate", "--source-qmp", inc, "--target-qmp", run, "--target-uri", uri
+            )
             assert result.returncode == 1 and "Traceback" not in result.stderr
-            assert "source VM is not running" in result.stderr and len(result.stderr.splitlines()) == 1
-            # A running VM given as the target: it is not waiting for a migration.
-            result = await asyncio.to_thread(_cli, "migrate", "--source-qmp", run, "--target-qmp", run, "--target-uri", uri)
-            assert result.returncode == 1 and "target QEMU is not waiting" in result.stderr
+            assert (
+                "source VM is not running" in result.stderr and len(result.stderr.splitlines()) == 1
+            )
+            # The same QEMU as both ends.
+            result = await asyncio.to_thread(
+                _cli, "migrate", "--source-qmp", run, "--target-qmp", run, "--target-uri", uri
+            )
+            assert result.returncode == 1 and "same QEMU" in result.stderr
             assert len(result.stderr.splitlines()) == 1
+        # A running VM given as the target: it is not waiting for a migration.
+        spec_b, _ = vms.spec("idle")
+        async with vms.source(spec) as running, vms.source(spec_b, role="other") as other:
+            await running.console.wait_for("LIVEMIG READY", 60)
+            await other.console.wait_for("LIVEMIG READY", 60)
+            await running.release_qmp()
+            await other.release_qmp()
+            result = await asyncio.to_thread(
+                _cli, "migrate", "--source-qmp", str(running.site.qmp_socket),
+                "--target-qmp", str(other.site.qmp_socket), "--target-uri", uri,
+            )  # fmt: skip
+            assert result.returncode == 1 and "Traceback" not in result.stderr
+            assert (
+                "target QEMU is not waiting" in result.stderr
+                and len(result.stderr.splitlines()) == 1
+            )
 
     asyncio.run(scenario())
 

@@ -34,7 +34,9 @@ def test_missing_source_socket(tmp_path: Path) -> None:
 def test_not_a_socket(tmp_path: Path) -> None:
     plain = tmp_path / "file"
     plain.write_text("x")
-    result = livemig("migrate", "--source-qmp", str(plain), "--target-qmp", str(plain),
+    other = tmp_path / "other"
+    other.write_text("x")
+    result = livemig("migrate", "--source-qmp", str(plain), "--target-qmp", str(other),
                      "--target-uri", "tcp:198.19.0.2:4444")  # fmt: skip
     assert_one_line_error(result, 1, "not a UNIX socket")
 
@@ -57,6 +59,14 @@ def test_bad_uri_from_cli(tmp_path: Path) -> None:
     finally:
         server.close()
     assert_one_line_error(result, 1, "bad migration URI")
+
+
+def test_same_qemu_as_both_ends(tmp_path: Path) -> None:
+    sock = tmp_path / "qmp.sock"
+    sock.write_text("")
+    result = livemig("migrate", "--source-qmp", str(sock), "--target-qmp", str(sock),
+                     "--target-uri", "tcp:198.19.0.2:4444")  # fmt: skip
+    assert_one_line_error(result, 1, "same QEMU")
 
 
 def test_good_uris() -> None:

@@ -92,7 +92,7 @@ def test_timeline_intervals() -> None:
 def test_from_dict_names_the_bad_field() -> None:
     data = _report().to_dict()
     data["timeline"]["source_stop_ms"] = "soon"
-    with pytest.raises(ValueError, match="timeline.source_stop_ms"):
+    with pytest.raises(ValueError, match=r"timeline\.source_stop_ms"):
         MigrationReport.from_dict(data)
     del data["status"]
     with pytest.raises(ValueError, match="status"):

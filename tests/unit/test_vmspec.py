@@ -1,3 +1,4 @@
+import itertools
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def _spec(**kw: object) -> VMSpec:
 
 def _pairs(argv: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for flag, value in zip(argv, argv[1:], strict=False):
+    for flag, value in itertools.pairwise(argv):
         if flag.startswith("-"):
             out.setdefault(flag, []).append(value)
     return out
