@@ -15,6 +15,7 @@ from migrate.demo import DemoConfig, Workload, run_demo
 from migrate.engine import STRATEGIES, migrate
 from migrate.errors import ConfigError, MigrationError
 from migrate.policy import Policy
+from migrate.preflight import HostFacts
 from migrate.render import render_report
 from migrate.report import MigrationReport
 from migrate.strategy import HostEndpoint, MigrationRequest
@@ -68,6 +69,8 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
                         help="skip the source/target RAM comparison before resuming the target")  # fmt: skip
     parser.add_argument("--no-repair", action="store_true",
                         help="abort (VM stays on the source) instead of repairing stale target pages")  # fmt: skip
+    parser.add_argument("--force", action="store_true",
+                        help="migrate despite CPU or target-memory refusals from preflight")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
@@ -90,6 +93,8 @@ def register(sub: Any) -> None:
     demo.add_argument("--bandwidth-mbit", type=_positive(float), default=None,
                       help="cap the migration link with tc tbf (Mbit/s)")  # fmt: skip
     demo.add_argument("--log-dir", type=Path, default=None, help="keep QEMU and serial logs here")
+    demo.add_argument("--cpu", default=None,
+                      help="guest -cpu string (default: chosen with the accelerator)")  # fmt: skip
     _policy_args(demo)
     demo.set_defaults(func=_demo)
 
@@ -100,6 +105,11 @@ def register(sub: Any) -> None:
     mig.add_argument(
         "--target-uri", type=str, required=True, help="tcp:HOST:PORT the target listens on"
     )
+    mig.add_argument("--source-cpu", type=Path, default=None,
+                     help="source host CPU description (cpuinfo, lscpu, CPUID dump, libvirt XML)")  # fmt: skip
+    mig.add_argument("--target-cpu", type=Path, default=None, help="target host CPU description")
+    mig.add_argument("--cpu-model", default=None,
+                     help="the VM's full -cpu string, if it has +flag/-flag edits QMP cannot show")  # fmt: skip
     mig.add_argument("--keep-source", action="store_true",
                      help="leave the source QEMU (paused) instead of quitting it after success")  # fmt: skip
     _policy_args(mig)
@@ -129,6 +139,8 @@ def _demo(args: argparse.Namespace) -> int:
         repair=not args.no_repair,
         policy=_policy(args),
         log_dir=args.log_dir,
+        cpu_model=args.cpu,
+        force=args.force,
     )
     if not args.json:
         print(f"livemig demo: {config.workload.text} guest, {config.memory_mib} MiB, "
@@ -150,6 +162,10 @@ def _migrate(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         repair=not args.no_repair,
         quit_source=not args.keep_source,
+        force=args.force,
+        cpu_model=args.cpu_model,
+        source_host=HostFacts.from_file(args.source_cpu) if args.source_cpu else HostFacts(),
+        target_host=HostFacts.from_file(args.target_cpu) if args.target_cpu else HostFacts(),
     )
     try:
         report = asyncio.run(migrate(request))

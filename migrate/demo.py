@@ -78,6 +78,8 @@ class DemoConfig:
     warmup_s: float = 1.0
     settle_s: float = 1.0
     log_dir: Path | None = None
+    cpu_model: str | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def guest_spec(config: DemoConfig, guest: GuestImage, accel: AccelChoice, addres
     return VMSpec(
         name="demo",
         memory_mib=config.memory_mib,
-        cpu_model=accel.cpu_model,
+        cpu_model=config.cpu_model or accel.cpu_model,
         accelerator=accel.accelerator,
         kernel=guest.kernel,
         initrd=guest.initrd,
@@ -153,7 +155,7 @@ async def run_demo(
     environment = DemoEnvironment(
         accelerator=accel.accelerator.value,
         accelerator_reason=accel.reason,
-        cpu_model=accel.cpu_model,
+        cpu_model=config.cpu_model or accel.cpu_model,
         kernel=guest.kernel_version,
         guest_key=guest.key,
         workload=config.workload.text,
@@ -201,6 +203,8 @@ async def run_demo(
                     offline=config.offline,
                     verify=config.verify,
                     repair=config.repair,
+                    force=config.force,
+                    cpu_model=spec.cpu_model,
                     vm=spec.name,
                     hooks=_engine_hooks(hooks, source, target),
                 )

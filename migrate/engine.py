@@ -7,12 +7,15 @@ migrate`` command, for QEMUs launched by someone else).
 
 from __future__ import annotations
 
-from migrate.errors import ConfigError
+import dataclasses
+
+from migrate.errors import ConfigError, MigrationError
 from migrate.events import EventBus
 from migrate.native import NativeStrategy
 from migrate.policy import Controller, StaticController
+from migrate.preflight import run_preflight
 from migrate.qmp import QmpSession
-from migrate.report import MigrationReport
+from migrate.report import MigrationReport, Verdict
 from migrate.strategy import MigrationRequest, Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {"native": NativeStrategy}
@@ -35,20 +38,30 @@ async def run_migration(
     controller: Controller | None = None,
     events: EventBus | None = None,
 ) -> MigrationReport:
-    """Migrate the VM behind ``source`` to ``target``.
+    """Migrate the VM behind ``source`` to ``target``, after preflight checks.
 
+    Raises :class:`~migrate.errors.PreflightError` if a check refuses the move.
     Returns the report of a completed migration; raises
     :class:`~migrate.errors.MigrationError` (with ``.report``) otherwise, the VM
     left running on the source.
     """
     strategy = strategy_for(request.strategy)
-    return await strategy.run(
-        request,
-        source,
-        target,
-        controller or StaticController(request.policy),
-        events or EventBus(),
+    events = events or EventBus()
+    checks = await run_preflight(
+        source, target, request.source_host, request.target_host, request.cpu_model
     )
+    for check in checks.checks:
+        if check.verdict is not Verdict.OK:
+            events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
+    checks.enforce(request.force)
+    controller = controller or StaticController(request.policy)
+    try:
+        report = await strategy.run(request, source, target, controller, events)
+    except MigrationError as exc:
+        if exc.report is not None:
+            exc.report = dataclasses.replace(exc.report, preflight=checks.checks)
+        raise
+    return dataclasses.replace(report, preflight=checks.checks)
 
 
 async def migrate(

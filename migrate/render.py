@@ -64,6 +64,9 @@ def render_report(report: MigrationReport, environment: Mapping[str, object] | N
             f"gap {_ms(p.gap_start_ms)} -> {_ms(p.gap_end_ms)}{baseline}, "
             f"probe's own worst send gap {_ms(p.max_send_gap_ms)}"
         )
+    for check in report.preflight:
+        if check.verdict != "ok":
+            lines.append(f"  preflight {check.name}: {check.verdict} — {check.detail}")
     for d in report.decisions:
         lines.append(
             f"  decision @{(d.time - tl.started_at) * 1e3:8.1f} ms: {d.action} — {d.reason}"

@@ -27,6 +27,25 @@ class Integrity(StrEnum):
     UNCHECKED = "unchecked"
 
 
+class Verdict(StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class PreflightCheck:
+    """One preflight check: its name, verdict and what it found.
+
+    ``forceable`` refusals may be overridden by the operator (``--force``).
+    """
+
+    name: str
+    verdict: Verdict
+    detail: str
+    forceable: bool = True
+
+
 @dataclass(frozen=True)
 class Sample:
     """One ``query-migrate`` observation (or one pagestream round)."""
@@ -168,6 +187,7 @@ class MigrationReport:
     repaired_pages: int = 0
     guest_check: str | None = None
     probe: ProbeSummary | None = None
+    preflight: tuple[PreflightCheck, ...] = ()
     samples: tuple[Sample, ...] = ()
     decisions: tuple[Decision, ...] = ()
     error: str | None = None

@@ -20,6 +20,7 @@ from migrate.events import DecisionMade, EventBus
 from migrate.integrity import IntegrityResult, RamComparison
 from migrate.phase import Phase
 from migrate.policy import Controller, Policy
+from migrate.preflight import HostFacts
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import Decision, Integrity, MigrationReport
 
@@ -61,6 +62,9 @@ class MigrationRequest:
     ``repair`` copies pages that differ from the stopped source into the paused
     target (then re-verifies) instead of aborting; see :mod:`migrate.integrity`.
     ``quit_source`` ends the source QEMU once the VM runs on the target.
+    ``force`` overrides forceable preflight refusals (CPU, target memory);
+    ``cpu_model`` is the VM's ``-cpu`` string when known (QMP shows only the model
+    name); ``source_host``/``target_host`` describe the hosts for preflight.
     """
 
     source: HostEndpoint
@@ -71,6 +75,10 @@ class MigrationRequest:
     verify: bool = True
     repair: bool = True
     quit_source: bool = True
+    force: bool = False
+    cpu_model: str | None = None
+    source_host: HostFacts = field(default_factory=HostFacts)
+    target_host: HostFacts = field(default_factory=HostFacts)
     sample_interval_s: float = 0.1
     vm: str = "vm"
     hooks: MigrationHooks = field(default_factory=MigrationHooks)
