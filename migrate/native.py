@@ -131,6 +131,8 @@ class _NativeRun:
                 self.comparison = RamComparison(src_ram, tgt_ram)
                 self.comparison.prepare()
         await start_incoming(target, request.migration_uri)
+        if self.comparison is not None:
+            await self.comparison.ready()
         self.started_at, self.t0 = time.time(), time.monotonic()
         await source.execute("migrate", {"uri": request.migration_uri})
         self.phase.advance(Phase.PRECOPY)
