@@ -20,8 +20,9 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "venv: installing livemig (editable) and dev tools into $(VENV) (log: $(VENV)/pip.log)"
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[dev]'; } > $(VENV)/pip.log 2>&1 \
+		|| { tail -n 30 $(VENV)/pip.log; exit 1; }
 	@touch $@
 
 guest: system venv
