@@ -108,8 +108,14 @@ class DemoResult:
 
 @dataclass(frozen=True)
 class DemoHooks:
-    """Test seams: called with the running QEMU processes at fixed points."""
+    """Test and benchmark seams: called with the running QEMU processes at fixed points.
 
+    ``before_migration`` runs after the warm-up, right before the migration task is
+    created (nothing of the migration overlaps it); ``after_migration_started`` right
+    after; ``before_target_resume`` once the target has loaded the VM, paused.
+    """
+
+    before_migration: Callable[[QemuProcess, QemuProcess], Awaitable[None]] | None = None
     after_migration_started: Callable[[QemuProcess, QemuProcess], Awaitable[None]] | None = None
     before_target_resume: Callable[[QemuProcess, QemuProcess], Awaitable[None]] | None = None
 
@@ -209,6 +215,8 @@ async def run_demo(
                     hooks=_engine_hooks(hooks, source, target),
                 )
                 console_mark = len(target.console.lines)
+                if hooks.before_migration is not None:
+                    await hooks.before_migration(source, target)
                 started = asyncio.create_task(
                     run_migration(request, source.qmp, target.qmp, events=events)
                 )
