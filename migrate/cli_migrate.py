@@ -16,6 +16,7 @@ from migrate.engine import STRATEGIES, migrate
 from migrate.errors import ConfigError, MigrationError
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
+from migrate.presets import PRESET_NAMES, preset
 from migrate.render import render_report
 from migrate.report import MigrationReport
 from migrate.strategy import HostEndpoint, MigrationRequest
@@ -58,6 +59,14 @@ def _workload(text: str) -> Workload:
 
 def _policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="native")
+    parser.add_argument("--policy", choices=PRESET_NAMES, default="livemig",
+                        help="named policy: livemig (measures and decides) or a peer's defaults")  # fmt: skip
+    parser.add_argument("--max-total-time-s", type=_positive(float), default=None,
+                        help="abort (or switch to post-copy, if allowed) past this time")  # fmt: skip
+    parser.add_argument("--max-throttle-pct", type=_percent, default=None,
+                        help="most guest CPU auto-converge may take (0-99)")  # fmt: skip
+    parser.add_argument("--allow-postcopy", action="store_true",
+                        help="let the controller switch to post-copy (no rollback, no RAM check before resume)")  # fmt: skip
     parser.add_argument(
         "--offline", action="store_true", help="stop the VM, move it, start it on the target"
     )
@@ -74,13 +83,31 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
+def _percent(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 99:
+        raise argparse.ArgumentTypeError(f"must be 0-99: {text!r}")
+    return value
+
+
 def _policy(args: argparse.Namespace) -> Policy:
-    policy = Policy()
+    """The named preset with the operator's overrides applied."""
+    policy = preset(args.policy)
+    changes: dict[str, Any] = {}
     if args.max_downtime_ms is not None:
-        policy = dataclasses.replace(policy, max_downtime_ms=args.max_downtime_ms)
+        changes["max_downtime_ms"] = args.max_downtime_ms
     if args.downtime_limit_ms is not None:
-        policy = dataclasses.replace(policy, downtime_limit_ms=args.downtime_limit_ms)
-    return policy
+        changes["downtime_limit_ms"] = args.downtime_limit_ms
+    if args.max_total_time_s is not None:
+        changes["max_total_time_s"] = args.max_total_time_s
+    if args.max_throttle_pct is not None:
+        changes["max_throttle_pct"] = args.max_throttle_pct
+    if args.allow_postcopy:
+        changes["postcopy_allowed"] = True
+    return dataclasses.replace(policy, **changes) if changes else policy
 
 
 def register(sub: Any) -> None:

@@ -12,8 +12,9 @@ import dataclasses
 from migrate.errors import ConfigError, MigrationError
 from migrate.events import EventBus
 from migrate.native import NativeStrategy
-from migrate.policy import Controller, StaticController
+from migrate.policy import Controller
 from migrate.preflight import run_preflight
+from migrate.presets import controller_for
 from migrate.qmp import QmpSession
 from migrate.report import MigrationReport, Verdict
 from migrate.strategy import MigrationRequest, Strategy
@@ -54,7 +55,7 @@ async def run_migration(
         if check.verdict is not Verdict.OK:
             events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
     checks.enforce(request.force)
-    controller = controller or StaticController(request.policy)
+    controller = controller or controller_for(request.policy)
     try:
         report = await strategy.run(request, source, target, controller, events)
     except MigrationError as exc:

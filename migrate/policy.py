@@ -3,16 +3,18 @@
 A :class:`Controller` is pure logic: given the policy and live samples it returns
 :class:`~migrate.report.Decision` objects; the strategy carries them out over QMP
 and emits them as events. :class:`StaticController` applies the policy's settings
-once and then only enforces the total-time limit.
+once and then only enforces the total-time limit. The adaptive ``livemig``
+controller and the peer schedules live in :mod:`migrate.controller`; named policies
+in :mod:`migrate.presets` (``controller_for`` picks the controller a policy names).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from migrate.report import Decision, Sample
+from migrate.report import Decision, Predicted, Sample
 
 # QEMU 7.2 rejects max-bandwidth above SIZE_MAX / 1000 bytes/s; 1 TiB/s is "no cap".
 UNLIMITED_BANDWIDTH = 1 << 40
@@ -28,6 +30,14 @@ class Policy:
     300 ms gave 65-135 ms: a late stop leaves a large final set). ``None`` for
     ``max_bandwidth_bytes_per_s`` leaves QEMU's default cap, 0 means no cap.
     ``capabilities`` are QEMU migration capabilities set on both sides before start.
+    ``max_total_time_s`` bounds the migration (abort past it, or switch to post-copy
+    where allowed); ``max_throttle_pct`` is the most guest CPU auto-converge may take
+    (0: never throttle); ``postcopy_allowed`` lets a controller switch to post-copy,
+    after which the VM cannot go back to the source and its RAM cannot be compared
+    before it resumes; ``compression_allowed`` lets a controller pick xbzrle or
+    multifd+zstd before start when the plan says it pays. ``controller`` names the
+    algorithm that steers: ``livemig`` (measures and decides), ``static``,
+    ``proxmox``, ``nova`` or ``ovirt`` (the peers' fixed schedules).
     ``announce_initial_ms`` is the target's delay before its first self-announce
     (RARP), which is when the switch learns where the guest went (QEMU's default is
     50 ms after the incoming side completes; 0 announces at once, while the target
@@ -35,6 +45,7 @@ class Policy:
     """
 
     name: str = "livemig"
+    controller: str = "livemig"
     downtime_limit_ms: float = 20.0
     max_downtime_ms: float = 300.0
     max_total_time_s: float | None = None
@@ -43,6 +54,7 @@ class Policy:
     max_bandwidth_bytes_per_s: int | None = None
     capabilities: tuple[tuple[str, bool], ...] = ()
     announce_initial_ms: int | None = 0
+    compression_allowed: bool = True
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,15 @@ class Controller(Protocol):
 
     def on_sample(self, sample: Sample) -> list[Decision]:
         """Changes to make after a new observation (may include ``abort``)."""
+        ...
+
+
+@runtime_checkable
+class PredictionAware(Protocol):
+    """A controller that can use the forecast made before the start."""
+
+    def use_prediction(self, predicted: Predicted) -> None:
+        """Take the pre-start measurement and forecast into account (before ``start``)."""
         ...
 
 

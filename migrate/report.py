@@ -156,12 +156,89 @@ class ProbeSummary:
 
 
 @dataclass(frozen=True)
+class Forecast:
+    """The pre-copy model's forecast for one way of migrating (``livemig plan``).
+
+    ``setting`` names it (e.g. ``native downtime-limit 20 ms``); ``compression`` is
+    ``none``, ``xbzrle`` or ``zstd``; ``throttle_pct`` the guest CPU throttle
+    assumed; ``postcopy`` whether it switches to post-copy after the bulk round.
+    Times in ms, sizes in bytes. When ``converges`` is false the figures describe a
+    switchover forced after the last simulated round.
+    """
+
+    setting: str
+    converges: bool
+    rounds: int
+    total_time_ms: float
+    downtime_ms: float
+    transferred_bytes: float
+    reason: str
+    strategy: str = "native"
+    downtime_limit_ms: float = 0.0
+    compression: str = "none"
+    throttle_pct: int = 0
+    postcopy: bool = False
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """What was measured and forecast before anything moved.
+
+    ``dirty_rate_bytes_per_s`` comes from ``dirty_rate_method`` (QEMU's
+    ``calc-dirty-rate``); ``bandwidth_bytes_per_s`` from ``bandwidth_source``
+    (operator, link cap, policy cap or an assumption). ``nonzero_ram_bytes`` and
+    ``compression_ratios`` (raw / compressed bytes per method) come from sampling
+    the guest's RAM file when it is mappable. ``policy_forecast`` is the forecast for
+    the policy the migration runs with; ``recommendation`` names the best forecast.
+    """
+
+    ram_bytes: int
+    dirty_rate_bytes_per_s: float
+    dirty_rate_method: str
+    bandwidth_bytes_per_s: float
+    bandwidth_source: str
+    device_state_bytes: int
+    resume_overhead_ms: float
+    forecasts: tuple[Forecast, ...]
+    recommendation: str
+    recommendation_reason: str
+    nonzero_ram_bytes: int | None = None
+    compression_ratios: dict[str, float] = field(default_factory=dict)
+    compression_speed_bytes_per_s: float | None = None
+    policy_forecast: Forecast | None = None
+    measure_time_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the migration did, in the terms of :class:`Predicted`.
+
+    Bandwidth and dirty rate are medians over the pre-copy samples (payload bytes
+    per second between samples; QEMU's ``dirty-pages-rate``); ``*_error_pct`` is
+    (measured - predicted) / predicted for the policy's forecast, when there was one.
+    """
+
+    rounds: int
+    total_time_ms: float
+    bandwidth_bytes_per_s: float | None = None
+    dirty_rate_bytes_per_s: float | None = None
+    downtime_ms: float | None = None
+    final_downtime_limit_ms: float | None = None
+    max_throttle_pct: int = 0
+    postcopy: bool = False
+    total_time_error_pct: float | None = None
+    downtime_error_pct: float | None = None
+
+
+@dataclass(frozen=True)
 class MigrationReport:
     """The outcome of one migration: figures, timeline, decisions, integrity.
 
     ``downtime_ms`` and ``qemu_total_time_ms`` are QEMU's own figures;
     ``total_time_ms`` is ours (``migrate`` issued → VM running on the target);
     ``guest_downtime_ms`` is the longest probe reply gap (None without a probe).
+    ``predicted`` is the forecast made before the start, ``measured`` the same
+    quantities as they turned out.
     """
 
     status: Status
@@ -191,6 +268,8 @@ class MigrationReport:
     samples: tuple[Sample, ...] = ()
     decisions: tuple[Decision, ...] = ()
     error: str | None = None
+    predicted: Predicted | None = None
+    measured: Measured | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = to_dict(self)

@@ -183,12 +183,16 @@ async def start_incoming(target: QmpSession, uri: str) -> None:
 async def apply_decision(
     decision: Decision, source: QmpSession, target: QmpSession, events: EventBus
 ) -> None:
-    """Carry out a controller decision over QMP and report it."""
+    """Carry out a controller decision over QMP and report it.
+
+    ``decision.side`` is ``source``, ``target`` or ``both`` (capabilities).
+    """
     events.emit(DecisionMade(decision))
     if decision.command is None:
         return
-    session = target if decision.side == "target" else source
-    await session.execute(decision.command, decision.arguments or None)
+    sessions = {"target": (target,), "both": (source, target)}.get(decision.side, (source,))
+    for session in sessions:
+        await session.execute(decision.command, decision.arguments or None)
 
 
 @dataclass
