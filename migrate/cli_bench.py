@@ -1,10 +1,188 @@
-"""``livemig bench ...``: benchmark suites, reports and plots (bench issue)."""
+"""``livemig bench``: benchmark suites, their reports and plots.
+
+``run`` migrates the test guest in the lab over and over (root; see ``list`` for
+the suites), interleaving configurations, and writes ``results.json``, ``report.md``
+and PNG plots into ``--out``; ``plot DIR`` rewrites report and plots from a
+``results.json``; ``list`` shows the suites.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from bench.errors import BenchError
+from bench.policies import availability
+from bench.report import write_report
+from bench.results import BenchResults, RunResult
+from bench.runner import PlannedRun, run_suite
+from bench.scenario import SUITES, runnable, suite_named
+from migrate.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
 
 
 def register(sub: Any) -> None:
-    """Not implemented yet: registers nothing."""
-    del sub
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "bench", help="benchmark suites: downtime of every strategy and peer preset",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+
+    def usage(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return EXIT_USAGE
+
+    parser.set_defaults(func=usage)
+    cmds = parser.add_subparsers(dest="bench_command", parser_class=type(parser))
+    run = cmds.add_parser("run", help="run a suite in the lab (root): results, report, plots")
+    run.add_argument("--suite", default="default", choices=sorted(SUITES))
+    run.add_argument("--out", type=Path, default=Path("bench-results"),
+                     help="directory for results.json, report.md and the plots")  # fmt: skip
+    run.add_argument("--repetitions", type=_positive_int, default=None,
+                     help="override every comparison's repetitions")  # fmt: skip
+    run.add_argument("--keep-logs", action="store_true",
+                     help="keep logs of completed runs too (failed runs' are always kept)")  # fmt: skip
+    run.set_defaults(func=_run)
+    plot = cmds.add_parser("plot", help="rewrite report.md and the plots from DIR/results.json")
+    plot.add_argument("dir", type=Path)
+    plot.set_defaults(func=_plot)
+    listing = cmds.add_parser("list", help="the suites and what they run")
+    listing.set_defaults(func=_list)
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"livemig: error: {message}\n")
+    return EXIT_ERROR
+
+
+class _ProgressBar:
+    """The runner's listener: a rich progress bar on stderr and one line per run."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            refresh_per_second=2,  # the engine's own CPU use is measured
+        )
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def suite_started(self, total: int) -> None:
+        self.task = self.progress.add_task("starting", total=total)
+
+    def run_started(self, planned: PlannedRun) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, description=f"{planned.config} #{planned.repetition}")
+
+    def run_finished(self, result: RunResult) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task)
+        figures = (
+            f"guest downtime {result.guest_downtime_ms:.1f} ms, "
+            f"total {result.total_time_ms or 0:.0f} ms"
+            if result.guest_downtime_ms is not None
+            else (result.error or "")
+        )
+        self.console.print(
+            f"[{result.index + 1}] {result.config} #{result.repetition}: {result.status} {figures}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        suite = suite_named(args.suite)
+        if args.repetitions is not None:
+            suite = suite.with_repetitions(args.repetitions)
+        suite, omitted = runnable(suite, availability())
+    except BenchError as exc:
+        return _fail(str(exc))
+    command = "livemig bench run " + shlex.join(
+        ["--suite", args.suite, "--out", str(args.out)]
+        + (["--repetitions", str(args.repetitions)] if args.repetitions else [])
+    )
+    console = Console(stderr=True)
+    for item in omitted:
+        console.print(f"not run: {item.config}: {item.reason}", markup=False)
+    from bench.backend import LabBackend
+
+    try:
+        with _ProgressBar(console) as bar:
+            results = asyncio.run(
+                run_suite(
+                    suite, LabBackend(), args.out, command=command, omitted=omitted,
+                    listener=bar, keep_logs=args.keep_logs,
+                )
+            )  # fmt: skip
+        written = write_report(results, args.out)
+    except BenchError as exc:
+        return _fail(str(exc))
+    failed = sum(1 for run in results.runs if not run.completed)
+    console.print(
+        f"{len(results.runs)} runs, {failed} not completed; wrote "
+        + ", ".join(str(p) for p in (args.out / "results.json", *written)),
+        markup=False,
+    )
+    return EXIT_OK
+
+
+def _plot(args: argparse.Namespace) -> int:
+    try:
+        results = BenchResults.load(args.dir)
+        written = write_report(results, args.dir)
+    except BenchError as exc:
+        return _fail(str(exc))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return EXIT_OK
+
+
+def _list(_args: argparse.Namespace) -> int:
+    available = availability()
+    for suite in SUITES.values():
+        print(f"{suite.name}: {suite.description} ({suite.run_count} runs, "
+              f"budget {suite.budget_s / 60:.0f} min)")  # fmt: skip
+        for comparison in suite.comparisons:
+            print(f"  {comparison.name} x{comparison.repetitions}: {comparison.description}")
+            for scenario in comparison.scenarios:
+                missing = available.reason_missing(scenario)
+                note = f"  [not available: {missing}]" if missing else ""
+                print(f"    {scenario.label}{note}")
+    return EXIT_OK
+
+
+__all__ = ["register"]

@@ -1,0 +1,228 @@
+"""``report.md``: a suite's results as Markdown tables, with the plots linked.
+
+Per comparison: downtime and total time (median, p90, min-max; ratios to the
+baseline preset and to the best peer), what each configuration cost (bytes, rounds,
+CPU, repaired pages, the guest's OpenSSL throughput), and the physical limit
+(link bandwidth; non-zero RAM over it as the floor for the total time).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.results import BenchResults, LinkMeasurement, RunResult
+from bench.stats import ComparisonSummary, Distribution, summarize
+
+REPORT_FILE = "report.md"
+MIB = float(1 << 20)
+DASH = "n/a"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return DASH if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return DASH if value is None else f"{value:.2f}x"
+
+
+def _med(d: Distribution | None, scale: float = 1.0, digits: int = 1) -> str:
+    return DASH if d is None else f"{d.median / scale:.{digits}f}"
+
+
+def _mbps(bytes_per_s: float) -> str:
+    return f"{bytes_per_s * 8 / 1e6:,.0f} Mbit/s ({bytes_per_s / 1e6:,.0f} MB/s)"
+
+
+def _when(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _link_text(link: LinkMeasurement | None) -> str:
+    if link is None:
+        return "not measured"
+    cap = "uncapped veth" if link.nominal_mbit is None else f"tbf cap {link.nominal_mbit:g} Mbit/s"
+    return (
+        f"{cap}; one TCP stream measured {_mbps(link.measured_bytes_per_s)}; "
+        f"limit used: {_mbps(link.limit_bytes_per_s)}"
+    )
+
+
+def render_report(results: BenchResults, plots: Sequence[Path] = ()) -> str:
+    """The Markdown report of ``results``; ``plots`` are linked by file name."""
+    env = results.environment
+    lines = [f"# livemig benchmark: suite `{results.suite.name}`", ""]
+    lines.append(results.suite.description + ".")
+    lines.append("")
+    lines.append(f"Command: `{results.command}`")
+    lines.append("")
+    took = (results.finished_at or results.started_at) - results.started_at
+    ok = sum(1 for run in results.runs if run.completed)
+    lines.append(
+        f"Ran {_when(results.started_at)}: {len(results.runs)} runs ({ok} completed) in "
+        f"{took / 60:.1f} min (budget {results.suite.budget_s / 60:.0f} min), interleaved "
+        "across configurations."
+    )
+    load_after = "/".join(f"{v:.2f}" for v in env.load_after) if env.load_after else DASH
+    lines.append(
+        f"Machine: {env.cpu_count} cores, {env.memory_gib:.0f} GiB, Linux {env.host_kernel}, "
+        f"{env.qemu_version}, accelerator {env.accelerator} (`-cpu {env.cpu_model}`), guest "
+        f"kernel {env.guest_kernel}. Load average before "
+        f"{'/'.join(f'{v:.2f}' for v in env.load_before)}, after {load_after}; other pytest "
+        f"or QEMU processes at the start: {len(env.other_busy_processes) or 'none'}."
+    )
+    lines.append("")
+    if results.omitted:
+        lines.append("**Not run** (named by the suite, not available in this build):")
+        lines.append("")
+        lines.extend(f"- `{o.config}`: {o.reason}" for o in results.omitted)
+        lines.append("")
+    for summary in summarize(results):
+        lines.extend(_comparison(results, summary))
+    failed = [run for run in results.runs if not run.completed]
+    lines.append("## Runs that did not complete")
+    lines.append("")
+    if failed:
+        lines.extend(_failed(run) for run in failed)
+    else:
+        lines.append("None: every run completed.")
+    lines.append("")
+    if plots:
+        lines.append("## Plots")
+        lines.append("")
+        lines.extend(f"![{p.stem}]({p.name})" for p in plots)
+        lines.append("")
+    lines.extend(_definitions())
+    return "\n".join(lines) + "\n"
+
+
+def _failed(run: RunResult) -> str:
+    return (
+        f"- run {run.index} `{run.config}` #{run.repetition}: **{run.status}**: {run.error or DASH}"
+    )
+
+
+def _comparison(results: BenchResults, summary: ComparisonSummary) -> list[str]:
+    comparison = summary.comparison
+    baseline = next(
+        (c.scenario.label for c in summary.configs if c.config == summary.baseline), None
+    )
+    best = next((c.scenario.label for c in summary.configs if c.config == summary.best_peer), None)
+    first = comparison.scenarios[0]
+    out = [f"## {comparison.name}", "", f"{comparison.description}; {comparison.repetitions} "
+           f"repetition(s) per configuration.", ""]  # fmt: skip
+    out.append(f"Link: {_link_text(results.link_for(first.bandwidth_mbit))}.")
+    out.append(
+        "Ratios divide a configuration's median by the median of "
+        f"`{baseline or comparison.baseline + ' (not run)'}` (x baseline) and of "
+        f"`{best or 'no peer preset'}` (x best peer: the peer preset with the lowest median "
+        "guest downtime here)."
+    )
+    out.append("")
+    out.append("### Downtime and total time (ms)")
+    out.append("")
+    out.append(
+        "| configuration | completed | guest downtime median | p90 | min-max | x baseline | "
+        "x best peer | QEMU downtime median | STOP→RESUME median | total time median | p90 | "
+        "x baseline | x best peer |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in summary.configs:
+        r = summary.ratios[c.config]
+        g, t = c.guest_downtime_ms, c.total_time_ms
+        out.append(
+            f"| {c.scenario.label} | {c.completed}/{c.runs} | {_med(g)} | "
+            f"{_num(g.p90 if g else None)} | {_range(g)} | "
+            f"{_ratio(r.guest_downtime_vs_baseline)} | {_ratio(r.guest_downtime_vs_best_peer)} | "
+            f"{_med(c.downtime_ms)} | {_med(c.stop_to_resume_ms)} | {_med(t, digits=0)} | "
+            f"{_num(t.p90 if t else None, 0)} | {_ratio(r.total_time_vs_baseline)} | "
+            f"{_ratio(r.total_time_vs_best_peer)} |"
+        )
+    out.append("")
+    out.append("### Cost and the guest's view (medians)")
+    out.append("")
+    out.append(
+        "| configuration | transferred MiB | on the wire MiB | rounds | probe lost | "
+        "integrity ok | repaired pages (runs) | OpenSSL MB/s before / during / after | "
+        "CPU % source / target / engine |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for c in summary.configs:
+        ssl = " / ".join(
+            _med(d, 1e3)
+            for d in (c.openssl_before_kbps, c.openssl_during_kbps, c.openssl_after_kbps)
+        )
+        cpu = " / ".join(
+            _med(d, digits=0) for d in (c.source_cpu_pct, c.target_cpu_pct, c.engine_cpu_pct)
+        )
+        out.append(
+            f"| {c.scenario.label} | {_med(c.transferred_bytes, MIB)} | {_med(c.wire_bytes, MIB)} | "
+            f"{_med(c.precopy_rounds, digits=0)} | {_med(c.probe_lost, digits=0)} | "
+            f"{c.integrity_ok}/{c.runs} | {c.repaired_pages} ({c.runs_repaired}) | {ssl} | {cpu} |"
+        )
+    out.append("")
+    out.append("### Against the physical limit")
+    out.append("")
+    out.append(
+        "| configuration | non-zero RAM MiB | floor: non-zero RAM / link (ms) | total time "
+        "median (ms) | total / floor median | on the wire / non-zero RAM |"
+    )
+    out.append("|---|---|---|---|---|---|")
+    for c in summary.configs:
+        wire_ratio = None
+        if c.wire_bytes is not None and c.nonzero_ram_bytes is not None:
+            wire_ratio = c.wire_bytes.median / c.nonzero_ram_bytes.median
+        out.append(
+            f"| {c.scenario.label} | {_med(c.nonzero_ram_bytes, MIB)} | "
+            f"{_num(c.floor_total_ms)} | {_med(c.total_time_ms, digits=0)} | "
+            f"{_ratio(c.total_over_floor.median if c.total_over_floor else None)} | "
+            f"{_ratio(wire_ratio)} |"
+        )
+    out.append("")
+    return out
+
+
+def _range(d: Distribution | None) -> str:
+    return DASH if d is None else f"{d.minimum:.1f} to {d.maximum:.1f}"
+
+
+def _definitions() -> list[str]:
+    return [
+        "## How to read this",
+        "",
+        "- **guest downtime**: the longest gap between ICMP echo replies (sent every 1 ms "
+        "from a client namespace, kernel receive timestamps) around the switchover: what "
+        "a user of the guest sees. **QEMU downtime** is QEMU's own figure (sometimes 0 "
+        "under TCG); **STOP→RESUME** the time between QEMU's STOP event on the source and "
+        "RESUME on the target.",
+        "- **total time**: `migrate` issued → the VM runs on the target (our clock).",
+        "- **on the wire**: bytes the source's end of the migration link sent (kernel "
+        "counters; includes device state and TCP overhead); **transferred**: QEMU's (or "
+        "pagestream's) own count.",
+        "- **repaired pages**: pages QEMU 7.2's TCG pre-copy left stale on the target "
+        "(upstream fix 03bfc2188f), found by livemig's RAM check and copied from the "
+        "stopped source before the target resumed.",
+        "- **OpenSSL MB/s**: the guest's `openssl speed sha256` figure (guest clock, 16 KiB "
+        "blocks) from lines that arrived in the warm-up before `migrate`, between `migrate` "
+        "and the target's resume, and on the target after it.",
+        "- **CPU %**: host CPU time (user + system, psutil) of each QEMU and of the engine "
+        "process over the migration (preflight included), as percent of one core.",
+        "- **floor**: the guest RAM that was not zero just before the migration, divided by "
+        "the link's limit: no migration can move the RAM faster. On an uncapped veth the "
+        "link is much faster than a TCG guest's QEMU can fill it, so the ratio there shows "
+        "CPU cost rather than link use.",
+        "",
+    ]
+
+
+def write_report(results: BenchResults, out_dir: Path) -> tuple[Path, ...]:
+    """Write the plots and ``report.md`` of ``results`` into ``out_dir``; returns the
+    files written (report last)."""
+    from bench.plots import write_plots
+
+    plots = write_plots(results, out_dir)
+    report = out_dir / REPORT_FILE
+    report.write_text(render_report(results, plots), encoding="utf-8")
+    return (*plots, report)

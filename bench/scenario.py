@@ -1,0 +1,274 @@
+"""What a benchmark runs, as data: scenarios, comparisons, suites.
+
+A :class:`Scenario` is one configuration to migrate: the guest (RAM, workload), the
+migration link (an optional tbf cap) and how to migrate (strategy and policy). A
+:class:`Comparison` puts scenarios side by side that differ only in how they migrate,
+repeated; a :class:`Suite` is a list of comparisons with a wall-time budget. The
+suites live in :data:`SUITES`, a declarative table in the spirit of QEMU's guestperf
+``COMPARISONS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bench.errors import SuiteError
+from migrate.demo import Workload
+from migrate.errors import ConfigError
+
+# The peer presets of the convergence issue, by their names in migrate.presets.
+PEER_POLICIES = ("qemu-default", "proxmox", "nova", "ovirt-minimal-downtime")
+BASELINE_POLICY = "qemu-default"
+LIVEMIG_POLICY = "livemig"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One configuration: guest, link and migration method.
+
+    Sizes in MiB, ``bandwidth_mbit`` the tbf cap on the A↔B migration link (None:
+    uncapped veth), ``warmup_s`` the time the workload runs before the migration
+    (after it first reported), ``settle_s`` the time observed on the target after it.
+    """
+
+    name: str
+    strategy: str = "native"
+    policy: str = LIVEMIG_POLICY
+    workload: str = "openssl"
+    memory_mib: int = 256
+    dirty_mib: int = 64
+    bandwidth_mbit: float | None = None
+    warmup_s: float = 2.0
+    settle_s: float = 2.5
+
+    @property
+    def label(self) -> str:
+        """How tables name it: ``livemig native``, ``qemu-default``..."""
+        if self.policy == LIVEMIG_POLICY:
+            return f"{self.policy} {self.strategy}"
+        return self.policy if self.strategy == "native" else f"{self.policy} {self.strategy}"
+
+    @property
+    def is_peer(self) -> bool:
+        """A peer preset (someone else's defaults), not livemig's own policy."""
+        return self.policy in PEER_POLICIES
+
+    def validate(self) -> None:
+        """Raises :class:`SuiteError` for impossible values."""
+        try:
+            Workload.parse(self.workload)
+        except ConfigError as exc:
+            raise SuiteError(f"scenario {self.name}: {exc}") from exc
+        if self.memory_mib <= 0 or self.dirty_mib <= 0:
+            raise SuiteError(f"scenario {self.name}: sizes must be positive")
+        if self.bandwidth_mbit is not None and self.bandwidth_mbit <= 0:
+            raise SuiteError(f"scenario {self.name}: bandwidth must be positive")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Scenarios compared side by side, each run ``repetitions`` times.
+
+    ``baseline`` names the policy every ratio is taken against.
+    """
+
+    name: str
+    description: str
+    scenarios: tuple[Scenario, ...]
+    repetitions: int
+    baseline: str = BASELINE_POLICY
+
+    def config(self, scenario: Scenario) -> str:
+        """The id a run of ``scenario`` carries in results: ``comparison/scenario``."""
+        return f"{self.name}/{scenario.name}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Comparisons run together; ``budget_s`` is the wall time it is meant to fit in
+    on a 2-core machine; ``run_timeout_s`` ends (and records) a run that hangs."""
+
+    name: str
+    description: str
+    comparisons: tuple[Comparison, ...]
+    budget_s: float
+    run_timeout_s: float = 120.0
+
+    def validate(self) -> None:
+        """Raises :class:`SuiteError` for duplicates, empty comparisons, bad scenarios."""
+        names = [c.name for c in self.comparisons]
+        if not names or len(set(names)) != len(names):
+            raise SuiteError(f"suite {self.name}: comparison names must be present and unique")
+        for comparison in self.comparisons:
+            scenarios = [s.name for s in comparison.scenarios]
+            if not scenarios or len(set(scenarios)) != len(scenarios):
+                raise SuiteError(
+                    f"suite {self.name}/{comparison.name}: scenario names must be present and unique"
+                )
+            if comparison.repetitions < 1:
+                raise SuiteError(f"suite {self.name}/{comparison.name}: repetitions must be >= 1")
+            for scenario in comparison.scenarios:
+                scenario.validate()
+
+    @property
+    def run_count(self) -> int:
+        return sum(c.repetitions * len(c.scenarios) for c in self.comparisons)
+
+    def bandwidths(self) -> tuple[float | None, ...]:
+        """Every distinct link setting, in order of first use."""
+        seen: dict[float | None, None] = {}
+        for comparison in self.comparisons:
+            for scenario in comparison.scenarios:
+                seen.setdefault(scenario.bandwidth_mbit, None)
+        return tuple(seen)
+
+    def with_repetitions(self, repetitions: int) -> Suite:
+        """The same suite with every comparison repeated ``repetitions`` times."""
+        comparisons = tuple(replace(c, repetitions=repetitions) for c in self.comparisons)
+        return replace(self, comparisons=comparisons)
+
+
+@dataclass(frozen=True)
+class Omitted:
+    """A configuration a suite names but this build cannot run, and why."""
+
+    config: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Availability:
+    """The strategies and policies this build can run."""
+
+    strategies: frozenset[str]
+    policies: frozenset[str]
+
+    def reason_missing(self, scenario: Scenario) -> str | None:
+        if scenario.strategy not in self.strategies:
+            return f"strategy {scenario.strategy!r} is not registered"
+        if scenario.policy not in self.policies:
+            return f"policy preset {scenario.policy!r} is not available"
+        return None
+
+
+def runnable(suite: Suite, available: Availability) -> tuple[Suite, tuple[Omitted, ...]]:
+    """``suite`` without the scenarios this build cannot run, and those left out.
+
+    A comparison left without scenarios is dropped. Raises :class:`SuiteError` if
+    nothing at all can run.
+    """
+    omitted: list[Omitted] = []
+    comparisons: list[Comparison] = []
+    for comparison in suite.comparisons:
+        kept = []
+        for scenario in comparison.scenarios:
+            reason = available.reason_missing(scenario)
+            if reason is None:
+                kept.append(scenario)
+            else:
+                omitted.append(Omitted(comparison.config(scenario), reason))
+        if kept:
+            comparisons.append(replace(comparison, scenarios=tuple(kept)))
+    if not comparisons:
+        raise SuiteError(
+            f"suite {suite.name}: nothing can run here ({'; '.join(o.reason for o in omitted)})"
+        )
+    return replace(suite, comparisons=tuple(comparisons)), tuple(omitted)
+
+
+def _side_by_side(
+    workload: str, memory_mib: int = 256, dirty_mib: int = 64, bandwidth_mbit: float | None = None
+) -> tuple[Scenario, ...]:
+    """livemig's strategies and every peer preset on the same guest and link."""
+    methods = [
+        ("livemig-native", "native", LIVEMIG_POLICY),
+        ("livemig-pagestream", "pagestream", LIVEMIG_POLICY),
+        *((policy, "native", policy) for policy in PEER_POLICIES),
+    ]
+    return tuple(
+        Scenario(
+            name=name,
+            strategy=strategy,
+            policy=policy,
+            workload=workload,
+            memory_mib=memory_mib,
+            dirty_mib=dirty_mib,
+            bandwidth_mbit=bandwidth_mbit,
+        )
+        for name, strategy, policy in methods
+    )
+
+
+_SMOKE_NAMES = ("livemig-native", "livemig-pagestream", BASELINE_POLICY)
+
+# One run (boot, warm-up, migration, settle, guest check) of a 256 MiB guest takes
+# ~9-11 s of wall time on 2 TCG cores; the budgets below count 12 s a run.
+SUITES: dict[str, Suite] = {
+    "smoke": Suite(
+        name="smoke",
+        description="openssl guest, uncapped link: livemig native, pagestream, qemu-default; once",
+        comparisons=(
+            Comparison(
+                name="openssl",
+                description="256 MiB guest running openssl speed in a loop, uncapped veth",
+                scenarios=tuple(
+                    s for s in _side_by_side(workload="openssl") if s.name in _SMOKE_NAMES
+                ),
+                repetitions=1,
+            ),
+        ),
+        budget_s=180.0,
+    ),
+    "default": Suite(
+        name="default",
+        description=(
+            "every strategy and peer preset: an openssl guest on the uncapped link, and an "
+            "openssl guest that also dirties memory on a 400 Mbit/s link"
+        ),
+        comparisons=(
+            Comparison(
+                name="openssl",
+                description="256 MiB guest running openssl speed in a loop, uncapped veth",
+                scenarios=_side_by_side(workload="openssl"),
+                repetitions=5,
+            ),
+            Comparison(
+                name="openssl-dirty-400mbit",
+                description=(
+                    "128 MiB guest running openssl and writing 16 MiB/s over a 32 MiB working "
+                    "set, migration link capped at 400 Mbit/s (tbf)"
+                ),
+                scenarios=_side_by_side(
+                    workload="openssl+dirty:16", memory_mib=128, dirty_mib=32, bandwidth_mbit=400.0
+                ),
+                repetitions=3,
+            ),
+        ),
+        budget_s=900.0,
+    ),
+}
+
+
+def suite_named(name: str) -> Suite:
+    """The suite called ``name``. Raises :class:`SuiteError` for unknown names."""
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise SuiteError(
+            f"unknown suite {name!r} (known: {', '.join(SUITES)})", tuple(SUITES)
+        ) from None
+
+
+__all__ = [
+    "BASELINE_POLICY",
+    "LIVEMIG_POLICY",
+    "PEER_POLICIES",
+    "SUITES",
+    "Availability",
+    "Comparison",
+    "Omitted",
+    "Scenario",
+    "Suite",
+    "runnable",
+    "suite_named",
+]

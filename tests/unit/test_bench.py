@@ -1,0 +1,396 @@
+"""Benchmark data: suites, statistics, results round trip, OpenSSL and CPU measurement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench.errors import ResultsError, SuiteError
+from bench.measure import CpuMeter, count_nonzero_bytes, guest_throughput, openssl_points
+from bench.results import (
+    FORMAT_VERSION,
+    BenchEnvironment,
+    BenchResults,
+    CpuUsage,
+    GuestThroughput,
+    LinkMeasurement,
+    OpensslPoint,
+    RunResult,
+    RunStatus,
+)
+from bench.scenario import (
+    SUITES,
+    Availability,
+    Comparison,
+    Omitted,
+    Scenario,
+    Suite,
+    runnable,
+    suite_named,
+)
+from bench.stats import distribution, percentile, representative, summarize
+from migrate.qemu import ConsoleLine
+from migrate.report import Decision, Sample, Timeline
+
+MIB = 1 << 20
+
+# -- fakes shared with test_bench_runner -------------------------------------------------
+
+NATIVE = Scenario("livemig-native")
+PAGESTREAM = Scenario("livemig-pagestream", strategy="pagestream")
+QEMU_DEFAULT = Scenario("qemu-default", policy="qemu-default")
+PROXMOX = Scenario("proxmox", policy="proxmox")
+
+
+def tiny_suite(repetitions: int = 2) -> Suite:
+    return Suite(
+        name="tiny",
+        description="two comparisons for tests",
+        comparisons=(
+            Comparison("openssl", "openssl guest", (NATIVE, QEMU_DEFAULT, PROXMOX), repetitions),
+            Comparison(
+                "capped",
+                "capped link",
+                (
+                    replace(NATIVE, bandwidth_mbit=400.0),
+                    replace(QEMU_DEFAULT, bandwidth_mbit=400.0),
+                ),
+                1,
+            ),
+        ),
+        budget_s=60.0,
+    )
+
+
+def environment() -> BenchEnvironment:
+    return BenchEnvironment(
+        cpu_count=2,
+        memory_gib=24.0,
+        host_kernel="6.1",
+        qemu_version="QEMU emulator version 7.2",
+        accelerator="tcg",
+        cpu_model="qemu64",
+        guest_kernel="6.1.0-cloud",
+        python="3.11",
+        load_before=(0.1, 0.2, 0.3),
+    )
+
+
+def completed_run(
+    comparison: str,
+    scenario: Scenario,
+    repetition: int = 0,
+    index: int = 0,
+    guest_downtime_ms: float = 50.0,
+    total_time_ms: float = 800.0,
+) -> RunResult:
+    """A completed run with every measurement filled in."""
+    samples = tuple(
+        Sample(
+            time=1000.0 + i / 10,
+            elapsed_ms=i * 100.0,
+            status="active",
+            ram_total_bytes=256 * MIB,
+            ram_remaining_bytes=(200 - 60 * i) * MIB,
+            ram_transferred_bytes=60 * i * MIB,
+            dirty_pages_rate=1000 * i,
+            dirty_sync_count=i + 1,
+        )
+        for i in range(4)
+    )
+    points = (
+        OpensslPoint(-1500.0, 90000.0, "source"),
+        OpensslPoint(-400.0, 88000.0, "source"),
+        OpensslPoint(400.0, 80000.0, "source"),
+        OpensslPoint(1500.0, 85000.0, "target"),
+    )
+    return RunResult(
+        config=f"{comparison}/{scenario.name}",
+        comparison=comparison,
+        scenario=scenario,
+        repetition=repetition,
+        index=index,
+        status=RunStatus.COMPLETED,
+        started_at=1000.0,
+        wall_s=9.5,
+        guest_downtime_ms=guest_downtime_ms,
+        probe_sent=900,
+        probe_lost=40,
+        downtime_ms=3.0,
+        total_time_ms=total_time_ms,
+        qemu_total_time_ms=total_time_ms - 10,
+        stop_to_resume_ms=20.0,
+        transferred_bytes=110 * MIB,
+        wire_bytes=111 * MIB,
+        ram_bytes=256 * MIB,
+        nonzero_ram_bytes=100 * MIB,
+        precopy_rounds=4,
+        integrity="ok",
+        repaired_pages=31 if scenario.strategy == "native" else 0,
+        guest_check="ok: openssl running on target",
+        throughput=GuestThroughput(89000.0, 80000.0, 85000.0, points),
+        cpu=CpuUsage(window_s=1.0, source_s=0.9, target_s=0.1, engine_s=0.5),
+        timeline=Timeline(
+            started_at=1000.0, source_stop_ms=350.0, target_resume_ms=370.0, ended_ms=380.0
+        ),
+        samples=samples,
+        decisions=(
+            Decision(1000.0, "set-parameters", "start", "migrate-set-parameters", {"x": 1}),
+        ),
+    )
+
+
+def bench_results(runs: tuple[RunResult, ...], suite: Suite | None = None) -> BenchResults:
+    return BenchResults(
+        format_version=FORMAT_VERSION,
+        suite=suite or tiny_suite(),
+        command="livemig bench run --suite tiny --out x",
+        started_at=1000.0,
+        environment=environment(),
+        links=(
+            LinkMeasurement(None, 2e9, 1.5),
+            LinkMeasurement(400.0, 48e6, 1.5),
+        ),
+        omitted=(Omitted("openssl/livemig-pagestream", "strategy 'pagestream' is not registered"),),
+        runs=runs,
+        finished_at=1600.0,
+    )
+
+
+# -- statistics ----------------------------------------------------------------------
+
+
+def test_percentile_interpolates_linearly() -> None:
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    assert percentile([7.0], 90) == 7.0
+    assert percentile([1.0, 2.0], 0) == 1.0 and percentile([1.0, 2.0], 100) == 2.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_distribution_ignores_missing_values() -> None:
+    d = distribution([40.0, None, 60.0, 50.0, 100.0])
+    assert d is not None
+    assert (d.count, d.median, d.minimum, d.maximum) == (4, 55.0, 40.0, 100.0)
+    assert d.p90 == pytest.approx(88.0)
+    assert distribution([None, None]) is None
+    assert distribution([]) is None
+
+
+def test_summary_ratios_to_baseline_and_best_peer_and_floor() -> None:
+    runs = []
+    index = 0
+    for rep, (native, qemu, proxmox) in enumerate([(40, 100, 80), (50, 120, 60), (60, 110, 70)]):
+        for scenario, downtime in ((NATIVE, native), (QEMU_DEFAULT, qemu), (PROXMOX, proxmox)):
+            runs.append(completed_run("openssl", scenario, rep, index, float(downtime)))
+            index += 1
+    failed = replace(
+        completed_run("openssl", NATIVE, 3, index, 1.0),
+        status=RunStatus.FAILED,
+        integrity="unchecked",
+        error="boom",
+    )
+    results = bench_results((*runs, failed))
+    summaries = summarize(results)
+    assert [s.comparison.name for s in summaries] == ["openssl", "capped"]
+    openssl = summaries[0]
+    assert openssl.baseline == "openssl/qemu-default"
+    assert openssl.best_peer == "openssl/proxmox"  # median 70 < qemu-default's 110
+    native = next(c for c in openssl.configs if c.config == "openssl/livemig-native")
+    # The failed run counts as a run, not in the distributions.
+    assert (native.runs, native.completed, native.integrity_ok) == (4, 3, 3)
+    assert native.guest_downtime_ms is not None and native.guest_downtime_ms.median == 50.0
+    ratios = openssl.ratios["openssl/livemig-native"]
+    assert ratios.guest_downtime_vs_baseline == pytest.approx(50 / 110)
+    assert ratios.guest_downtime_vs_best_peer == pytest.approx(50 / 70)
+    assert ratios.total_time_vs_baseline == pytest.approx(1.0)
+    # Physical limit: 100 MiB of non-zero RAM over a 2 GB/s link.
+    assert native.floor_total_ms == pytest.approx(100 * MIB / 2e9 * 1e3)
+    assert native.total_over_floor is not None
+    assert native.total_over_floor.median == pytest.approx(800 / native.floor_total_ms)
+    assert native.repaired_pages == 4 * 31 and native.runs_repaired == 4
+    assert native.source_cpu_pct is not None and native.source_cpu_pct.median == pytest.approx(90)
+    # A comparison without runs summarises to empty distributions, not errors.
+    capped = summaries[1]
+    assert all(c.runs == 0 and c.guest_downtime_ms is None for c in capped.configs)
+    assert capped.baseline is None and capped.best_peer is None
+
+
+def test_link_limit_is_the_cap_or_the_measurement() -> None:
+    assert LinkMeasurement(None, 2e9, 1.0).limit_bytes_per_s == 2e9
+    assert LinkMeasurement(400.0, 48e6, 1.0).limit_bytes_per_s == 48e6
+    assert LinkMeasurement(400.0, 60e6, 1.0).limit_bytes_per_s == 50e6
+
+
+def test_representative_is_the_median_run() -> None:
+    runs = [completed_run("c", NATIVE, i, i, d) for i, d in enumerate([90.0, 30.0, 60.0, 40.0])]
+    chosen = representative(runs)
+    assert chosen is not None and chosen.guest_downtime_ms == 40.0
+    failed = replace(runs[0], status=RunStatus.ERROR, guest_downtime_ms=None)
+    assert representative([failed]) is failed
+    assert representative([]) is None
+
+
+# -- results round trip ---------------------------------------------------------------
+
+
+def test_results_round_trip_through_json(tmp_path: Path) -> None:
+    failed = RunResult(
+        config="capped/qemu-default",
+        comparison="capped",
+        scenario=replace(QEMU_DEFAULT, bandwidth_mbit=400.0),
+        repetition=0,
+        index=4,
+        status=RunStatus.TIMEOUT,
+        started_at=1200.0,
+        wall_s=120.0,
+        error="run exceeded 120 s and was ended",
+    )
+    results = bench_results((completed_run("openssl", NATIVE), failed))
+    path = results.save(tmp_path)
+    assert path == tmp_path / "results.json"
+    assert BenchResults.load(tmp_path) == results
+    assert BenchResults.load(path) == results
+    entries = json.loads(path.read_text())["runs"]
+    for key in ("config", "repetition", "status", "guest_downtime_ms", "downtime_ms",
+                "total_time_ms", "transferred_bytes", "integrity"):  # fmt: skip
+        assert all(key in entry for entry in entries), key
+    assert entries[0]["status"] == "completed" and entries[1]["status"] == "timeout"
+    assert entries[0]["scenario"]["policy"] == "livemig"
+
+
+def test_loading_bad_results_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ResultsError, match="cannot read"):
+        BenchResults.load(tmp_path)
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ResultsError, match="not JSON"):
+        BenchResults.load(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ResultsError, match="format 99"):
+        BenchResults.load(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"format_version": FORMAT_VERSION}))
+    with pytest.raises(ResultsError, match="missing field") as info:
+        BenchResults.load(tmp_path)
+    assert info.value.path == tmp_path / "results.json"
+
+
+# -- suites ----------------------------------------------------------------------------
+
+
+def test_declared_suites_are_valid_and_fit_their_budgets() -> None:
+    for suite in SUITES.values():
+        suite.validate()
+        # One run takes ~9-11 s here: 12 s a run must fit the budget.
+        assert suite.run_count * 12 <= suite.budget_s, suite.name
+    smoke = suite_named("smoke")
+    (comparison,) = smoke.comparisons
+    assert comparison.repetitions == 1
+    assert {s.label for s in comparison.scenarios} == {
+        "livemig native", "livemig pagestream", "qemu-default"
+    }  # fmt: skip
+    assert all(s.workload == "openssl" for s in comparison.scenarios)
+    default = suite_named("default")
+    for comparison in default.comparisons:
+        policies = {s.policy for s in comparison.scenarios}
+        assert policies == {"livemig", "qemu-default", "proxmox", "nova", "ovirt-minimal-downtime"}
+        assert {s.strategy for s in comparison.scenarios} == {"native", "pagestream"}
+    assert any("dirty:" in s.workload for c in default.comparisons for s in c.scenarios)
+    assert default.bandwidths() == (None, 400.0)
+    with pytest.raises(SuiteError, match="unknown suite") as info:
+        suite_named("huge")
+    assert "default" in info.value.known
+
+
+def test_invalid_suites_are_refused() -> None:
+    duplicate = Suite("x", "d", (Comparison("c", "d", (NATIVE, NATIVE), 1),), 10.0)
+    with pytest.raises(SuiteError, match="unique"):
+        duplicate.validate()
+    bad_workload = Suite("x", "d", (Comparison("c", "d", (replace(NATIVE, workload="x"),), 1),), 1)
+    with pytest.raises(SuiteError, match="unknown workload"):
+        bad_workload.validate()
+    with pytest.raises(SuiteError, match="repetitions"):
+        Suite("x", "d", (Comparison("c", "d", (NATIVE,), 0),), 1).validate()
+
+
+def test_runnable_leaves_out_what_this_build_lacks() -> None:
+    available = Availability(frozenset({"native"}), frozenset({"livemig", "qemu-default"}))
+    suite, omitted = runnable(tiny_suite(), available)
+    assert [s.name for s in suite.comparisons[0].scenarios] == ["livemig-native", "qemu-default"]
+    assert omitted == (Omitted("openssl/proxmox", "policy preset 'proxmox' is not available"),)
+    nothing = Availability(frozenset(), frozenset())
+    with pytest.raises(SuiteError, match="nothing can run"):
+        runnable(tiny_suite(), nothing)
+    assert PAGESTREAM.label == "livemig pagestream" and PROXMOX.label == "proxmox"
+
+
+# -- measurements ----------------------------------------------------------------------
+
+
+def _line(t: float, text: str) -> ConsoleLine:
+    return ConsoleLine(timestamp=t, text=text)
+
+
+def test_openssl_throughput_before_during_after() -> None:
+    origin = 1000.0
+    source = openssl_points(
+        [
+            _line(997.0, "OPENSSL sha256 bytes=16384 kbps=70000.00"),  # before the warm-up
+            _line(998.5, "OPENSSL sha256 bytes=16384 kbps=90000.00"),
+            _line(999.5, "OPENSSL sha256 bytes=16384 kbps=88000.00"),
+            _line(999.6, "MEMDIRTY pass=3 pages=8192 bad=0"),
+            _line(1000.5, "OPENSSL sha256 bytes=16384 kbps=80000"),
+        ],
+        "source",
+        origin,
+    )
+    target = openssl_points(
+        [_line(1001.9, "OPENSSL sha256 bytes=16384 kbps=84000"),
+         _line(1003.0, "OPENSSL sha256 bytes=16384 kbps=86000")],
+        "target",
+        origin,
+    )  # fmt: skip
+    assert [p.t_ms for p in source] == pytest.approx([-3000.0, -1500.0, -500.0, 500.0])
+    got = guest_throughput(source, target, resume_ms=900.0, warmup_ms=2000.0)
+    assert got.before_kbps == pytest.approx(89000.0)
+    assert got.during_kbps == pytest.approx(80000.0)
+    assert got.after_kbps == pytest.approx(85000.0)
+    assert [p.side for p in got.points] == ["source"] * 4 + ["target"] * 2
+    # A run that never resumed on the target has no "after".
+    failed = guest_throughput(source, (), resume_ms=None, warmup_ms=2000.0)
+    assert failed.after_kbps is None and failed.during_kbps == pytest.approx(80000.0)
+
+
+def test_count_nonzero_bytes(tmp_path: Path) -> None:
+    ram = tmp_path / "ram"
+    pages = 8192 + 64  # the scan works in 8192-page chunks: cross a border
+    with ram.open("wb") as f:
+        f.truncate(pages * 4096)
+        for page in (0, 5, 8191, 8192, pages - 1):
+            f.seek(page * 4096 + 4095)
+            f.write(b"\x01")
+    assert count_nonzero_bytes(ram) == 5 * 4096
+
+
+def test_cpu_meter_reads_this_process_and_survives_an_exited_one() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    meter = CpuMeter({"source": child.pid, "target": None})
+    meter.start()
+    sum(i * i for i in range(200_000))  # some CPU for the engine (this process)
+    meter.read()
+    meter.finish()
+    usage = meter.usage()
+    assert usage is not None and usage.window_s > 0
+    assert usage.engine_s is not None and usage.engine_s >= 0
+    assert usage.source_s is None and usage.target_s is None
+    assert usage.percent(usage.window_s) == pytest.approx(100.0)
+    assert CpuMeter({"source": os.getpid()}).usage() is None  # never started
