@@ -10,6 +10,7 @@ embedding program can catch one class; each carries the data an operator needs::
      │    └── QemuLaunchError   QEMU did not come up (.argv, .exit_code, .output)
      ├── MigrationError     the move itself failed (.phase, .report)
      │    └── MigrationAborted  stopped on purpose: policy, operator, integrity
+     ├── StreamError        pagestream: protocol, transport or integrity (.side, .kind)
      ├── LabError           the network-namespace lab (.command, .output)
      └── GuestBuildError    building the test guest failed
 
@@ -84,6 +85,25 @@ class MigrationError(LivemigError):
 
 class MigrationAborted(MigrationError):
     """The migration was stopped on purpose (policy limit, operator, integrity)."""
+
+
+class StreamError(LivemigError):
+    """The pagestream page stream failed: a malformed or corrupt frame, a broken
+    connection, a digest mismatch, or a helper agent that died.
+
+    ``side`` is where it was detected (``sender``, ``receiver``, ``engine``);
+    ``kind`` is ``protocol`` (malformed or corrupt frame), ``transport`` (socket),
+    ``integrity`` (target RAM differs from the source), ``agent`` (helper process)
+    or ``config``; ``detail`` carries data for the operator (frame offsets, chunks).
+    """
+
+    def __init__(
+        self, message: str, *, side: str = "engine", kind: str = "protocol", detail: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.side = side
+        self.kind = kind
+        self.detail = detail
 
 
 class LabError(LivemigError):

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus
-from migrate.integrity import IntegrityResult, RamComparison
+from migrate.integrity import IntegrityResult
 from migrate.phase import Phase
 from migrate.policy import Controller, Policy
 from migrate.preflight import HostFacts
@@ -34,11 +34,17 @@ ANNOUNCE_NOW = {"initial": 0, "max": 100, "rounds": 3, "step": 50}
 
 @dataclass(frozen=True)
 class HostEndpoint:
-    """How to reach one side: its QMP socket and (target) the migration listen URI."""
+    """How to reach one side: its QMP socket and (target) the migration listen URI.
+
+    ``netns`` is the network namespace the host's migration address lives in (the
+    lab's hosts); helpers that must reach that address (pagestream's agents) run
+    there. None: this machine's own namespace.
+    """
 
     name: str
     qmp_socket: Path | None = None
     migration_uri: str | None = None
+    netns: str | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,12 @@ async def apply_decision(
         await session.execute(decision.command, decision.arguments or None)
 
 
+class RamVerifier(Protocol):
+    """Compares the stopped source's RAM with the paused target's (e.g. RamComparison)."""
+
+    async def compare(self, repair: bool = False) -> IntegrityResult: ...
+
+
 @dataclass
 class Switchover:
     """Timestamps and results of the switchover tail."""
@@ -212,7 +224,7 @@ async def finish_on_target(
     result: Switchover,
     target: QmpSession,
     target_events: EventRecorder,
-    comparison: RamComparison | None,
+    comparison: RamVerifier | None,
     hooks: MigrationHooks,
     repair: bool,
     timeout: float = 30.0,

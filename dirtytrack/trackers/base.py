@@ -145,23 +145,39 @@ class Tracker(abc.ABC):
         with self._exclusive():
             live = self._live()
             self._check_extent(extent)
-            if out is None:
-                data = np.empty((extent.count, WORDS_PER_PAGE), dtype=np.uint64)
-            else:
-                if (
-                    out.dtype != np.uint64
-                    or out.ndim != 2
-                    or out.shape[1] != WORDS_PER_PAGE
-                    or out.shape[0] < extent.count
-                    or not out.flags.c_contiguous
-                ):
-                    raise BitmapShapeError(
-                        f"out must be a C-contiguous (>= {extent.count}, {WORDS_PER_PAGE}) "
-                        f"uint64 array, got shape {out.shape} dtype {out.dtype}"
-                    )
-                data = out[: extent.count]
+            data = self._out_rows(extent.count, out)
             np.copyto(data, live[extent.start : extent.end])
             self._commit(extent.start, data)
+            return data
+
+    def capture_pages(
+        self, pages: npt.NDArray[np.int64], out: PageArray | None = None
+    ) -> PageArray:
+        """:meth:`capture` for a batch of scattered pages, in one call.
+
+        ``pages`` must be strictly increasing page numbers; row ``i`` of the result
+        is page ``pages[i]``, copied once and made its baseline (same contract as
+        :meth:`capture`). A sender batches a dirty bitmap's pages this way instead
+        of paying one call per small extent. Raises :class:`PageRangeError` for a
+        page outside RAM, :class:`ValueError` for unsorted or repeated pages and
+        :class:`BitmapShapeError` if ``out`` is too small or of the wrong type.
+        """
+        with self._exclusive():
+            live = self._live()
+            pages = np.asarray(pages, dtype=np.int64)
+            count = len(pages)
+            if count and (pages[0] < 0 or pages[-1] >= self._page_count):
+                raise PageRangeError(
+                    f"pages {int(pages[0])}..{int(pages[-1])} outside RAM of "
+                    f"{self._page_count} pages"
+                )
+            if count > 1 and int(np.diff(pages).min()) < 1:
+                raise ValueError("capture_pages needs strictly increasing page numbers")
+            data = self._out_rows(count, out)
+            # Range checked above, so "clip" only skips numpy's buffered bounds check.
+            if count:
+                np.take(live, pages, axis=0, out=data, mode="clip")
+                self._commit_pages(pages, data)
             return data
 
     def reset(self, pages: Bitmap | None = None) -> None:
@@ -199,6 +215,36 @@ class Tracker(abc.ABC):
         return f"{type(self).__name__}(pages={self._page_count})"
 
     # --- for subclasses -----------------------------------------------------------
+
+    @staticmethod
+    def _out_rows(count: int, out: PageArray | None) -> PageArray:
+        if out is None:
+            return np.empty((count, WORDS_PER_PAGE), dtype=np.uint64)
+        if (
+            out.dtype != np.uint64
+            or out.ndim != 2
+            or out.shape[1] != WORDS_PER_PAGE
+            or out.shape[0] < count
+            or not out.flags.c_contiguous
+        ):
+            raise BitmapShapeError(
+                f"out must be a C-contiguous (>= {count}, {WORDS_PER_PAGE}) "
+                f"uint64 array, got shape {out.shape} dtype {out.dtype}"
+            )
+        return out[:count]
+
+    def _commit_pages(self, pages: npt.NDArray[np.int64], data: PageArray) -> None:
+        """Record rows of ``data`` as the content of ``pages`` (sorted, unique).
+
+        The default commits each run of consecutive pages; subclasses override it
+        with one vectorised update.
+        """
+        if len(pages) == 0:
+            return
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        bounds = [0, *breaks.tolist(), len(pages)]
+        for first, last in zip(bounds[:-1], bounds[1:], strict=True):
+            self._commit(int(pages[first]), data[first:last])
 
     @abc.abstractmethod
     def _collect(self) -> Bitmap: ...

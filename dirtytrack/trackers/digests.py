@@ -99,6 +99,12 @@ class PageDigestTracker(Tracker):
             yield_every_pages=self._chunk_pages,
         )
 
+    def _commit_pages(self, pages: npt.NDArray[np.int64], data: PageArray) -> None:
+        hashes = page_digests(
+            data.data.cast("B"), seed=self._seed, yield_every_pages=self._chunk_pages
+        )
+        self._digests[pages] = hashes
+
     def _release(self) -> None:
         self._digests = np.zeros(0, dtype=np.uint64)
         self._scratch = np.zeros(0, dtype=np.uint64)

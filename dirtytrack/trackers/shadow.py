@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from dirtytrack.bitmap import Bitmap
 from dirtytrack.ram import WORDS_PER_PAGE, RamMapping
@@ -67,6 +68,9 @@ class ShadowDiffTracker(Tracker):
 
     def _commit(self, start: int, data: PageArray) -> None:
         self._shadow[start : start + len(data)] = data
+
+    def _commit_pages(self, pages: npt.NDArray[np.int64], data: PageArray) -> None:
+        self._shadow[pages] = data
 
     def _release(self) -> None:
         self._shadow = np.zeros((0, WORDS_PER_PAGE), dtype=np.uint64)

@@ -517,6 +517,9 @@ class SoftDirtyTracker(Tracker):
     def _commit(self, start: int, data: PageArray) -> None:
         self._pending.clear_range(start, len(data))
 
+    def _commit_pages(self, pages: npt.NDArray[np.int64], data: PageArray) -> None:
+        self._pending.clear_indices(pages)
+
     def _release(self) -> None:
         self._pending = Bitmap(0)
         self._present_at_clear = Bitmap(0)

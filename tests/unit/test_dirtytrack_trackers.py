@@ -312,6 +312,53 @@ def test_precopy_loop_converges_to_identical_target(rig: Rig) -> None:
     assert not rig.tracker.collect().any()
 
 
+def test_capture_pages_batches_scattered_pages(rig: Rig) -> None:
+    written = [2, 3, 4, 90, 150, 151, PAGES - 1]
+    for page in written:
+        rig.write(page, 0x5150 + page)
+    assert pages_of(rig.tracker.collect()) == set(written)  # a sender collects first
+    pages = np.array([2, 3, 90, 151, PAGES - 1], dtype=np.int64)
+    out = np.zeros((8, WORDS_PER_PAGE), dtype=np.uint64)
+    data = rig.tracker.capture_pages(pages, out=out)
+    assert data.shape == (5, WORDS_PER_PAGE) and np.shares_memory(data, out)
+    assert np.array_equal(data, rig.ram[pages])
+    # Captured pages are the baseline now; the others are still reported.
+    assert pages_of(rig.tracker.collect()) == {4, 150}
+    # Written again after the capture: reported again.
+    rig.write(90, 1)
+    assert 90 in rig.tracker.collect()
+    assert rig.tracker.capture_pages(np.empty(0, dtype=np.int64)).shape == (0, WORDS_PER_PAGE)
+
+
+def test_capture_pages_refuses_bad_batches(rig: Rig) -> None:
+    with pytest.raises(PageRangeError):
+        rig.tracker.capture_pages(np.array([1, PAGES], dtype=np.int64))
+    with pytest.raises(PageRangeError):
+        rig.tracker.capture_pages(np.array([-1, 3], dtype=np.int64))
+    with pytest.raises(ValueError, match="increasing"):
+        rig.tracker.capture_pages(np.array([5, 5], dtype=np.int64))
+    with pytest.raises(BitmapShapeError):
+        rig.tracker.capture_pages(np.arange(4), out=np.zeros((3, WORDS_PER_PAGE), np.uint64))
+
+
+def test_precopy_loop_with_batched_capture(rig: Rig) -> None:
+    """The pre-copy loop a sender runs: collect, capture_pages in batches, final stop."""
+    rng = np.random.default_rng(11)
+    target = rig.ram.copy()
+    for _round in range(5):
+        for page in rng.choice(PAGES, 30, replace=False).tolist():
+            rig.write(page, int(rng.integers(0, 3)))
+        dirty = rig.tracker.collect().to_indices()
+        for first in range(0, len(dirty), 7):
+            batch = dirty[first : first + 7]
+            target[batch] = rig.tracker.capture_pages(batch)
+            rig.write(int(rng.integers(0, PAGES)), int(rng.integers(0, 3)))
+    final = rig.tracker.collect().to_indices()
+    target[final] = rig.tracker.capture_pages(final)
+    assert np.array_equal(target, rig.ram)
+    assert not rig.tracker.collect().any()
+
+
 def test_closed_tracker_refuses(rig: Rig) -> None:
     rig.tracker.close()
     with pytest.raises(DirtyTrackError, match="closed"):
