@@ -1,29 +1,28 @@
 """The strategies and policies the benchmark can ask the engine for.
 
-Policies come from the engine (the ``livemig`` policy, and the peer presets of
-:mod:`migrate.presets` once that module exists); the benchmark never defines its
-own. :func:`availability` tells which scenarios of a suite this build can run.
+Policies are the engine's named presets (:mod:`migrate.presets`: livemig's own and
+the peers' defaults); the engine picks each policy's controller itself. The
+benchmark defines none. :func:`availability` tells which scenarios of a suite this
+build can run.
 """
 
 from __future__ import annotations
 
 from bench.errors import SuiteError
-from bench.scenario import LIVEMIG_POLICY, Availability
+from bench.scenario import Availability
 from migrate.engine import STRATEGIES
+from migrate.errors import ConfigError
 from migrate.policy import Policy
-
-
-def policy_names() -> frozenset[str]:
-    """Names of the policies this build knows."""
-    return frozenset({LIVEMIG_POLICY})
+from migrate.presets import PRESET_NAMES, preset
 
 
 def policy_named(name: str) -> Policy:
-    """The engine's policy called ``name``. Raises :class:`SuiteError` if unknown."""
-    if name == LIVEMIG_POLICY:
-        return Policy()
-    raise SuiteError(f"unknown policy {name!r}", tuple(sorted(policy_names())))
+    """The engine's preset called ``name``. Raises :class:`SuiteError` if unknown."""
+    try:
+        return preset(name)
+    except ConfigError as exc:
+        raise SuiteError(str(exc), PRESET_NAMES) from exc
 
 
 def availability() -> Availability:
-    return Availability(strategies=frozenset(STRATEGIES), policies=policy_names())
+    return Availability(strategies=frozenset(STRATEGIES), policies=frozenset(PRESET_NAMES))
