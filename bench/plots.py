@@ -100,13 +100,15 @@ def _jitter(i: int, n: int) -> float:
     return 0.0 if n <= 1 else -0.12 + 0.24 * i / (n - 1)
 
 
-def _grid(count: int, height: float) -> tuple[Figure, Sequence[Axes]]:
+def _grid(count: int, height: float, sharey: bool = False) -> tuple[Figure, Sequence[Axes]]:
     cols = 2 if count > 1 else 1
     rows = (count + cols - 1) // cols
     fig = Figure(figsize=(6.5 * cols, height * rows), dpi=_DPI, layout="constrained")
-    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    axes = list(fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=sharey).flat)
     for extra in axes[count:]:
         extra.set_visible(False)
+    for ax in axes[:count]:
+        ax.xaxis.set_tick_params(labelbottom=True)  # sharex hides them on upper rows
     return fig, axes[:count]
 
 
@@ -132,13 +134,17 @@ def _title(run: RunResult) -> str:
 
 def _timeline(name: str, runs: Sequence[RunResult], path: Path) -> Path:
     fig, axes = _grid(len(runs), 2.8)
+    rates: list[Axes] = []
     for ax, run in zip(axes, runs, strict=True):
-        t = [s.elapsed_ms / 1e3 for s in run.samples]
-        ax.plot(t, [s.ram_remaining_bytes / MIB for s in run.samples], color=_WINDOW,
+        # Samples taken before QEMU sized the RAM (status "setup") carry no figures.
+        samples = [s for s in run.samples if s.ram_total_bytes > 0]
+        t = [s.elapsed_ms / 1e3 for s in samples]
+        ax.plot(t, [s.ram_remaining_bytes / MIB for s in samples], color=_WINDOW,
                 marker=".", label="remaining RAM")  # fmt: skip
         ax.set_ylabel("remaining (MiB)")
         rate = ax.twinx()
-        rate.plot(t, [s.dirty_rate_bytes_per_s / MIB for s in run.samples], color="tab:orange",
+        rates.append(rate)
+        rate.plot(t, [s.dirty_rate_bytes_per_s / MIB for s in samples], color="tab:orange",
                   linestyle="--", marker=".", label="dirty rate")  # fmt: skip
         rate.set_ylabel("dirty rate (MiB/s)")
         rate.set_ylim(bottom=0)
@@ -146,16 +152,16 @@ def _timeline(name: str, runs: Sequence[RunResult], path: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.set_xlabel("seconds after migrate")
         ax.set_title(_title(run), fontsize=10)
-        handles, labels = ax.get_legend_handles_labels()
-        more, more_labels = rate.get_legend_handles_labels()
-        ax.legend(handles + more, labels + more_labels, fontsize=7, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    more, more_labels = rates[0].get_legend_handles_labels()
+    fig.legend(handles + more, labels + more_labels, loc="outside lower center", ncols=3)
     fig.suptitle(f"{name}: migration timeline (run with the median guest downtime)")
     fig.savefig(path)
     return path
 
 
 def _openssl(name: str, runs: Sequence[RunResult], path: Path) -> Path:
-    fig, axes = _grid(len(runs), 2.6)
+    fig, axes = _grid(len(runs), 2.6, sharey=True)
     for ax, run in zip(axes, runs, strict=True):
         points = run.throughput.points if run.throughput else ()
         for side, color in (("source", _WINDOW), ("target", "tab:green")):
@@ -163,11 +169,13 @@ def _openssl(name: str, runs: Sequence[RunResult], path: Path) -> Path:
             ax.plot([p.t_ms / 1e3 for p in mine], [p.kbps / 1e3 for p in mine], marker="o",
                     color=color, label=f"on {side}")  # fmt: skip
         _mark_switchover(ax, run, shade_window=True)
-        ax.set_ylim(bottom=0)
         ax.set_xlabel("seconds after migrate (line arrival)")
         ax.set_ylabel("sha256 MB/s (guest)")
         ax.set_title(_title(run), fontsize=10)
-        ax.legend(fontsize=7, loc="lower left")
+    peak = max((p.kbps for r in runs if r.throughput for p in r.throughput.points), default=0.0)
+    axes[0].set_ylim(0, max(peak / 1e3 * 1.1, 1.0))  # shared by all panels
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=4)
     fig.suptitle(f"{name}: guest OpenSSL throughput, migration window shaded")
     fig.savefig(path)
     return path
