@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,43 +83,82 @@ def _cpu_seconds(process: psutil.Process) -> float | None:
     return float(times.user + times.system)
 
 
-class CpuMeter:
-    """CPU seconds of named processes over a window, read at points the caller picks.
+def is_network_probe(process: psutil.Process) -> bool:
+    """The ICMP probe runs for the benchmark, not for the migration."""
+    return any("migrate.probe" in arg for arg in process.cmdline())
 
-    :meth:`start` takes the baseline; :meth:`read` may be called often (every
-    progress sample: a process that exits meanwhile keeps its last reading);
-    :meth:`finish` closes the window. The engine is this process.
+
+class CpuMeter:
+    """CPU seconds (user + system) over a window, per role: ``source`` and ``target``
+    (the QEMUs named at construction) and ``engine``.
+
+    The engine is this process and every process it started, other than the named
+    ones and those ``exclude`` picks (the ICMP probe): pagestream's sender and
+    receiver agents count as engine. :meth:`start` takes the baseline (processes
+    started later begin at zero); :meth:`read` may be called often (at every progress
+    sample), and a process that exits keeps its last reading; :meth:`finish` closes
+    the window.
     """
 
     ENGINE = "engine"
 
-    def __init__(self, pids: Mapping[str, int | None]) -> None:
-        self._processes: dict[str, psutil.Process] = {}
-        for name, pid in {**pids, self.ENGINE: os.getpid()}.items():
+    def __init__(
+        self,
+        pids: Mapping[str, int | None],
+        exclude: Callable[[psutil.Process], bool] = is_network_probe,
+    ) -> None:
+        self._named: dict[str, psutil.Process] = {}
+        for name, pid in pids.items():
             if pid is None:
                 continue
             try:
-                self._processes[name] = psutil.Process(pid)
+                self._named[name] = psutil.Process(pid)
             except psutil.NoSuchProcess:
                 continue
-        self._base: dict[str, float] = {}
-        self._last: dict[str, float] = {}
+        self._self = psutil.Process()
+        self._exclude = exclude
+        self._excluded: set[psutil.Process] = set()
+        self._role: dict[psutil.Process, str] = {}
+        self._base: dict[psutil.Process, float] = {}
+        self._last: dict[psutil.Process, float] = {}
         self._started: float | None = None
         self._finished: float | None = None
 
+    def _processes(self) -> list[tuple[str, psutil.Process]]:
+        found = [*self._named.items(), (self.ENGINE, self._self)]
+        named = set(self._named.values())
+        try:
+            children = self._self.children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            if child in named or child in self._excluded:
+                continue
+            if child not in self._role:
+                try:
+                    if self._exclude(child):
+                        self._excluded.add(child)
+                        continue
+                except psutil.Error:
+                    continue
+            found.append((self.ENGINE, child))
+        return found
+
     def start(self) -> None:
         self._started = time.monotonic()
-        for name, process in self._processes.items():
+        for role, process in self._processes():
             if (seconds := _cpu_seconds(process)) is not None:
-                self._base[name] = seconds
-                self._last[name] = seconds
+                self._role[process] = role
+                self._base[process] = self._last[process] = seconds
 
     def read(self) -> None:
         if self._started is None or self._finished is not None:
             return
-        for name, process in self._processes.items():
+        for role, process in self._processes():
             if (seconds := _cpu_seconds(process)) is not None:
-                self._last[name] = seconds
+                self._role[process] = role
+                self._base.setdefault(process, 0.0)  # started inside the window
+                self._last[process] = seconds
 
     def finish(self) -> None:
         self.read()
@@ -132,10 +170,11 @@ class CpuMeter:
         if self._started is None or self._finished is None:
             return None
 
-        def spent(name: str) -> float | None:
-            if name not in self._base:
+        def spent(role: str) -> float | None:
+            mine = [p for p, r in self._role.items() if r == role]
+            if not mine:
                 return None
-            return self._last[name] - self._base[name]
+            return sum(self._last[p] - self._base[p] for p in mine)
 
         return CpuUsage(
             window_s=self._finished - self._started,

@@ -208,7 +208,8 @@ def _definitions() -> list[str]:
         "blocks) from lines that arrived in the warm-up before `migrate`, between `migrate` "
         "and the target's resume, and on the target after it.",
         "- **CPU %**: host CPU time (user + system, psutil) of each QEMU and of the engine "
-        "process over the migration (preflight included), as percent of one core.",
+        "(the livemig process and the helpers it starts, e.g. pagestream's agents; not the "
+        "probe) over the migration (preflight included), as percent of one core.",
         "- **floor**: the guest RAM that was not zero just before the migration, divided by "
         "the link's limit: no migration can move the RAM faster. On an uncapped veth the "
         "link is much faster than a TCG guest's QEMU can fill it, so the ratio there shows "

@@ -59,9 +59,10 @@ class GuestThroughput:
 
 @dataclass(frozen=True)
 class CpuUsage:
-    """Host CPU seconds (user + system) spent during the migration window
-    (``migrate`` issued → the engine finished) by each QEMU and by the engine (this
-    process, every thread; the probe process is not counted). None: not measurable."""
+    """Host CPU seconds (user + system) spent during the migration window (the
+    migration task's start, preflight included → the engine's last event) by each QEMU
+    and by the engine: this process with every thread, plus the helper processes it
+    started (pagestream's agents), not the ICMP probe. None: not measurable."""
 
     window_s: float
     source_s: float | None

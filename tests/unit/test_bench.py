@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench.errors import ResultsError, SuiteError
@@ -394,3 +395,39 @@ def test_cpu_meter_reads_this_process_and_survives_an_exited_one() -> None:
     assert usage.source_s is None and usage.target_s is None
     assert usage.percent(usage.window_s) == pytest.approx(100.0)
     assert CpuMeter({"source": os.getpid()}).usage() is None  # never started
+
+
+_BURN = "import sys\nx = 0\nfor i in range(3_000_000): x += i\nprint('done', flush=True)\nsys.stdin.read()"
+
+
+def test_cpu_meter_counts_helpers_as_engine_but_not_the_probe_or_the_qemus() -> None:
+    qemu = subprocess.Popen(
+        [sys.executable, "-c", _BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    meter = CpuMeter({"source": qemu.pid})
+    meter.start()
+    helper = subprocess.Popen(
+        [sys.executable, "-c", _BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    probe = subprocess.Popen(
+        [sys.executable, "-c", _BURN, "migrate.probe"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    children = (qemu, helper, probe)
+    try:
+        for proc in children:
+            assert proc.stdout is not None and proc.stdout.readline() == b"done\n"
+        meter.read()
+        spent = {p.pid: sum(psutil.Process(p.pid).cpu_times()[:2]) for p in children}
+    finally:
+        for proc in children:
+            proc.communicate(b"")
+    meter.finish()  # the helper has exited: its last reading stands
+    usage = meter.usage()
+    assert usage is not None and usage.engine_s is not None and usage.source_s is not None
+    # The helper started inside the window: all of its CPU time is the engine's.
+    assert usage.engine_s >= spent[helper.pid] * 0.99
+    # The probe burnt as much again and is not in it; the "QEMU" is the source's.
+    assert usage.engine_s < spent[helper.pid] + spent[probe.pid] * 0.5
+    assert usage.source_s <= spent[qemu.pid]
