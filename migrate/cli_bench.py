@@ -30,7 +30,7 @@ from bench.errors import BenchError
 from bench.policies import availability
 from bench.report import write_report
 from bench.results import BenchResults, RunResult
-from bench.runner import PlannedRun, run_suite
+from bench.runner import Backend, PlannedRun, run_suite
 from bench.scenario import SUITES, runnable, suite_named
 from migrate.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
@@ -71,6 +71,13 @@ def register(sub: Any) -> None:
     plot.set_defaults(func=_plot)
     listing = cmds.add_parser("list", help="the suites and what they run")
     listing.set_defaults(func=_list)
+
+
+def _backend() -> Backend:
+    """Where ``bench run`` migrates: the namespace lab (unit tests substitute a fake)."""
+    from bench.backend import LabBackend
+
+    return LabBackend()
 
 
 def _fail(message: str) -> int:
@@ -139,13 +146,11 @@ def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     for item in omitted:
         console.print(f"not run: {item.config}: {item.reason}", markup=False)
-    from bench.backend import LabBackend
-
     try:
         with _ProgressBar(console) as bar:
             results = asyncio.run(
                 run_suite(
-                    suite, LabBackend(), args.out, command=command, omitted=omitted,
+                    suite, _backend(), args.out, command=command, omitted=omitted,
                     listener=bar, keep_logs=args.keep_logs,
                 )
             )  # fmt: skip

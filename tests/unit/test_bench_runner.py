@@ -223,3 +223,25 @@ def test_cli_bench_plot_list_and_bad_input(
     with pytest.raises(SystemExit) as info:
         main(["bench", "run", "--repetitions", "0"])
     assert info.value.code == 2
+
+
+def test_cli_bench_run_writes_results_report_and_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from migrate import cli_bench
+
+    monkeypatch.setattr(cli_bench, "_backend", FakeBackend)
+    out = tmp_path / "smoke"
+    assert main(["bench", "run", "--suite", "smoke", "--out", str(out)]) == 0
+    results = BenchResults.load(out)
+    assert results.command == f"livemig bench run --suite smoke --out {out}"
+    assert {r.config for r in results.runs} | {o.config for o in results.omitted} == {
+        "openssl/livemig-native", "openssl/livemig-pagestream", "openssl/qemu-default"
+    }  # fmt: skip
+    assert all(r.completed for r in results.runs)
+    assert {p.name for p in out.iterdir()} == {
+        "results.json", "report.md", "downtime.png", "timeline-openssl.png", "openssl-openssl.png"
+    }  # fmt: skip
+    err = capsys.readouterr().err
+    assert "openssl/livemig-native #0: completed guest downtime 45.0 ms" in err
+    assert f"wrote {out / 'results.json'}" in err.replace("\n", "")
