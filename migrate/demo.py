@@ -198,11 +198,16 @@ async def run_demo(
                 await asyncio.sleep(config.warmup_s)
                 link_before = lab.migration_link_stats(lab.host_a).tx_bytes
                 request = MigrationRequest(
-                    source=HostEndpoint(f"host-a ({lab.host_a.netns})", source.site.qmp_socket),
+                    source=HostEndpoint(
+                        f"host-a ({lab.host_a.netns})",
+                        source.site.qmp_socket,
+                        netns=lab.host_a.netns,
+                    ),
                     target=HostEndpoint(
                         f"host-b ({lab.host_b.netns})",
                         target.site.qmp_socket,
                         lab.host_b.migration_uri(MIGRATION_PORT),
+                        netns=lab.host_b.netns,
                     ),
                     strategy=config.strategy,
                     policy=config.policy,

@@ -12,6 +12,7 @@ import dataclasses
 from migrate.errors import ConfigError, MigrationError
 from migrate.events import EventBus
 from migrate.native import NativeStrategy
+from migrate.pagestream.strategy import PagestreamStrategy
 from migrate.policy import Controller
 from migrate.preflight import run_preflight
 from migrate.presets import controller_for
@@ -19,7 +20,7 @@ from migrate.qmp import QmpSession
 from migrate.report import MigrationReport, Verdict
 from migrate.strategy import MigrationRequest, Strategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"native": NativeStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {"native": NativeStrategy, "pagestream": PagestreamStrategy}
 
 
 def strategy_for(name: str) -> Strategy:

@@ -231,6 +231,41 @@ class Measured:
 
 
 @dataclass(frozen=True)
+class StreamStats:
+    """pagestream's own figures: its page stream, tracker and final round.
+
+    Bytes: ``raw_bytes`` are the non-zero pages sent (4 KiB each, all rounds),
+    ``payload_bytes`` what they became on the wire (zstd, or raw when the link
+    outran the compressor), ``stream_bytes`` every frame byte of the page stream;
+    ``device_state_bytes`` is what QEMU's own stream carried (device state and
+    the small non-shared RAM blocks). ``zero_pages_skipped`` were zero at the
+    first scan and never sent; ``zero_pages_sent`` became zero later and went as
+    flags. ``zstd_batches`` counts the page batches sent at each zstd level
+    ("raw": uncompressed), ``final_level`` is where the sender's tuning ended.
+    """
+
+    tracker: str
+    tracker_reason: str
+    rounds: int
+    pages_sent: int
+    zero_pages_sent: int
+    zero_pages_skipped: int
+    raw_bytes: int
+    payload_bytes: int
+    stream_bytes: int
+    device_state_bytes: int
+    compression_ratio: float
+    zstd_batches: dict[str, int]
+    final_level: str
+    compress_threads: int
+    scan_ms_total: float
+    final_round_pages: int
+    final_scan_ms: float
+    final_send_ms: float
+    digest: str
+
+
+@dataclass(frozen=True)
 class MigrationReport:
     """The outcome of one migration: figures, timeline, decisions, integrity.
 
@@ -268,6 +303,7 @@ class MigrationReport:
     samples: tuple[Sample, ...] = ()
     decisions: tuple[Decision, ...] = ()
     error: str | None = None
+    stream: StreamStats | None = None
     predicted: Predicted | None = None
     measured: Measured | None = None
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -243,7 +244,7 @@ class Tracker(abc.ABC):
             return
         breaks = np.flatnonzero(np.diff(pages) != 1) + 1
         bounds = [0, *breaks.tolist(), len(pages)]
-        for first, last in zip(bounds[:-1], bounds[1:], strict=True):
+        for first, last in itertools.pairwise(bounds):
             self._commit(int(pages[first]), data[first:last])
 
     @abc.abstractmethod

@@ -1,0 +1,16 @@
+"""pagestream: livemig's own pre-copy of guest RAM; QEMU migrates only device state.
+
+Modules::
+
+    strategy   PagestreamStrategy (the ``pagestream`` strategy), PagestreamOptions
+    control    AgentProcess: starts an agent (in a network namespace), JSON-lines channel
+    agent      python -m migrate.pagestream.agent --role sender|receiver
+    sender     PageSender: tracker scan, capture, zstd pool, socket (in the source agent)
+    receiver   PageReceiver: frame checks, writes into target RAM, digest (target agent)
+    protocol   the wire format: versioned frames, extents, zstd, checksums, digest
+    tuning     CompressionTuner: zstd level and threads from where the sender waits
+    planner    SwitchoverPlanner: when the dirty set meets the policy's downtime limit
+
+Errors are :class:`~migrate.errors.StreamError` (protocol, transport, integrity,
+agent) and :class:`~migrate.errors.ConfigError` (no shared RAM, non-TCP URI).
+"""

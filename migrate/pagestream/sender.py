@@ -1,0 +1,365 @@
+"""The sending end: scan source RAM for dirty pages, capture, compress, send.
+
+Runs inside the source-side agent process (plain threads and a blocking socket:
+this is the data plane, there is no event loop to protect). One thread drives a
+round and is the only one touching the tracker; zstd runs on a small pool (zstd
+releases the GIL, so threads compress in parallel); the driving thread writes
+finished frames to the socket in order, which is where a slow link pushes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from dirtytrack.bitmap import Bitmap
+from dirtytrack.digest import ram_digest
+from dirtytrack.ram import PAGE_SIZE, RamMapping
+from dirtytrack.rate import DirtyRateEstimator
+from dirtytrack.trackers import DEFAULT_PREFERENCE, Baseline, Tracker, TrackerKind, choose_tracker
+from migrate.errors import StreamError
+from migrate.pagestream.protocol import (
+    EncodedBatch,
+    Hello,
+    RoundEnd,
+    encode_digest,
+    encode_hello,
+    encode_pages,
+    encode_round_end,
+)
+from migrate.pagestream.tuning import CompressionTuner, PipelineSample, level_label
+
+#: 64 pages (256 KiB) per frame: big enough for zstd to find matches across pages
+#: and to amortise per-frame overhead, small enough to pipeline.
+DEFAULT_BATCH_PAGES: Final = 64
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """Where the source RAM is and where to send it.
+
+    ``tracker`` is the preference order handed to :func:`choose_tracker`;
+    ``qemu_pid`` lets soft-dirty be tried; ``rate_limit_bytes_per_s`` caps the
+    stream (None: as fast as the link and the compressor allow).
+    """
+
+    ram_path: Path
+    host: str
+    port: int
+    session: bytes
+    tracker: tuple[TrackerKind, ...] = DEFAULT_PREFERENCE
+    qemu_pid: int | None = None
+    batch_pages: int = DEFAULT_BATCH_PAGES
+    max_threads: int = 2
+    start_level: int | None = 1
+    rate_limit_bytes_per_s: float | None = None
+    connect_timeout_s: float = 10.0
+    io_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """One scan: the dirty set a round will send.
+
+    ``dirty_pages_per_s`` is the estimator's smoothed rate of pages dirtied since
+    they were last captured (None on the first scan, which is against zero RAM).
+    """
+
+    round: int
+    dirty_pages: int
+    scan_s: float
+    dirty_pages_per_s: float | None = None
+    working_set_pages: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one round sent. Byte counts: ``raw`` = non-zero page bytes,
+    ``payload`` = what they became (zstd or raw), ``wire`` = every frame byte."""
+
+    round: int
+    final: bool
+    pages: int
+    data_pages: int
+    zero_pages: int
+    raw_bytes: int
+    payload_bytes: int
+    wire_bytes: int
+    duration_s: float
+    capture_s: float
+    compress_wait_s: float
+    send_wait_s: float
+    level: int | None
+    threads: int
+    batches_by_level: dict[str, int]
+
+
+@dataclass(frozen=True)
+class DigestStats:
+    chunks: int
+    digest_s: float
+
+
+@dataclass
+class _Totals:
+    pages: int = 0
+    data_pages: int = 0
+    zero_pages: int = 0
+    raw_bytes: int = 0
+    payload_bytes: int = 0
+    wire_bytes: int = 0
+    capture_s: float = 0.0
+    compress_wait_s: float = 0.0
+    send_wait_s: float = 0.0
+    batches_by_level: dict[str, int] = field(default_factory=dict)
+
+
+class PageSender:
+    """Owns the source RAM mapping, the tracker, the socket and the compressor pool.
+
+    Build with :meth:`open`; close with :meth:`close` (or ``with``). Not
+    thread-safe: one caller drives scan → send_round → ... → final → send_digest.
+    """
+
+    def __init__(
+        self,
+        config: SenderConfig,
+        ram: RamMapping,
+        tracker: Tracker,
+        reason: str,
+        sock: socket.socket,
+    ) -> None:
+        self.config = config
+        self.ram = ram
+        self.tracker = tracker
+        self.tracker_reason = reason
+        self.sock = sock
+        self.tuner = CompressionTuner(
+            max_threads=config.max_threads, start_level=config.start_level
+        )
+        self.rate = DirtyRateEstimator(tracker.page_count)
+        self._pool = ThreadPoolExecutor(max_workers=config.max_threads, thread_name_prefix="zstd")
+        self._round = 0
+        self._pending: Bitmap | None = None
+        self._last_send_start: float | None = None
+        self._sent_bytes = 0
+        self._started = time.monotonic()
+        self.zero_at_start: int | None = None
+
+    @classmethod
+    def open(cls, config: SenderConfig) -> PageSender:
+        """Map the RAM, pick the tracker, connect and send HELLO.
+
+        Raises :class:`StreamError` (transport) if the receiver cannot be reached,
+        :class:`~dirtytrack.errors.DirtyTrackError` if RAM or trackers fail.
+        """
+        ram = RamMapping(config.ram_path, populate=True)
+        ram.open()
+        try:
+            choice = choose_tracker(
+                ram,
+                preference=config.tracker,
+                qemu_pid=config.qemu_pid,
+                ram_path=config.ram_path,
+                baseline=Baseline.ZERO,
+            )
+            try:
+                sock = socket.create_connection(
+                    (config.host, config.port), timeout=config.connect_timeout_s
+                )
+            except OSError as exc:
+                choice.tracker.close()
+                raise StreamError(
+                    f"cannot connect to the receiver at {config.host}:{config.port}: {exc}",
+                    side="sender",
+                    kind="transport",
+                ) from exc
+        except BaseException:
+            ram.close()
+            raise
+        sock.settimeout(config.io_timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sender = cls(config, ram, choice.tracker, choice.reason, sock)
+        try:
+            sender._send(encode_hello(Hello(PAGE_SIZE, ram.page_count, config.session)))
+        except BaseException:
+            sender.close()
+            raise
+        return sender
+
+    def __enter__(self) -> PageSender:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def round(self) -> int:
+        return self._round
+
+    # --- the loop -----------------------------------------------------------------
+
+    def scan(self) -> ScanResult:
+        """Find the pages that differ from what the receiver holds (next round's set)."""
+        start = time.monotonic()
+        dirty = self.tracker.collect()
+        end = time.monotonic()
+        self._round += 1
+        self._pending = dirty
+        count = dirty.popcount()
+        if self.zero_at_start is None:
+            self.zero_at_start = self.tracker.page_count - count
+        estimate = None
+        if self._last_send_start is not None and end > self._last_send_start:
+            estimate = self.rate.observe(dirty, start_s=self._last_send_start, end_s=end)
+        return ScanResult(
+            round=self._round,
+            dirty_pages=count,
+            scan_s=end - start,
+            dirty_pages_per_s=estimate.pages_per_s_ewma if estimate else None,
+            working_set_pages=estimate.working_set_pages if estimate else None,
+        )
+
+    def send_round(self, final: bool = False) -> RoundStats:
+        """Capture and send the pages of the last scan, then an END_ROUND frame.
+
+        Raises :class:`StreamError` if no scan preceded it or the socket fails.
+        """
+        if self._pending is None:
+            raise StreamError("send_round without a scan before it", side="sender", kind="config")
+        pages = self._pending.to_indices()
+        self._pending = None
+        start = time.monotonic()
+        self._last_send_start = start
+        totals = _Totals()
+        inflight: deque[Future[EncodedBatch]] = deque()
+        batch = self.config.batch_pages
+        try:
+            for first in range(0, len(pages), batch):
+                numbers = pages[first : first + batch]
+                began = time.monotonic()
+                rows = self.tracker.capture_pages(numbers)
+                totals.capture_s += time.monotonic() - began
+                setting = self.tuner.setting
+                label = level_label(setting.level)
+                totals.batches_by_level[label] = totals.batches_by_level.get(label, 0) + 1
+                inflight.append(
+                    self._pool.submit(encode_pages, self._round, numbers, rows, setting.level)
+                )
+                while len(inflight) > setting.threads:
+                    self._emit(inflight.popleft(), totals)
+            while inflight:
+                self._emit(inflight.popleft(), totals)
+        finally:
+            for pending in inflight:
+                pending.cancel()
+        end = RoundEnd(self._round, final, totals.pages, totals.data_pages, totals.zero_pages)
+        frame = encode_round_end(end)
+        self._send(frame)
+        totals.wire_bytes += len(frame)
+        setting = self.tuner.setting
+        return RoundStats(
+            round=self._round,
+            final=final,
+            pages=totals.pages,
+            data_pages=totals.data_pages,
+            zero_pages=totals.zero_pages,
+            raw_bytes=totals.raw_bytes,
+            payload_bytes=totals.payload_bytes,
+            wire_bytes=totals.wire_bytes,
+            duration_s=time.monotonic() - start,
+            capture_s=totals.capture_s,
+            compress_wait_s=totals.compress_wait_s,
+            send_wait_s=totals.send_wait_s,
+            level=setting.level,
+            threads=setting.threads,
+            batches_by_level=totals.batches_by_level,
+        )
+
+    def send_digest(self) -> DigestStats:
+        """Send the digest of all source RAM and end the stream (call with the VM
+        stopped, after the final round: then RAM, the tracker's baseline and the
+        target agree)."""
+        start = time.monotonic()
+        digest = ram_digest(self.ram.buffer())
+        self._send(encode_digest(self._round, digest))
+        with contextlib.suppress(OSError):  # the receiver may have closed first
+            self.sock.shutdown(socket.SHUT_WR)
+        return DigestStats(chunks=len(digest.hashes), digest_s=time.monotonic() - start)
+
+    def _emit(self, future: Future[EncodedBatch], totals: _Totals) -> None:
+        began = time.monotonic()
+        encoded = future.result()
+        waited = time.monotonic() - began
+        began = time.monotonic()
+        self._send(encoded.frames)
+        sent = time.monotonic() - began
+        totals.pages += encoded.data_pages + encoded.zero_pages
+        totals.data_pages += encoded.data_pages
+        totals.zero_pages += encoded.zero_pages
+        totals.raw_bytes += encoded.raw_bytes
+        totals.payload_bytes += encoded.payload_bytes
+        totals.wire_bytes += encoded.wire_bytes
+        totals.compress_wait_s += waited
+        totals.send_wait_s += sent
+        self.tuner.observe(PipelineSample(encoded.raw_bytes, encoded.wire_bytes, waited, sent))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise StreamError(
+                f"sending to the receiver failed: {exc.strerror or exc}",
+                side="sender",
+                kind="transport",
+            ) from exc
+        self._sent_bytes += len(data)
+        limit = self.config.rate_limit_bytes_per_s
+        if limit:
+            # Pacing, not synchronisation: hold the average rate under the cap.
+            ahead = self._sent_bytes / limit - (time.monotonic() - self._started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def close(self) -> None:
+        """Stop the pool, close the socket, drop the tracker and unmap RAM."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.sock.close()
+        finally:
+            self.tracker.close()
+            self.ram.close()
+
+
+def find_mapping_pid(ram_path: Path, proc: Path = Path("/proc")) -> int | None:
+    """The process that maps ``ram_path`` shared (QEMU), for the soft-dirty tracker.
+
+    Scans ``/proc/*/maps``; None if no process (readable to us) maps it.
+    """
+    target = os.fspath(ram_path)
+    me = os.getpid()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with (entry / "maps").open() as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].strip() == target and "s" in fields[1]:
+                        return int(entry.name)
+        except OSError:
+            continue  # gone, or not ours to read
+    return None

@@ -1,0 +1,641 @@
+"""The ``pagestream`` strategy: livemig's own pre-copy of guest RAM; QEMU moves device state.
+
+Both QEMUs keep guest RAM in ``memory-backend-file,share=on`` files. A sender
+agent on the source host scans the source RAM file for dirty pages (a
+:mod:`dirtytrack` tracker), captures and zstd-compresses them and streams them to
+a receiver agent on the target host, which writes them into the target RAM file
+(:mod:`migrate.pagestream.protocol`). Rounds repeat until the dirty set is small
+enough for the policy's downtime limit (:mod:`migrate.pagestream.planner`); then::
+
+    stop source → final scan + delta → receiver: "applied" → migrate (device state
+    only: x-ignore-shared) → target loaded → digests agree → cont on the target
+
+The stream's final digest (source RAM at stop vs target RAM after the last
+round) and, where both files are mappable here, the engine's own comparison must
+hold before ``cont``; otherwise the VM goes back to the source
+(:func:`~migrate.strategy.finish_on_target`, :func:`~migrate.strategy.rollback`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from dirtytrack.ram import PAGE_SIZE
+from dirtytrack.trackers import TrackerKind
+from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError, StreamError
+from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged, Progress
+from migrate.integrity import IntegrityResult, RamComparison
+from migrate.pagestream.control import AgentProcess, AgentRole
+from migrate.pagestream.planner import (
+    DEFAULT_FIXED_DOWNTIME_MS,
+    SwitchoverPlanner,
+    SwitchoverVerdict,
+)
+from migrate.pagestream.receiver import FaultPlan
+from migrate.pagestream.tuning import level_label
+from migrate.phase import Phase, PhaseTracker
+from migrate.policy import UNLIMITED_BANDWIDTH, ControlContext, Controller
+from migrate.qmp import EventRecorder, QmpSession, migration_status_is
+from migrate.report import (
+    Decision,
+    Integrity,
+    MigrationReport,
+    Sample,
+    Status,
+    StreamStats,
+    Timeline,
+    offset_ms,
+)
+from migrate.strategy import (
+    MigrationRequest,
+    StartState,
+    Switchover,
+    apply_decision,
+    check_start,
+    describe,
+    failure_phase,
+    finish_on_target,
+    ram_backing_file,
+    rollback,
+    set_capabilities,
+    start_incoming,
+)
+
+_TCP_URI: Final = re.compile(r"^tcp:(?P<host>\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):(?P<port>\d+)$")
+#: Commands that only make sense for QEMU's RAM stream, which pagestream replaces.
+_NOT_APPLICABLE: Final = frozenset({"migrate-set-capabilities", "migrate-start-postcopy"})
+
+
+@dataclass(frozen=True)
+class PagestreamOptions:
+    """How the stream runs; the defaults are what ``--strategy pagestream`` uses.
+
+    ``tracker`` is a preference order (None: dirtytrack's default, soft-dirty →
+    page digests → shadow diff, by probe). ``start_level`` is the first zstd
+    level (None: raw); the sender adapts it. ``receiver_fault`` injects faults in
+    the receiver (tests). ``log_dir`` keeps the agents' stderr. Timeouts in s.
+    """
+
+    tracker: tuple[TrackerKind, ...] | None = None
+    max_threads: int = 2
+    start_level: int | None = 1
+    batch_pages: int | None = None
+    fixed_downtime_ms: float = DEFAULT_FIXED_DOWNTIME_MS
+    receiver_fault: FaultPlan = field(default_factory=FaultPlan)
+    log_dir: Path | None = None
+    setup_timeout_s: float = 120.0
+    switchover_timeout_s: float = 60.0
+
+
+def stream_host(migration_uri: str) -> str:
+    """The address the page stream uses: the host of a ``tcp:HOST:PORT`` URI.
+
+    Raises :class:`ConfigError` for other URIs (the page stream needs TCP).
+    """
+    match = _TCP_URI.match(migration_uri)
+    if match is None:
+        raise ConfigError(
+            f"pagestream needs a tcp:HOST:PORT migration URI, not {migration_uri!r} "
+            "(its page stream listens on HOST, next to QEMU's device-state stream)"
+        )
+    return match.group("host").strip("[]")
+
+
+class PagestreamStrategy:
+    """Pre-copy with livemig's own page stream; see the module docstring."""
+
+    name = "pagestream"
+
+    def __init__(self, options: PagestreamOptions | None = None) -> None:
+        self.options = options or PagestreamOptions()
+
+    async def run(
+        self,
+        request: MigrationRequest,
+        source: QmpSession,
+        target: QmpSession,
+        controller: Controller,
+        events: EventBus,
+    ) -> MigrationReport:
+        """Migrate; return the report, or raise :class:`MigrationError` carrying it.
+
+        Raises :class:`ConfigError` before anything changes if either VM's RAM is
+        not in a shared memory-backend-file or the URI is not TCP. On any failure
+        or cancellation later the VM is left running on the source (if it was
+        running), the target QEMU is told to quit and both agents are ended.
+        """
+        start = await check_start(source, target, request)
+        source_ram, target_ram = await ram_backing_file(source), await ram_backing_file(target)
+        missing = [
+            side for side, ram in (("source", source_ram), ("target", target_ram)) if ram is None
+        ]
+        if missing or source_ram is None or target_ram is None:
+            raise ConfigError(
+                f"pagestream needs guest RAM in a shared file on both sides "
+                f"(memory-backend-file,share=on); the {' and '.join(missing)} VM has none"
+            )
+        host = stream_host(request.migration_uri)
+        run = _PagestreamRun(
+            request, source, target, controller, events, start, self.options,
+            source_ram, target_ram, host,
+        )  # fmt: skip
+        return await run.execute()
+
+
+@dataclass
+class _StreamTotals:
+    rounds: int = 0
+    pages_sent: int = 0
+    zero_pages_sent: int = 0
+    raw_bytes: int = 0
+    payload_bytes: int = 0
+    stream_bytes: int = 0
+    scan_ms: float = 0.0
+    batches_by_level: dict[str, int] = field(default_factory=dict)
+    final_level: str = ""
+    threads: int = 1
+    final_round_pages: int = 0
+    final_scan_ms: float = 0.0
+    final_send_ms: float = 0.0
+    zero_pages_skipped: int = 0
+    digest: str = "not received"
+    last_mbps: float = 0.0
+
+    def add_round(self, stats: dict[str, Any]) -> None:
+        self.rounds += 1
+        self.pages_sent += int(stats["data_pages"])
+        self.zero_pages_sent += int(stats["zero_pages"])
+        self.raw_bytes += int(stats["raw_bytes"])
+        self.payload_bytes += int(stats["payload_bytes"])
+        self.stream_bytes += int(stats["wire_bytes"])
+        self.threads = max(self.threads, int(stats["threads"]))
+        for label, batches in dict(stats["batches_by_level"]).items():
+            self.batches_by_level[label] = self.batches_by_level.get(label, 0) + int(batches)
+        self.final_level = level_label(stats["level"])
+        duration = float(stats["duration_s"])
+        if duration > 0:
+            self.last_mbps = int(stats["wire_bytes"]) * 8 / duration / 1e6
+
+
+class _StreamVerifier:
+    """The integrity check before ``cont``: the stream's digest, then the engine's own."""
+
+    def __init__(
+        self, receiver: AgentProcess, comparison: RamComparison | None, timeout_s: float
+    ) -> None:
+        self.receiver = receiver
+        self.comparison = comparison
+        self.timeout_s = timeout_s
+        self.stream_ok: bool | None = None
+
+    async def compare(self, repair: bool = False) -> IntegrityResult:
+        verdict = await self.receiver.wait_event("verified", self.timeout_s)
+        self.stream_ok = bool(verdict["ok"])
+        mib = int(verdict["ram_bytes"]) >> 20
+        if not self.stream_ok:
+            ranges = ", ".join(
+                f"pages {chunk['first_page']}-{chunk['last_page']}" for chunk in verdict["named"]
+            )
+            detail = (
+                f"pagestream digest mismatch: {verdict['differing_chunks']} of "
+                f"{verdict['chunks']} chunks of target RAM differ from the source at stop "
+                f"({ranges})"
+            )
+            if self.comparison is None:
+                return IntegrityResult(Integrity.FAILED, detail)
+            # Never repair here: a stream that delivered wrong pages is not trusted.
+            exact = await self.comparison.compare(repair=False)
+            return IntegrityResult(
+                Integrity.FAILED, f"{detail}; engine comparison: {exact.detail}",
+                exact.differing_pages,
+            )  # fmt: skip
+        if self.comparison is None:
+            return IntegrityResult(
+                Integrity.OK,
+                f"{mib} MiB of RAM identical (pagestream digest: source at stop against "
+                "target after the final round, xxh3)",
+            )
+        result = await self.comparison.compare(repair=repair)
+        return dataclasses.replace(result, detail=f"{result.detail}; pagestream digest ok")
+
+
+class _PagestreamRun:
+    def __init__(
+        self,
+        request: MigrationRequest,
+        source: QmpSession,
+        target: QmpSession,
+        controller: Controller,
+        events: EventBus,
+        start: StartState,
+        options: PagestreamOptions,
+        source_ram: Path,
+        target_ram: Path,
+        host: str,
+    ) -> None:
+        self.request = request
+        self.source = source
+        self.target = target
+        self.controller = controller
+        self.events = events
+        self.start = start
+        self.options = options
+        self.source_ram = source_ram
+        self.target_ram = target_ram
+        self.host = host
+        self.phase = PhaseTracker(lambda a, b: events.emit(PhaseChanged(time.time(), a, b)))
+        self.samples: list[Sample] = []
+        self.decisions: list[Decision] = []
+        self.started_at = time.time()
+        self.t0 = time.monotonic()
+        self.setup_ms: float | None = None
+        self.final_info: dict[str, Any] = {}
+        self.switchover = Switchover()
+        self.comparison: RamComparison | None = None
+        self.sender: AgentProcess | None = None
+        self.receiver: AgentProcess | None = None
+        self.verifier: _StreamVerifier | None = None
+        self.totals = _StreamTotals()
+        self.tracker = ""
+        self.tracker_reason = ""
+        self.running = start.was_running
+        policy = request.policy
+        self.max_downtime_ms = policy.max_downtime_ms
+        self.downtime_limit_ms = min(policy.downtime_limit_ms, policy.max_downtime_ms)
+        self.rate_limit: float | None = None
+        self.rate_limit_sent: float | None = None
+        self.planner = SwitchoverPlanner(fixed_downtime_ms=options.fixed_downtime_ms)
+        self._fault_events_seen = 0
+
+    # --- outcome handling (mirrors the native strategy) --------------------------------
+
+    async def execute(self) -> MigrationReport:
+        async with EventRecorder(self.source) as src_log, EventRecorder(self.target) as tgt_log:
+            try:
+                await self._migrate(src_log, tgt_log)
+            except BaseException as exc:
+                # Stop the stream before anything resumes: no page may land afterwards.
+                await asyncio.shield(self._close_agents())
+                if self.switchover.resumed:
+                    self.phase.advance(Phase.COMPLETED)
+                    self.events.emit(Finished(self._report(src_log, tgt_log, error=describe(exc))))
+                    raise
+                notes = await asyncio.shield(
+                    rollback(self.source, self.target, self.start, self.events)
+                )
+                self.phase.advance(failure_phase(exc))
+                report = self._report(
+                    src_log, tgt_log, error=f"{describe(exc)} ({'; '.join(notes)})"
+                )
+                self.events.emit(Finished(report))
+                if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                    raise
+                error_type = (
+                    MigrationAborted if isinstance(exc, MigrationAborted) else MigrationError
+                )
+                raise error_type(
+                    f"migration {report.status}: {describe(exc)}; the VM stays on the source",
+                    phase=report.phase,
+                    report=report,
+                ) from exc
+            finally:
+                await self._close_agents()
+                if self.comparison is not None:
+                    await self.comparison.close()
+            report = self._report(src_log, tgt_log)
+        self.events.emit(Finished(report))
+        return report
+
+    async def _close_agents(self) -> None:
+        for agent in (self.sender, self.receiver):
+            if agent is not None:
+                await agent.close()
+
+    # --- the migration ------------------------------------------------------------------
+
+    async def _migrate(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
+        request, source, target = self.request, self.source, self.target
+        setup_began = time.monotonic()
+        if request.offline and self.running:
+            await source.execute("stop")
+            self.running = False
+        # Before migrate/migrate-incoming, on both sides: QEMU's stream skips shared RAM.
+        await set_capabilities((source, target), {"events": True, "x-ignore-shared": True})
+        context = ControlContext(ram_bytes=self.start.ram_bytes, started_monotonic=self.t0)
+        for decision in self.controller.start(context):
+            await self._apply(decision)
+        if request.verify:
+            self.comparison = RamComparison(self.source_ram, self.target_ram)
+            self.comparison.prepare()
+        await self._start_agents()
+        # The target listens for device state now, outside the downtime.
+        await start_incoming(target, request.migration_uri)
+        if self.comparison is not None:
+            await self.comparison.ready()
+        self.setup_ms = (time.monotonic() - setup_began) * 1e3
+        self.started_at, self.t0 = time.time(), time.monotonic()
+        self.phase.advance(Phase.PRECOPY)
+        await self._precopy()
+        self.phase.advance(Phase.SWITCHOVER)
+        await self._switchover(src_log, tgt_log)
+        self.phase.advance(Phase.COMPLETED)
+        self._emit_sample("completed", 0, 0.0, None)
+        if request.quit_source:
+            with contextlib.suppress(QemuError):  # QEMU may drop QMP while quitting
+                await source.execute("quit")
+
+    async def _start_agents(self) -> None:
+        options, request = self.options, self.request
+        session = base64.b64encode(secrets.token_bytes(16)).decode()
+        log_dir = options.log_dir
+        self.receiver = AgentProcess(
+            AgentRole.RECEIVER,
+            request.target.netns,
+            log_dir / "pagestream-receiver.log" if log_dir else None,
+        )
+        self.sender = AgentProcess(
+            AgentRole.SENDER,
+            request.source.netns,
+            log_dir / "pagestream-sender.log" if log_dir else None,
+        )
+        await self.receiver.start()
+        await self.sender.start()
+        listen = await self.receiver.call(
+            "listen",
+            {
+                "ram_path": str(self.target_ram),
+                "host": self.host,
+                "port": 0,
+                "session": session,
+                "fault": dataclasses.asdict(options.receiver_fault),
+            },
+            timeout=options.setup_timeout_s,
+        )
+        args: dict[str, Any] = {
+            "ram_path": str(self.source_ram),
+            "host": self.host,
+            "port": int(listen["port"]),
+            "session": session,
+            "max_threads": options.max_threads,
+            "start_level": options.start_level,
+            "rate_limit_bytes_per_s": self.rate_limit,
+        }
+        if options.tracker is not None:
+            args["tracker"] = [kind.value for kind in options.tracker]
+        if options.batch_pages is not None:
+            args["batch_pages"] = options.batch_pages
+        opened = await self._sender_call("open", args, timeout=options.setup_timeout_s)
+        self.rate_limit_sent = self.rate_limit
+        self.tracker = str(opened["tracker"])
+        self.tracker_reason = str(opened["tracker_reason"])
+        self.events.notice(f"pagestream: {self.tracker_reason}")
+
+    async def _precopy(self) -> None:
+        while self.running:
+            scan = await self._sender_call("scan")
+            dirty, scan_s = int(scan["dirty_pages"]), float(scan["scan_s"])
+            self.totals.scan_ms += scan_s * 1e3
+            if self.totals.rounds == 0:
+                self.totals.zero_pages_skipped = self.start.ram_bytes // PAGE_SIZE - dirty
+            sample = self._emit_sample("active", dirty, scan_s, scan.get("dirty_pages_per_s"))
+            for decision in self.controller.on_sample(sample):
+                await self._apply(decision)
+            verdict = self.planner.decide(
+                dirty, scan_s, self.downtime_limit_ms, self.max_downtime_ms
+            )
+            if verdict.switch:
+                self._record_switch(verdict)
+                return
+            args: dict[str, Any] = {}
+            if self.rate_limit != self.rate_limit_sent:
+                args["rate_limit_bytes_per_s"] = self.rate_limit
+                self.rate_limit_sent = self.rate_limit
+            stats = await self._sender_call("send", args)
+            self.totals.add_round(stats)
+            self.planner.record_round(int(stats["pages"]), float(stats["duration_s"]))
+            self._notice_faults()
+
+    def _record_switch(self, verdict: SwitchoverVerdict) -> None:
+        decision = Decision(time.time(), "switchover", f"pagestream: {verdict.reason}")
+        self.decisions.append(decision)
+        self.events.emit(DecisionMade(decision))
+
+    async def _switchover(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
+        assert self.sender is not None and self.receiver is not None
+        request, source = self.request, self.source
+        if self.running:
+            await source.execute("stop")
+            self.running = False
+        if self.comparison is not None:
+            self.comparison.source_stopped()
+        timeout = self.options.switchover_timeout_s
+        final_task = asyncio.create_task(self._sender_call("final", timeout=timeout))
+        applied_task = asyncio.create_task(self.receiver.wait_event("applied", timeout))
+        try:
+            await asyncio.wait({final_task, applied_task}, return_when=asyncio.FIRST_COMPLETED)
+            if final_task.done() and final_task.exception() is not None:
+                await final_task  # raises the sender's error
+            await applied_task
+            # Every page is in target RAM: QEMU may load device state (virtio reads rings).
+            await source.execute("migrate", {"uri": request.migration_uri})
+            final = await final_task
+        finally:
+            for task in (final_task, applied_task):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StreamError):
+                        await task
+        scan, stats = final["scan"], final["round"]
+        self.totals.add_round(stats)
+        self.totals.scan_ms += float(scan["scan_s"]) * 1e3
+        self.totals.final_round_pages = int(stats["pages"])
+        self.totals.final_scan_ms = float(scan["scan_s"]) * 1e3
+        self.totals.final_send_ms = float(stats["duration_s"]) * 1e3
+        if self.totals.rounds == 1:  # offline: the final round was the only one
+            self.totals.zero_pages_skipped = int(final.get("zero_at_start") or 0)
+        self._emit_sample("device", int(scan["dirty_pages"]), float(scan["scan_s"]), None)
+        self._notice_faults()
+        done = await src_log.wait_for(
+            "MIGRATION", migration_status_is("completed", "failed", "cancelled"), timeout
+        )
+        self.final_info = await source.execute("query-migrate")
+        if done is None or self.final_info.get("status") != "completed":
+            reason = self.final_info.get("error-desc") or (
+                f"QEMU's device-state migration ended {self.final_info.get('status')!r}"
+            )
+            raise MigrationError(str(reason))
+        self.verifier = _StreamVerifier(self.receiver, self.comparison, timeout)
+        try:
+            await finish_on_target(
+                self.switchover, self.target, tgt_log, self.verifier, request.hooks,
+                request.repair, timeout,
+            )  # fmt: skip
+        finally:
+            if self.verifier.stream_ok is not None:
+                self.totals.digest = "ok" if self.verifier.stream_ok else "mismatch"
+            self._notice_faults()
+
+    # --- helpers ------------------------------------------------------------------------
+
+    async def _sender_call(
+        self, command: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """A sender command; a broken stream is reported with the receiver's reason."""
+        assert self.sender is not None
+        try:
+            return await self.sender.call(command, args, timeout)
+        except StreamError as exc:
+            failure = self.receiver.failure if self.receiver is not None else None
+            if failure is not None and exc.kind in ("transport", "agent"):
+                raise failure from exc
+            raise
+
+    def _notice_faults(self) -> None:
+        if self.receiver is None:
+            return
+        faults = [e for e in self.receiver.events if e.get("event") == "fault"]
+        for fault in faults[self._fault_events_seen :]:
+            self.events.notice(
+                f"pagestream receiver fault injection: page {fault['page']}: {fault['what']}"
+            )
+        self._fault_events_seen = len(faults)
+
+    async def _apply(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        if decision.action == "abort":
+            self.events.emit(DecisionMade(decision))
+            raise MigrationAborted(decision.reason)
+        if decision.command in _NOT_APPLICABLE:
+            self.events.emit(DecisionMade(decision))
+            self.events.notice(
+                f"pagestream: {decision.command} not applied (guest RAM travels in "
+                "pagestream's own stream, not QEMU's)"
+            )
+            return
+        if decision.command == "migrate-set-parameters" and decision.side in ("source", "both"):
+            arguments = decision.arguments
+            if "downtime-limit" in arguments:
+                self.downtime_limit_ms = min(
+                    float(arguments["downtime-limit"]), self.max_downtime_ms
+                )
+            if "max-bandwidth" in arguments:
+                cap = float(arguments["max-bandwidth"])
+                self.rate_limit = None if cap <= 0 or cap >= UNLIMITED_BANDWIDTH else cap
+        await apply_decision(decision, self.source, self.target, self.events)
+
+    def _emit_sample(
+        self, status: str, dirty_pages: int, scan_s: float, dirty_rate: float | None
+    ) -> Sample:
+        _transfer, downtime = self.planner.estimate(dirty_pages, scan_s)
+        totals = self.totals
+        sample = Sample(
+            time=time.time(),
+            elapsed_ms=(time.monotonic() - self.t0) * 1e3,
+            status=status,
+            ram_total_bytes=self.start.ram_bytes,
+            ram_remaining_bytes=dirty_pages * PAGE_SIZE,
+            ram_transferred_bytes=totals.stream_bytes,
+            dirty_pages_rate=int(dirty_rate or 0),
+            dirty_sync_count=totals.rounds + (1 if status == "active" else 0),
+            mbps=totals.last_mbps,
+            expected_downtime_ms=downtime,
+            duplicate_pages=totals.zero_pages_skipped + totals.zero_pages_sent,
+            normal_pages=totals.pages_sent,
+        )
+        self.samples.append(sample)
+        self.events.emit(Progress(sample))
+        return sample
+
+    # --- the report ---------------------------------------------------------------------
+
+    def _report(
+        self, src_log: EventRecorder, tgt_log: EventRecorder, error: str | None = None
+    ) -> MigrationReport:
+        info = self.final_info
+        ram = info.get("ram") or {}
+        stop = src_log.find("STOP")
+        src_done = src_log.find("MIGRATION", migration_status_is("completed"))
+        sw = self.switchover
+        at = self.started_at
+        timeline = Timeline(
+            started_at=at,
+            source_stop_ms=offset_ms(at, stop.timestamp if stop else None),
+            source_completed_ms=offset_ms(at, src_done.timestamp if src_done else None),
+            target_completed_ms=offset_ms(at, sw.target_completed),
+            verified_ms=offset_ms(at, sw.verified),
+            target_resume_ms=offset_ms(at, sw.target_resume),
+            ended_ms=(time.time() - at) * 1e3,
+        )
+        status = {
+            Phase.COMPLETED: Status.COMPLETED,
+            Phase.ABORTED: Status.ABORTED,
+        }.get(self.phase.phase, Status.FAILED)
+        total_ms = (
+            timeline.target_resume_ms
+            if timeline.target_resume_ms is not None
+            else (time.monotonic() - self.t0) * 1e3
+        )
+        device_bytes = int(ram.get("transferred", 0))
+        totals = self.totals
+        stream = StreamStats(
+            tracker=self.tracker,
+            tracker_reason=self.tracker_reason,
+            rounds=totals.rounds,
+            pages_sent=totals.pages_sent,
+            zero_pages_sent=totals.zero_pages_sent,
+            zero_pages_skipped=totals.zero_pages_skipped,
+            raw_bytes=totals.raw_bytes,
+            payload_bytes=totals.payload_bytes,
+            stream_bytes=totals.stream_bytes,
+            device_state_bytes=device_bytes,
+            compression_ratio=(
+                totals.raw_bytes / totals.payload_bytes if totals.payload_bytes else 1.0
+            ),
+            zstd_batches=dict(totals.batches_by_level),
+            final_level=totals.final_level,
+            compress_threads=totals.threads,
+            scan_ms_total=totals.scan_ms,
+            final_round_pages=totals.final_round_pages,
+            final_scan_ms=totals.final_scan_ms,
+            final_send_ms=totals.final_send_ms,
+            digest=totals.digest,
+        )
+        return MigrationReport(
+            status=status,
+            strategy="pagestream",
+            mode=self.start.mode,
+            vm=self.request.vm,
+            source=self.request.source.name,
+            target=self.request.target.name,
+            policy=self.controller.policy.name,
+            phase=self.phase.phase,
+            total_time_ms=total_ms,
+            ram_bytes=self.start.ram_bytes,
+            timeline=timeline,
+            # The VM was stopped by us, not by QEMU: the downtime is STOP -> RESUME.
+            downtime_ms=timeline.stop_to_resume_ms,
+            qemu_total_time_ms=_float(info.get("total-time")),
+            setup_time_ms=self.setup_ms,
+            transferred_bytes=totals.stream_bytes + device_bytes,
+            precopy_rounds=totals.rounds,
+            integrity=sw.integrity.integrity,
+            integrity_detail=sw.integrity.detail,
+            repaired_pages=sw.integrity.repaired_pages,
+            samples=tuple(self.samples),
+            decisions=tuple(self.decisions),
+            error=error,
+            stream=stream,
+        )
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
