@@ -19,6 +19,17 @@ through QEMU's own stream, so it is not compressed. This is QEMU's own rule (it
 switches over when the pending bytes fit ``downtime-limit`` at the measured
 bandwidth), so the model also describes the native strategy.
 
+Compression comes in two shapes. ``compression_ratio`` applies to every page sent
+(multifd with zstd compresses the bulk round as well), optionally capped by the
+compressor's own speed (``compression_throughput_bytes_per_s``, raw bytes per
+second): ``B_raw = min(B * ratio, throughput)``. ``resend_compression_ratio``
+applies only to pages sent again (xbzrle encodes a page against the copy it sent
+before, so the bulk round goes out plain).
+
+:func:`predict_postcopy` forecasts switching to post-copy after a number of
+pre-copy rounds: the guest stops only for the device state (and ``resume``), then
+the pages dirtied since they were sent follow on demand.
+
 Units: bytes, bytes per second, seconds throughout.
 """
 
@@ -43,7 +54,9 @@ class PrecopyScenario:
     longest acceptable pause. ``nonzero_ram_bytes`` (optional) is what round 1 must
     really send when zero pages travel as flags; ``working_set_bytes`` (optional)
     caps the dirty set of any round; ``compression_ratio`` is raw / wire bytes of
-    page data. ``max_rounds`` bounds the pre-copy rounds. Raises
+    page data (``resend_compression_ratio`` only for pages sent again;
+    ``compression_throughput_bytes_per_s`` caps the raw rate a compressor reaches).
+    ``max_rounds`` bounds the pre-copy rounds. Raises
     :class:`ValueError` for negative sizes or rates, a non-positive bandwidth,
     ratio or round count, or optional sizes larger than the RAM.
     """
@@ -58,6 +71,8 @@ class PrecopyScenario:
     nonzero_ram_bytes: int | None = None
     compression_ratio: float = 1.0
     working_set_bytes: int | None = None
+    resend_compression_ratio: float = 1.0
+    compression_throughput_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,8 +90,13 @@ class PrecopyScenario:
             problems.append(f"resume_overhead_s={self.resume_overhead_s} is not >= 0")
         if self.max_rounds < 1:
             problems.append(f"max_rounds={self.max_rounds} < 1")
-        if not self.compression_ratio > 0 or math.isinf(self.compression_ratio):
-            problems.append(f"compression_ratio={self.compression_ratio} is not > 0")
+        for name in ("compression_ratio", "resend_compression_ratio"):
+            value = getattr(self, name)
+            if not value > 0 or math.isinf(value):
+                problems.append(f"{name}={value} is not > 0")
+        throughput = self.compression_throughput_bytes_per_s
+        if throughput is not None and not throughput > 0:
+            problems.append(f"compression_throughput_bytes_per_s={throughput} is not > 0")
         for name in ("nonzero_ram_bytes", "working_set_bytes"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= self.ram_bytes:
@@ -87,7 +107,15 @@ class PrecopyScenario:
     @property
     def page_bandwidth_bytes_per_s(self) -> float:
         """Raw page bytes moved per second once compression is counted."""
-        return self.bandwidth_bytes_per_s * self.compression_ratio
+        raw = self.bandwidth_bytes_per_s * self.compression_ratio
+        if self.compression_throughput_bytes_per_s is not None:
+            raw = min(raw, self.compression_throughput_bytes_per_s)
+        return raw
+
+    @property
+    def resend_bandwidth_bytes_per_s(self) -> float:
+        """Raw page bytes per second for pages sent again (rounds after the first)."""
+        return self.page_bandwidth_bytes_per_s * self.resend_compression_ratio
 
     @property
     def fixed_downtime_s(self) -> float:
@@ -96,7 +124,12 @@ class PrecopyScenario:
 
     def downtime_for(self, remaining_bytes: float) -> float:
         """Downtime of a switchover that must copy ``remaining_bytes`` of RAM, in s."""
-        return remaining_bytes / self.page_bandwidth_bytes_per_s + self.fixed_downtime_s
+        return remaining_bytes / self.resend_bandwidth_bytes_per_s + self.fixed_downtime_s
+
+    def wire_bytes(self, raw_bytes: float, resent: bool) -> float:
+        """Bytes on the wire for ``raw_bytes`` of pages (first time or sent again)."""
+        ratio = self.compression_ratio * (self.resend_compression_ratio if resent else 1.0)
+        return raw_bytes / ratio
 
 
 @dataclass(frozen=True)
@@ -161,8 +194,13 @@ def _rounds(scenario: PrecopyScenario, limit: int) -> Iterator[_Round]:
     volume = float(
         scenario.nonzero_ram_bytes if scenario.nonzero_ram_bytes is not None else scenario.ram_bytes
     )
-    for _ in range(limit):
-        duration = volume / scenario.page_bandwidth_bytes_per_s
+    for index in range(limit):
+        bandwidth = (
+            scenario.page_bandwidth_bytes_per_s
+            if index == 0
+            else scenario.resend_bandwidth_bytes_per_s
+        )
+        duration = volume / bandwidth
         remaining = min(scenario.dirty_rate_bytes_per_s * duration, cap)
         yield _Round(volume, duration, remaining)
         if remaining >= volume and remaining > 0:
@@ -196,13 +234,15 @@ def _prediction(
     reason: str,
 ) -> Prediction:
     downtime = scenario.downtime_for(last.remaining_bytes)
-    page_bytes = sum(sent) + last.remaining_bytes
+    wire = scenario.wire_bytes(sent[0], resent=False) + sum(
+        scenario.wire_bytes(v, resent=True) for v in [*sent[1:], last.remaining_bytes]
+    )
     return Prediction(
         converges=converges,
         rounds=len(sent),
         total_time_s=elapsed + downtime,
         downtime_s=downtime,
-        bytes_transferred=page_bytes / scenario.compression_ratio + scenario.device_state_bytes,
+        bytes_transferred=wire + scenario.device_state_bytes,
         reason=reason,
         round_bytes=tuple(sent),
         switchover_bytes=last.remaining_bytes,
@@ -241,6 +281,50 @@ def _stuck_reason(scenario: PrecopyScenario, sent: list[float], last: _Round) ->
     return (
         f"after {len(sent)} rounds (the maximum) {_mib(last.remaining_bytes)} remain: "
         f"{scenario.downtime_for(last.remaining_bytes) * 1e3:.0f} ms downtime > {limit_ms:.0f} ms"
+    )
+
+
+def predict_postcopy(scenario: PrecopyScenario, precopy_rounds: int = 1) -> Prediction:
+    """Forecast switching to post-copy after ``precopy_rounds`` pre-copy rounds.
+
+    The guest pauses for the device state and the resume overhead only; then the
+    set dirtied during the last pre-copy round (capped by the working set) is sent
+    once more while the guest runs on the target, whatever the dirty rate, so this
+    always ends (``converges`` is false only when the fixed downtime alone exceeds
+    the limit). Raises :class:`ValueError` if ``precopy_rounds`` < 1.
+    """
+    if precopy_rounds < 1:
+        raise ValueError(f"precopy_rounds must be >= 1, got {precopy_rounds}")
+    sent: list[float] = []
+    elapsed = 0.0
+    last: _Round | None = None
+    for step in _rounds(scenario, precopy_rounds):
+        sent.append(step.sent_bytes)
+        elapsed += step.duration_s
+        last = step
+    assert last is not None
+    downtime = scenario.fixed_downtime_s
+    postcopy_s = last.remaining_bytes / scenario.resend_bandwidth_bytes_per_s
+    wire = scenario.wire_bytes(sent[0], resent=False) + sum(
+        scenario.wire_bytes(v, resent=True) for v in [*sent[1:], last.remaining_bytes]
+    )
+    fits = downtime <= scenario.downtime_limit_s
+    reason = (
+        f"post-copy after {len(sent)} round(s): pause {downtime * 1e3:.0f} ms, then "
+        f"{_mib(last.remaining_bytes)} follow on demand in {postcopy_s:.1f} s"
+        if fits
+        else f"device state and resume alone take {downtime * 1e3:.0f} ms, over the "
+        f"{scenario.downtime_limit_s * 1e3:.0f} ms limit"
+    )
+    return Prediction(
+        converges=fits,
+        rounds=len(sent),
+        total_time_s=elapsed + downtime + postcopy_s,
+        downtime_s=downtime,
+        bytes_transferred=wire + scenario.device_state_bytes,
+        reason=reason,
+        round_bytes=tuple(sent),
+        switchover_bytes=0.0,
     )
 
 

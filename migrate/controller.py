@@ -25,12 +25,12 @@ The peers reproduce what their projects do, at their own poll intervals:
 from __future__ import annotations
 
 import math
-import statistics
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dirtytrack.model import PrecopyScenario, min_downtime_limit, required_throttle
+from dirtytrack.model import PrecopyScenario, min_downtime_limit, predict, required_throttle
 from migrate.policy import UNLIMITED_BANDWIDTH, ControlContext, Policy, StaticController
 from migrate.report import Decision, Forecast, Predicted, Sample
 
@@ -322,58 +322,64 @@ class OvirtController:
 
 @dataclass(frozen=True)
 class RoundStart:
-    """The remaining set when a pre-copy round began (QEMU's dirty sync)."""
+    """The remaining set when a pre-copy round began (QEMU's dirty sync).
+
+    ``dirty_rate_bytes_per_s`` is QEMU's ``dirty-pages-rate`` as of that sync:
+    distinct pages dirtied during the previous round over its duration.
+    """
 
     sync: int
     elapsed_ms: float
     remaining_bytes: int
     dirty_rate_bytes_per_s: float
+    throttle_pct: int = 0
 
 
 @dataclass(frozen=True)
 class LiveEstimate:
-    """The controller's current view, from live samples (bytes, bytes/s, ms)."""
+    """The controller's current view, from live samples (bytes, bytes/s, ms).
+
+    ``bandwidth_bytes_per_s`` is raw page bytes per second (what QEMU counts as
+    transferred; with multifd+zstd that is before compression).
+    """
 
     bandwidth_bytes_per_s: float | None
     dirty_rate_bytes_per_s: float | None
-    working_set_bytes: float | None
+    working_set_bytes: int | None
     remaining_bytes: int
     eta_ms: float | None
+    rounds: int
 
 
 class BandwidthEstimator:
-    """Payload bytes per second between consecutive samples, a median of the last few.
+    """Transferred bytes per second over the last ``window_ms`` of active samples.
 
-    Intervals shorter than ``min_interval_ms`` are merged into the next; the
-    median of the last ``window`` rates damps tbf's bursts and QEMU's pauses.
+    A window of seconds, not single sample gaps, because multifd and tbf send in
+    bursts: 100 ms slices of one steady stream were seen to vary by 4x here.
     """
 
-    def __init__(self, window: int = 8, min_interval_ms: float = 80.0) -> None:
-        self.window = window
-        self.min_interval_ms = min_interval_ms
-        self._rates: list[float] = []
-        self._anchor: Sample | None = None
+    def __init__(self, window_ms: float = 2000.0, min_span_ms: float = 400.0) -> None:
+        self.window_ms = window_ms
+        self.min_span_ms = min_span_ms
+        self._points: deque[tuple[float, int]] = deque()
+        self._rate: float | None = None
 
     def add(self, sample: Sample) -> None:
         if sample.status != "active":
-            self._anchor = None
+            self._points.clear()
             return
-        if self._anchor is None:
-            self._anchor = sample
-            return
-        span = sample.elapsed_ms - self._anchor.elapsed_ms
-        if span < self.min_interval_ms:
-            return
-        sent = sample.ram_transferred_bytes - self._anchor.ram_transferred_bytes
-        if sent >= 0:
-            self._rates.append(sent / (span / 1e3))
-            del self._rates[: -self.window]
-        self._anchor = sample
+        self._points.append((sample.elapsed_ms, sample.ram_transferred_bytes))
+        while self._points and self._points[0][0] < sample.elapsed_ms - self.window_ms:
+            self._points.popleft()
+        first, last = self._points[0], self._points[-1]
+        span = last[0] - first[0]
+        if span >= self.min_span_ms and last[1] > first[1]:
+            self._rate = (last[1] - first[1]) / (span / 1e3)
 
     @property
     def bytes_per_s(self) -> float | None:
-        positive = [r for r in self._rates if r > 0]
-        return statistics.median(positive) if positive else None
+        """The latest estimate (kept across pauses), None before the first."""
+        return self._rate
 
 
 def remaining_time_ms(remaining: float, dirty_rate: float, bandwidth: float) -> float | None:
@@ -390,11 +396,23 @@ def remaining_time_ms(remaining: float, dirty_rate: float, bandwidth: float) -> 
 class LivemigController:
     """Measures and decides; see the module docstring for the ladder it climbs.
 
-    ``stall_rounds`` rounds whose starting remaining set did not shrink by at least
-    ``min_shrink`` (10 %) make a stall; each escalation is given ``settle_rounds``
-    rounds to show an effect before the next one. ``headroom`` multiplies the
-    downtime the measured set needs, so that QEMU's own (100 ms window) bandwidth
-    estimate still lets it switch over.
+    It judges at the start of every pre-copy round (QEMU's dirty sync), from the
+    second on: a round whose starting set did not shrink by ``min_shrink`` (10 %)
+    against the smallest earlier one counts as stalled. It acts when the model,
+    fed the measured set, dirty rate and bandwidth, says pre-copy will not meet
+    the current limit, when ``stall_rounds`` rounds stalled, or when the forecast
+    end lies past the policy's time budget. Before any throttle has acted the dirty
+    rate is the larger of QEMU's per-round figure and the pre-start measurement
+    (QEMU counts distinct pages per round, which a small working set caps).
+    ``headroom`` multiplies the downtime the measured set needs, so that QEMU's own
+    short-window bandwidth estimate still lets it switch over.
+
+    Throttle goes through QEMU's auto-converge, which applies a new level only at a
+    dirty sync and at most every second one; so levels are chosen big: the model's
+    linear estimate (plus a margin) first, then a quarter of the distance left to
+    99 % each time the previous level, once applied for a whole round, did not
+    make the set shrink. Guests do not all slow linearly with CPU time (the test
+    guest's writer catches up on lost ticks), hence the feedback.
     """
 
     def __init__(
@@ -403,7 +421,6 @@ class LivemigController:
         predicted: Predicted | None = None,
         *,
         stall_rounds: int = 2,
-        settle_rounds: int = 2,
         min_shrink: float = 0.10,
         headroom: float = 1.3,
         device_state_bytes: int = DEFAULT_DEVICE_STATE_BYTES,
@@ -411,7 +428,6 @@ class LivemigController:
         self.policy = policy
         self.predicted = predicted
         self.stall_rounds = stall_rounds
-        self.settle_rounds = settle_rounds
         self.min_shrink = min_shrink
         self.headroom = headroom
         self.device_state_bytes = device_state_bytes
@@ -424,9 +440,9 @@ class LivemigController:
         self.postcopy_started = False
         self.throttle_target = 0
         self.aborted = False
-        self._stalled_rounds = 0
-        self._last_escalation_round = -10
-        self._throttle_rates: list[float] = []
+        self._stalled = 0
+        self._wait_until_round = 0
+        self._throttle_applied_round: int | None = None
         self._last: Sample | None = None
 
     # -- before the start ------------------------------------------------------------
@@ -449,77 +465,87 @@ class LivemigController:
             if method == "xbzrle":
                 caps["xbzrle"] = True
                 params["xbzrle-cache-size"] = _xbzrle_cache(context.ram_bytes)
-            elif method == "zstd":
+            else:
                 caps["multifd"] = True
-                params["multifd-compression"] = "zstd"
-                params["multifd-channels"] = 2
+                # Both ends must agree on the channels and the compression.
+                both = {"multifd-compression": "zstd", "multifd-channels": 2}
+                decisions.append(
+                    Decision(now, "set-parameters", why, "migrate-set-parameters", both, "both")
+                )
         if policy.max_throttle_pct > 0:
             self.auto_converge = True
             caps["auto-converge"] = True
-            # Throttle only when this controller decides: QEMU's own trigger may fire
-            # first, so it may take no more than 1 % until then.
-            params.update({"cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
-                           "max-cpu-throttle": 1})  # fmt: skip
+            # QEMU's own trigger may fire before this controller decides: until then
+            # it may take no more than 1 %.
+            params.update(
+                {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
+            )
             reasons.append(
                 f"auto-converge armed (up to {policy.max_throttle_pct}% when this controller "
-                "decides; 1% until then)"
+                "decides, 1% until then)"
             )
         if policy.postcopy_allowed and self.compression != "zstd":
             self.postcopy_ready = True
             caps["postcopy-ram"] = True
-            reasons.append("post-copy allowed by the policy: postcopy-ram enabled on both sides")
+            reasons.append("post-copy allowed by the policy: postcopy-ram on both sides")
         if caps:
             decisions.append(set_capabilities(now, "; ".join(reasons), caps))
         if params:
+            reason = "; ".join(reasons)
             decisions.append(
-                Decision(
-                    now, "set-parameters", "; ".join(reasons), "migrate-set-parameters", params
-                )
+                Decision(now, "set-parameters", reason, "migrate-set-parameters", params)
             )
         return decisions
 
     def _compression_choice(self) -> tuple[str, str] | None:
+        """The compression the forecast says pays, and why (None: none pays)."""
         predicted = self.predicted
         if not self.policy.compression_allowed or predicted is None:
             return None
-        best = None
         plain = _forecast(predicted, "none")
+        if plain is None:
+            return None
+        best: tuple[str, Forecast] | None = None
         for method in ("xbzrle", "zstd"):
             candidate = _forecast(predicted, method)
-            if candidate is None or plain is None:
+            if candidate is None:
                 continue
+            if method == "zstd" and self.policy.postcopy_allowed and not candidate.converges:
+                continue  # multifd would rule out the post-copy fallback (QEMU 7.2)
             better = (candidate.converges and not plain.converges) or (
                 candidate.converges == plain.converges
                 and candidate.total_time_ms < 0.8 * plain.total_time_ms
             )
             if better and (best is None or candidate.total_time_ms < best[1].total_time_ms):
                 best = (method, candidate)
-        if best is None or plain is None:
+        if best is None:
             return None
         method, forecast = best
         ratio = predicted.compression_ratios.get(method, 1.0)
+
+        def verdict(f: Forecast) -> str:
+            return f"{f.total_time_ms / 1e3:.1f} s" + ("" if f.converges else " (no convergence)")
+
         return method, (
             f"{method} pays: ratio {ratio:.2f} at {_mib(predicted.bandwidth_bytes_per_s)}/s, "
-            f"forecast {forecast.total_time_ms / 1e3:.1f} s"
-            f"{'' if forecast.converges else ' (no convergence)'} against "
-            f"{plain.total_time_ms / 1e3:.1f} s{'' if plain.converges else ' (no convergence)'} "
-            "without"
+            f"forecast {verdict(forecast)} against {verdict(plain)} without"
         )
 
     # -- while it runs ---------------------------------------------------------------
 
     def estimate(self) -> LiveEstimate | None:
-        """The current view (None before the first active sample)."""
+        """The current view (None before the first sample)."""
         last = self._last
         if last is None:
             return None
         bandwidth = self.bandwidth.bytes_per_s
         rate = self._dirty_rate()
-        working_set = max((r.remaining_bytes for r in self.rounds[1:]), default=None)
         eta = None
         if bandwidth is not None and rate is not None:
-            eta = remaining_time_ms(last.ram_remaining_bytes, rate, bandwidth * self._ratio())
-        return LiveEstimate(bandwidth, rate, working_set, last.ram_remaining_bytes, eta)
+            eta = remaining_time_ms(last.ram_remaining_bytes, rate, self._page_bandwidth(bandwidth))
+        return LiveEstimate(
+            bandwidth, rate, self._working_set(), last.ram_remaining_bytes, eta, len(self.rounds)
+        )
 
     def on_sample(self, sample: Sample) -> list[Decision]:
         self.bandwidth.add(sample)
@@ -528,69 +554,77 @@ class LivemigController:
             return []
         limit_s = self.policy.max_total_time_s
         if limit_s is not None and sample.elapsed_ms > limit_s * 1e3:
-            return self._last_resort(
-                sample,
-                f"total time {sample.elapsed_ms / 1e3:.1f} s exceeds the policy's {limit_s:g} s",
-            )
+            why = f"total time {sample.elapsed_ms / 1e3:.1f} s exceeds the policy's {limit_s:g} s"
+            return self._last_resort(sample, why)
         if sample.status != "active":
             return []
-        if not self.rounds or sample.dirty_sync_count > self.rounds[-1].sync:
-            self.rounds.append(
-                RoundStart(
-                    sample.dirty_sync_count,
-                    sample.elapsed_ms,
-                    sample.ram_remaining_bytes,
-                    sample.dirty_rate_bytes_per_s,
-                )
+        if (
+            self.throttle_target
+            and self._throttle_applied_round is None
+            and sample.cpu_throttle_pct >= self.throttle_target
+        ):
+            self._throttle_applied_round = sample.dirty_sync_count
+        if self.rounds and sample.dirty_sync_count <= self.rounds[-1].sync:
+            return []
+        self.rounds.append(
+            RoundStart(
+                sample.dirty_sync_count,
+                sample.elapsed_ms,
+                sample.ram_remaining_bytes,
+                sample.dirty_rate_bytes_per_s,
+                sample.cpu_throttle_pct,
             )
-            return self._new_round(sample)
-        return []
+        )
+        return self._judge(sample)
+
+    def _working_set(self) -> int | None:
+        sets = [r.remaining_bytes for r in self.rounds[1:]]
+        return max(sets) if sets else None
 
     def _dirty_rate(self) -> float | None:
-        measured = [r.dirty_rate_bytes_per_s for r in self.rounds[1:] if r.dirty_rate_bytes_per_s]
-        if measured:
-            return measured[-1]
-        if self.predicted is not None:
-            return self.predicted.dirty_rate_bytes_per_s
-        return None
+        live = [r.dirty_rate_bytes_per_s for r in self.rounds[1:] if r.dirty_rate_bytes_per_s]
+        predicted = self.predicted.dirty_rate_bytes_per_s if self.predicted else None
+        if self._throttle_applied_round is not None:
+            return live[-1] if live else predicted
+        candidates = [v for v in (live[-1] if live else None, predicted) if v is not None]
+        return max(candidates) if candidates else None
 
-    def _ratio(self) -> float:
-        if self.predicted is None or self.compression == "none":
-            return 1.0
-        return self.predicted.compression_ratios.get(self.compression, 1.0)
+    def _page_bandwidth(self, transferred_rate: float) -> float:
+        # xbzrle's transferred bytes are encoded pages; multifd counts raw pages.
+        if self.compression == "xbzrle" and self.predicted is not None:
+            return transferred_rate * self.predicted.compression_ratios.get("xbzrle", 1.0)
+        return transferred_rate
 
-    def _new_round(self, sample: Sample) -> list[Decision]:
-        # rounds[0] is the bulk round; a set to judge exists from the second on.
+    def _judge(self, sample: Sample) -> list[Decision]:
+        # rounds[0] is the bulk round; a dirty set to judge exists from the second on.
         if len(self.rounds) < 2:
             return []
         current = self.rounds[-1]
         earlier = [r.remaining_bytes for r in self.rounds[1:-1]]
-        if earlier and current.remaining_bytes > (1 - self.min_shrink) * min(earlier):
-            self._stalled_rounds += 1
-        elif earlier:
-            self._stalled_rounds = 0
-        bandwidth = self.bandwidth.bytes_per_s
+        if earlier:
+            shrunk = current.remaining_bytes <= (1 - self.min_shrink) * min(earlier)
+            self._stalled = 0 if shrunk else self._stalled + 1
+        transferred_rate = self.bandwidth.bytes_per_s
         rate = self._dirty_rate()
-        if bandwidth is None or rate is None:
+        if transferred_rate is None or rate is None or current.sync < self._wait_until_round:
             return []
-        page_bandwidth = bandwidth * self._ratio()
-        index = len(self.rounds) - 1
-        if index - self._last_escalation_round < self.settle_rounds:
+        bandwidth = self._page_bandwidth(transferred_rate)
+        scenario = self._scenario(current.remaining_bytes, rate, bandwidth, self.limit_ms)
+        will_converge = predict(scenario).converges
+        stalled = self._stalled >= self.stall_rounds
+        over_budget = self._over_budget(sample, current.remaining_bytes, rate, bandwidth)
+        if will_converge and not stalled and not over_budget:
             return []
-        stalled = self._stalled_rounds >= self.stall_rounds
-        over_budget = self._over_budget(sample, current.remaining_bytes, rate, page_bandwidth)
-        diverging = rate >= page_bandwidth and len(self.rounds) >= 3
-        if not (stalled or over_budget or diverging):
-            return []
-        why = (
-            f"remaining {_mib(current.remaining_bytes)} at round {index + 1} "
-            + ("has not shrunk for "f"{self._stalled_rounds} rounds" if stalled else
-               "will not fit the time budget" if over_budget else
-               "cannot shrink")
-            + f" (dirty rate {_mib(rate)}/s, bandwidth {_mib(page_bandwidth)}/s)"
+        state = (
+            f"has not shrunk for {self._stalled} rounds" if stalled
+            else "will not end within the time budget" if over_budget
+            else f"will not fit {self.limit_ms:.0f} ms"
         )  # fmt: skip
-        self._last_escalation_round = index
-        return self._escalate(sample, current, rate, page_bandwidth, why)
+        why = (
+            f"round {len(self.rounds)}: remaining {_mib(current.remaining_bytes)} {state} "
+            f"(dirty rate {_mib(rate)}/s, bandwidth {_mib(bandwidth)}/s)"
+        )
+        return self._escalate(sample, current, rate, bandwidth, why)
 
     def _over_budget(self, sample: Sample, remaining: int, rate: float, bandwidth: float) -> bool:
         limit_s = self.policy.max_total_time_s
@@ -601,14 +635,13 @@ class LivemigController:
 
     def _scenario(self, remaining: int, rate: float, bandwidth: float,
                   limit_ms: float) -> PrecopyScenario:  # fmt: skip
-        working_set = max(r.remaining_bytes for r in self.rounds[1:])
-        ram = max(remaining, working_set, 1)
+        # QEMU's switchover rule counts RAM only: no device state here.
+        working_set = max(self._working_set() or remaining, remaining, 1)
         return PrecopyScenario(
-            ram_bytes=ram,
+            ram_bytes=working_set,
             dirty_rate_bytes_per_s=rate,
             bandwidth_bytes_per_s=bandwidth,
             downtime_limit_s=limit_ms / 1e3,
-            device_state_bytes=self.device_state_bytes,
             nonzero_ram_bytes=remaining,
             working_set_bytes=working_set,
             max_rounds=10,
@@ -617,75 +650,74 @@ class LivemigController:
     def _escalate(self, sample: Sample, current: RoundStart, rate: float, bandwidth: float,
                   why: str) -> list[Decision]:  # fmt: skip
         policy = self.policy
-        scenario = self._scenario(current.remaining_bytes, rate, bandwidth, policy.max_downtime_ms)
-        # 1. A downtime limit the measured set fits, within the hard maximum.
-        needed_ms = min_downtime_limit(scenario, within_rounds=3) * 1e3 * self.headroom
-        if self.limit_ms < needed_ms <= policy.max_downtime_ms:
-            self.limit_ms = needed_ms
-            return [
+        top = policy.max_downtime_ms
+        scenario = self._scenario(current.remaining_bytes, rate, bandwidth, top)
+        needed_ms = min_downtime_limit(scenario, within_rounds=3) * 1e3
+        wanted_ms = needed_ms * self.headroom
+        decisions: list[Decision] = []
+        if self.limit_ms < top:
+            # 1. A downtime limit the measured set fits (or the maximum, which at least
+            # shortens what the last rounds must bring down).
+            self.limit_ms = min(top, max(wanted_ms, self.limit_ms * 2))
+            self._wait_until_round = current.sync + 1
+            fits = needed_ms <= top
+            decisions.append(
                 set_parameters(
                     sample.time,
-                    f"{why}: the smallest set the next rounds reach needs "
-                    f"{needed_ms / self.headroom:.0f} ms at the measured bandwidth; "
-                    f"downtime-limit {needed_ms:.0f} ms (policy maximum {policy.max_downtime_ms:g} ms)",
-                    downtime_limit=math.ceil(needed_ms),
+                    f"{why}: the smallest set the next rounds reach needs {needed_ms:.0f} ms "
+                    + (
+                        f"at the measured bandwidth; downtime-limit {self.limit_ms:.0f} ms"
+                        if fits
+                        else f"> policy maximum {top:g} ms; downtime-limit to {self.limit_ms:.0f} ms"
+                    ),
+                    downtime_limit=math.ceil(self.limit_ms),
                 )
-            ]
-        if needed_ms <= self.limit_ms and self.limit_ms < policy.max_downtime_ms:
-            # The limit already fits on paper; QEMU's short-window bandwidth did not.
-            raised = min(policy.max_downtime_ms, self.limit_ms * 2)
-            self.limit_ms = raised
-            return [
-                set_parameters(
-                    sample.time,
-                    f"{why}: the set should fit {needed_ms:.0f} ms yet QEMU did not switch "
-                    f"over; downtime-limit {raised:.0f} ms (policy maximum {policy.max_downtime_ms:g} ms)",
-                    downtime_limit=math.ceil(raised),
-                )
-            ]
-        if self.limit_ms < policy.max_downtime_ms:
-            # It will not fit, but a larger limit still shortens what is left.
-            self.limit_ms = policy.max_downtime_ms
-            decisions = [
-                set_parameters(
-                    sample.time,
-                    f"{why}: needs {needed_ms / self.headroom:.0f} ms > policy maximum "
-                    f"{policy.max_downtime_ms:g} ms; downtime-limit to the maximum",
-                    downtime_limit=int(policy.max_downtime_ms),
-                )
-            ]
-            return decisions + self._throttle_or_more(sample, scenario, rate, why)
-        return self._throttle_or_more(sample, scenario, rate, why)
+            )
+            if fits:
+                return decisions
+        elif needed_ms <= top and not self._stalled:
+            return []  # it fits the limit on paper: give QEMU the round
+        # 2. Throttle, 3. post-copy, 4. abort.
+        return decisions + self._throttle(sample, current, scenario, why)
 
-    def _throttle_or_more(self, sample: Sample, scenario: PrecopyScenario, rate: float,
-                          why: str) -> list[Decision]:  # fmt: skip
+    def _throttle(self, sample: Sample, current: RoundStart, scenario: PrecopyScenario,
+                  why: str) -> list[Decision]:  # fmt: skip
         policy = self.policy
-        if self.throttle_target:
-            self._throttle_rates.append(rate)
-        if self.auto_converge and self.throttle_target < policy.max_throttle_pct:
+        ceiling = min(policy.max_throttle_pct, 99)
+        if not self.auto_converge or self.throttle_target >= ceiling:
+            # Give up only on what was seen: a round that did not shrink.
+            return self._last_resort(sample, why) if self._stalled else []
+        if self.throttle_target and (
+            self._throttle_applied_round is None
+            or current.sync <= self._throttle_applied_round
+            or not self._stalled
+        ):
+            return []  # the last level has not acted for a whole round yet, or it works
+        if self.throttle_target == 0:
             needed = required_throttle(scenario)
-            wanted = 100 if needed is None else math.ceil(needed * 100)
-            if self.throttle_target:
-                # The guest did not slow as the linear model assumed: step up.
-                wanted = max(
-                    wanted, self.throttle_target + max(10, (100 - self.throttle_target) // 2)
-                )
-            target = max(1, min(policy.max_throttle_pct, 99, wanted))
-            previous = max(self.throttle_target, 1)
-            self.throttle_target = target
-            return [
-                set_parameters(
-                    sample.time,
-                    f"{why}: throttle the guest to {target}% "
-                    f"(the model needs {'more than the guest can give' if needed is None else f'{needed * 100:.0f}%'}"
-                    f"; policy maximum {policy.max_throttle_pct}%), applied by auto-converge "
-                    "at QEMU's next dirty sync",
-                    cpu_throttle_initial=target,
-                    cpu_throttle_increment=max(1, min(99, target - previous)),
-                    max_cpu_throttle=target,
-                )
-            ]
-        return self._last_resort(sample, why)
+            linear = 99 if needed is None else math.ceil(needed * 100)
+            target = max(30, linear + 10)
+            basis = (
+                "the model needs more than any throttle gives" if needed is None
+                else f"the linear model needs {linear}%"
+            )  # fmt: skip
+        else:
+            target = math.ceil(100 - (100 - self.throttle_target) / 4)
+            basis = f"{self.throttle_target}% did not make the set shrink"
+        target = max(1, min(ceiling, target))
+        previous = max(self.throttle_target, 1)
+        self.throttle_target = target
+        self._throttle_applied_round = None
+        return [
+            set_parameters(
+                sample.time,
+                f"{why}: throttle the guest to {target}% ({basis}; policy maximum "
+                f"{policy.max_throttle_pct}%); auto-converge applies it at a coming dirty sync",
+                cpu_throttle_initial=target,
+                cpu_throttle_increment=max(1, min(99, target - previous)),
+                max_cpu_throttle=target,
+            )
+        ]
 
     def _last_resort(self, sample: Sample, why: str) -> list[Decision]:
         policy = self.policy
@@ -700,10 +732,11 @@ class LivemigController:
             ]
         self.aborted = True
         levers = [f"downtime-limit at the maximum {policy.max_downtime_ms:g} ms"]
-        if policy.max_throttle_pct:
-            levers.append(f"throttle at the maximum {self.throttle_target}%")
-        else:
-            levers.append("no throttle allowed")
+        levers.append(
+            f"throttle at the maximum {self.throttle_target}%"
+            if policy.max_throttle_pct
+            else "no throttle allowed"
+        )
         levers.append(
             "post-copy not allowed" if not policy.postcopy_allowed else "post-copy unavailable"
         )
@@ -711,16 +744,17 @@ class LivemigController:
 
 
 def _forecast(predicted: Predicted, compression: str) -> Forecast | None:
-    """The plain pre-copy forecast (no throttle, no post-copy) with ``compression``."""
-    for forecast in predicted.forecasts:
-        if (
-            forecast.compression == compression
-            and not forecast.postcopy
-            and forecast.throttle_pct == 0
-            and forecast.strategy == "native"
-        ):
-            return forecast
-    return None
+    """The plain pre-copy forecast (no throttle, no post-copy) with ``compression``,
+    at the largest downtime limit forecast."""
+    matching = [
+        f
+        for f in predicted.forecasts
+        if f.compression == compression
+        and not f.postcopy
+        and f.throttle_pct == 0
+        and f.strategy == "native"
+    ]
+    return max(matching, key=lambda f: f.downtime_limit_ms) if matching else None
 
 
 def _xbzrle_cache(ram_bytes: int) -> int:

@@ -211,6 +211,7 @@ async def run_demo(
                     ),
                     strategy=config.strategy,
                     policy=config.policy,
+                    link_mbit=config.bandwidth_mbit,
                     offline=config.offline,
                     verify=config.verify,
                     repair=config.repair,

@@ -8,17 +8,19 @@ migrate`` command, for QEMUs launched by someone else).
 from __future__ import annotations
 
 import dataclasses
+import time
 
-from migrate.errors import ConfigError, MigrationError
-from migrate.events import EventBus
+from migrate.errors import ConfigError, MigrationError, QemuError
+from migrate.events import EventBus, Planned
 from migrate.native import NativeStrategy
 from migrate.pagestream.strategy import PagestreamStrategy
-from migrate.policy import Controller
+from migrate.plan import BandwidthHint, measured_from, plan_migration
+from migrate.policy import Controller, PredictionAware
 from migrate.preflight import run_preflight
 from migrate.presets import controller_for
 from migrate.qmp import QmpSession
-from migrate.report import MigrationReport, Verdict
-from migrate.strategy import MigrationRequest, Strategy
+from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
+from migrate.strategy import MigrationRequest, Strategy, ram_backing_file
 
 STRATEGIES: dict[str, type[Strategy]] = {"native": NativeStrategy, "pagestream": PagestreamStrategy}
 
@@ -56,14 +58,43 @@ async def run_migration(
         if check.verdict is not Verdict.OK:
             events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
     checks.enforce(request.force)
-    controller = controller or controller_for(request.policy)
+    predicted = await _predict(request, source, events)
+    if controller is None:
+        controller = controller_for(request.policy, predicted)
+    elif predicted is not None and isinstance(controller, PredictionAware):
+        controller.use_prediction(predicted)
     try:
         report = await strategy.run(request, source, target, controller, events)
     except MigrationError as exc:
         if exc.report is not None:
-            exc.report = dataclasses.replace(exc.report, preflight=checks.checks)
+            exc.report = _with_plan(exc.report, checks.checks, predicted)
         raise
-    return dataclasses.replace(report, preflight=checks.checks)
+    return _with_plan(report, checks.checks, predicted)
+
+
+def _with_plan(
+    report: MigrationReport, checks: tuple[PreflightCheck, ...], predicted: Predicted | None
+) -> MigrationReport:
+    return dataclasses.replace(
+        report, preflight=checks, predicted=predicted, measured=measured_from(report, predicted)
+    )
+
+
+async def _predict(
+    request: MigrationRequest, source: QmpSession, events: EventBus
+) -> Predicted | None:
+    """The pre-start forecast, or None (not asked for, offline, or QEMU refused)."""
+    if not request.predict or request.offline:
+        return None
+    bandwidth = BandwidthHint.for_policy(request.policy, request.link_mbit)
+    try:
+        ram_path = await ram_backing_file(source)
+        predicted = await plan_migration(source, request.policy, bandwidth, ram_path)
+    except QemuError as exc:
+        events.notice(f"no forecast: {exc}")
+        return None
+    events.emit(Planned(time.time(), predicted))
+    return predicted
 
 
 async def migrate(

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from migrate.phase import Phase
-from migrate.report import Decision, MigrationReport, Sample
+from migrate.report import Decision, MigrationReport, Predicted, Sample
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,21 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class Planned:
+    """The forecast made before the start (before any other migration event)."""
+
+    time: float
+    predicted: Predicted
+
+
+@dataclass(frozen=True)
 class Finished:
     """The last event of a migration, whatever its outcome (also on cancellation)."""
 
     report: MigrationReport
 
 
-MigrationEvent = PhaseChanged | Progress | DecisionMade | Notice | Finished
+MigrationEvent = Planned | PhaseChanged | Progress | DecisionMade | Notice | Finished
 
 
 class EventBus:

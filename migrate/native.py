@@ -1,19 +1,44 @@
-"""The ``native`` strategy: QEMU's own migration stream, steered by our controller."""
+"""The ``native`` strategy: QEMU's own migration stream, steered by our controller.
+
+Pre-copy ends in the switchover tail of :mod:`migrate.strategy` (verify, then
+resume the target). A controller may instead switch to post-copy (``postcopy``
+decision, only if the policy allows it): QEMU stops the source and sends the device
+state; the target, started with ``-S``, loads it and stays paused. Before it runs,
+the pages it already holds are compared with the stopped source and stale ones
+repaired (QEMU 7.2 under TCG misses dirty pages, see :mod:`migrate.integrity`);
+pages it does not hold yet are holes in its RAM file, skipped here, and arrive
+from the stopped source on demand once it runs. From ``cont`` on there is no way
+back, and the RAM as a whole is never compared (the target runs while it fills).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from dirtytrack.ram import PAGE_SIZE, RamMapping
 from migrate.errors import MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged, Progress
-from migrate.integrity import RamComparison
+from migrate.integrity import IntegrityResult, RamComparison
 from migrate.phase import Phase, PhaseTracker
 from migrate.policy import ControlContext, Controller
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
-from migrate.report import Decision, MigrationReport, Sample, Status, Timeline, offset_ms
+from migrate.report import (
+    Decision,
+    Integrity,
+    MigrationReport,
+    Sample,
+    Status,
+    Timeline,
+    offset_ms,
+)
 from migrate.strategy import (
     MigrationRequest,
     StartState,
@@ -79,6 +104,8 @@ class _NativeRun:
         self.final_info: dict[str, Any] = {}
         self.switchover = Switchover()
         self.comparison: RamComparison | None = None
+        self.ram_files: tuple[Path, Path] | None = None
+        self.postcopy = False
 
     async def execute(self) -> MigrationReport:
         async with EventRecorder(self.source) as src_log, EventRecorder(self.target) as tgt_log:
@@ -124,10 +151,11 @@ class _NativeRun:
         )
         context = ControlContext(ram_bytes=self.start.ram_bytes, started_monotonic=self.t0)
         for decision in self.controller.start(context):
-            await self._apply(decision)
+            await self._apply(decision, src_log)
         if request.verify:
             src_ram, tgt_ram = await ram_backing_file(source), await ram_backing_file(target)
             if src_ram is not None and tgt_ram is not None:
+                self.ram_files = (src_ram, tgt_ram)
                 self.comparison = RamComparison(src_ram, tgt_ram)
                 self.comparison.prepare()
         await start_incoming(target, request.migration_uri)
@@ -140,10 +168,13 @@ class _NativeRun:
         if info.get("status") != "completed":
             reason = info.get("error-desc") or f"QEMU reported status {info.get('status')}"
             raise MigrationError(str(reason))
-        self.phase.advance(Phase.SWITCHOVER)
-        await finish_on_target(
-            self.switchover, target, tgt_log, self.comparison, request.hooks, request.repair
-        )
+        if self.postcopy:
+            await self._postcopy_finish(tgt_log)
+        else:
+            self.phase.advance(Phase.SWITCHOVER)
+            await finish_on_target(
+                self.switchover, target, tgt_log, self.comparison, request.hooks, request.repair
+            )
         self.phase.advance(Phase.COMPLETED)
         if request.quit_source:
             await _quit(source)
@@ -161,23 +192,81 @@ class _NativeRun:
             if sample.status in _TERMINAL:
                 self.final_info = info
                 return info
-            if src_log.find("STOP", since=seen) is not None or sample.status == "device":
+            precopy = self.phase.phase in (Phase.PRECOPY, Phase.THROTTLING)
+            if precopy and sample.cpu_throttle_pct > 0:
+                self.phase.advance(Phase.THROTTLING)
+            stopped = src_log.find("STOP", since=seen) is not None or sample.status == "device"
+            if precopy and stopped:
                 self.phase.advance(Phase.SWITCHOVER)
                 if self.comparison is not None:
                     self.comparison.source_stopped()
             for decision in self.controller.on_sample(sample):
-                await self._apply(decision)
+                await self._apply(decision, src_log)
             seen = len(src_log.events)
             terminal = src_log.find("MIGRATION", migration_status_is(*_TERMINAL), since=0)
             if terminal is None:
                 await src_log.wait_any(self.request.sample_interval_s, since=seen)
 
-    async def _apply(self, decision: Decision) -> None:
+    async def _apply(self, decision: Decision, src_log: EventRecorder) -> None:
         self.decisions.append(decision)
         if decision.action == "abort":
             self.events.emit(DecisionMade(decision))
             raise MigrationAborted(decision.reason)
         await apply_decision(decision, self.source, self.target, self.events)
+        if decision.action == "postcopy":
+            self.postcopy = True
+            self.phase.advance(Phase.POSTCOPY)
+            await self._postcopy_resume(src_log)
+
+    async def _postcopy_resume(self, src_log: EventRecorder, timeout: float = 30.0) -> None:
+        """Wait until the target has the device state, check what it holds, resume it.
+
+        Raises :class:`MigrationError` if the target does not get there, and
+        :class:`MigrationAborted` if stale pages may not be repaired (before
+        ``cont``, so the VM can still go back to the source).
+        """
+        deadline = time.monotonic() + timeout
+        await src_log.wait_for("STOP", timeout=timeout)
+        if self.comparison is not None:
+            self.comparison.source_stopped()
+        while (status := await self.target.status()) == "inmigrate":
+            if time.monotonic() > deadline:
+                raise MigrationError("the target did not load the device state for post-copy")
+            await asyncio.sleep(0.005)
+        if status not in ("paused", "running"):
+            raise MigrationError(f"the target is {status!r} after the post-copy switch")
+        if self.request.hooks.before_target_resume is not None:
+            await self.request.hooks.before_target_resume()
+        sw = self.switchover
+        if self.ram_files is not None:
+            check = await asyncio.to_thread(
+                compare_present_pages, *self.ram_files, repair=self.request.repair
+            )
+            sw.verified = time.time()
+            sw.integrity = check.result()
+            if check.differing and not self.request.repair:
+                raise MigrationAborted(f"integrity check failed: {sw.integrity.detail}")
+        else:
+            sw.integrity = IntegrityResult(
+                Integrity.UNCHECKED, "post-copy: RAM not mappable on both sides"
+            )
+        if status == "paused":
+            await self.target.execute("cont")
+        sw.resumed = True
+        sw.target_resume = time.time()
+
+    async def _postcopy_finish(self, tgt_log: EventRecorder, timeout: float = 120.0) -> None:
+        """Wait for the target to have every page (post-copy's end)."""
+        done = await tgt_log.wait_for(
+            "MIGRATION", migration_status_is("completed", "failed"), timeout=timeout
+        )
+        if done is None or done.data.get("status") != "completed":
+            raise MigrationError("the target did not complete post-copy (it runs on the target)")
+        sw = self.switchover
+        sw.target_completed = done.timestamp
+        resume = tgt_log.find("RESUME")
+        if resume is not None:
+            sw.target_resume = resume.timestamp
 
     def _report(
         self, src_log: EventRecorder, tgt_log: EventRecorder, error: str | None = None
@@ -240,3 +329,78 @@ async def _quit(session: QmpSession) -> None:
     # QEMU closes the QMP socket while answering quit; a lost session here is success.
     with contextlib.suppress(QemuError):
         await session.execute("quit")
+
+
+@dataclass(frozen=True)
+class PresentPages:
+    """A post-copy target's RAM compared with the stopped source where it holds pages."""
+
+    checked: int
+    missing: int
+    differing: int
+    repaired: int
+    first_differing: tuple[int, ...]
+
+    def result(self) -> IntegrityResult:
+        detail = (
+            f"post-copy: {self.checked} pages the target held compared with the stopped "
+            f"source before it resumed"
+            + (f", {self.repaired} stale repaired" if self.repaired else "")
+            + (f", {self.differing} differ" if self.differing and not self.repaired else "")
+            + f"; {self.missing} pages arrived on demand afterwards, not compared"
+        )
+        if self.differing and not self.repaired:
+            return IntegrityResult(Integrity.FAILED, detail, self.first_differing)
+        return IntegrityResult(
+            Integrity.UNCHECKED, detail, self.first_differing, repaired_pages=self.repaired
+        )
+
+
+def _data_extents(path: Path) -> list[tuple[int, int]]:
+    """Page ranges ``[first, end)`` of ``path`` that hold data (holes skipped)."""
+    extents = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no data after offset
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start // PAGE_SIZE, -(-end // PAGE_SIZE)))
+            offset = end
+    finally:
+        os.close(fd)
+    return extents
+
+
+def compare_present_pages(
+    source: Path, target: Path, repair: bool, chunk_pages: int = 4096
+) -> PresentPages:
+    """Compare the pages the target's RAM file holds with the source's (blocking).
+
+    Only data extents of the target are read: reading a hole through a mapping would
+    allocate a page there, and a post-copy target would then never ask for it.
+    With ``repair`` differing pages are copied from the source.
+    """
+    checked = differing = repaired = 0
+    named: list[int] = []
+    extents = _data_extents(target)
+    with RamMapping(source) as src, RamMapping(target, writable=repair) as dst:
+        total = dst.page_count
+        src_pages, dst_pages = src.pages(), dst.pages()
+        for first, end in extents:
+            for lo in range(first, min(end, total), chunk_pages):
+                hi = min(lo + chunk_pages, end, total)
+                rows = np.flatnonzero(np.any(src_pages[lo:hi] != dst_pages[lo:hi], axis=1)) + lo
+                checked += hi - lo
+                if len(rows):
+                    differing += len(rows)
+                    named.extend(int(r) for r in rows[: max(0, 8 - len(named))])
+                    if repair:
+                        dst_pages[rows] = src_pages[rows]
+                        repaired += len(rows)
+        del src_pages, dst_pages
+    return PresentPages(checked, total - checked, differing, repaired, tuple(named))

@@ -1,0 +1,498 @@
+"""Prediction before anything moves: measure the VM, forecast each way of migrating.
+
+:func:`measure` asks the source QEMU for the dirty rate (``calc-dirty-rate`` in
+``page-sampling`` mode, the one QEMU 7.2 supports under TCG: the ``dirty-bitmap``
+mode kills the VM there) and, when the guest's RAM is in a file this process can
+map, samples pages from it: the share of zero pages (sent as flags, not data), how
+well the rest compresses with zstd and how fast, and how many bytes xbzrle would
+send for the sampled pages that changed during the dirty-rate window.
+
+:func:`forecast` runs :mod:`dirtytrack.model` on that measurement for a set of
+settings (downtime limits, compression, throttle, post-copy), marks which of them
+the policy allows, and recommends one: the allowed setting that converges with the
+least downtime, then the least total time. :func:`plan_migration` does both.
+:func:`measured_from` turns a finished report's samples into the same terms
+(:class:`~migrate.report.Measured`), so a report can show predicted against
+measured.
+
+Bandwidth cannot be measured before the stream exists without owning both hosts;
+it comes from a :class:`BandwidthHint` (the operator, the lab's link cap, the
+policy's cap, or QEMU's default cap as a stated assumption) and the live
+controller replaces it with what the first round shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from dirtytrack.errors import RamMappingError
+from dirtytrack.model import (
+    PrecopyScenario,
+    Prediction,
+    predict,
+    predict_postcopy,
+    required_throttle,
+)
+from dirtytrack.ram import PAGE_SIZE, RamMapping
+from migrate.controller import DEFAULT_DEVICE_STATE_BYTES, QEMU_DEFAULT_BANDWIDTH
+from migrate.errors import QemuError
+from migrate.policy import UNLIMITED_BANDWIDTH, Policy
+from migrate.qmp import QmpSession
+from migrate.report import Forecast, Measured, MigrationReport, Predicted, Sample
+
+MIB = 1 << 20
+#: TCP/IPv4 payload per 1514-byte Ethernet frame at MTU 1500 (1448 bytes with
+#: timestamps): what a link cap leaves for the migration stream.
+TCP_PAYLOAD_SHARE = 1448 / 1514
+#: Switchover work after QEMU's downtime: RAM verify (~8-13 ms per 128-256 MiB
+#: here) and ``cont``.
+DEFAULT_RESUME_OVERHEAD_MS = 15.0
+#: calc-dirty-rate's largest sample (pages per GiB): 512 pages of a 128 MiB guest.
+SAMPLE_PAGES_PER_GIB = 4096
+#: QEMU's xbzrle encoding: a page goes plain once the encoding would not be shorter.
+XBZRLE_HEADER = 3
+
+
+@dataclass(frozen=True)
+class BandwidthHint:
+    """Where the forecast's bandwidth (payload bytes per second) comes from."""
+
+    bytes_per_s: float
+    source: str
+
+    @classmethod
+    def from_link_mbit(cls, mbit: float, source: str = "link cap") -> BandwidthHint:
+        """A link of ``mbit`` Mbit/s, less TCP/IP headers."""
+        return cls(mbit * 1e6 / 8 * TCP_PAYLOAD_SHARE, f"{source} {mbit:g} Mbit/s")
+
+    @classmethod
+    def for_policy(cls, policy: Policy, link_mbit: float | None = None) -> BandwidthHint:
+        """The link cap if known, else the policy's bandwidth cap, else QEMU's default cap."""
+        cap = policy.max_bandwidth_bytes_per_s
+        capped = cap is not None and cap not in (0, UNLIMITED_BANDWIDTH)
+        if link_mbit is not None:
+            hint = cls.from_link_mbit(link_mbit)
+            if capped and cap is not None and cap < hint.bytes_per_s:
+                return cls(float(cap), f"policy cap {cap / MIB:g} MiB/s")
+            return hint
+        if capped and cap is not None:
+            return cls(float(cap), f"policy cap {cap / MIB:g} MiB/s")
+        return cls(
+            float(QEMU_DEFAULT_BANDWIDTH),
+            "assumed: QEMU's default max-bandwidth 128 MiB/s (link speed unknown)",
+        )
+
+
+@dataclass(frozen=True)
+class RamSample:
+    """What a sample of guest pages shows (ratios are raw / compressed bytes)."""
+
+    pages: int
+    zero_fraction: float
+    zstd_ratio: float
+    zstd_bytes_per_s: float
+    xbzrle_ratio: float | None
+    changed_fraction: float | None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The VM before the start: RAM, dirty rate and (if mappable) its pages."""
+
+    ram_bytes: int
+    dirty_rate_bytes_per_s: float
+    dirty_rate_method: str
+    sample: RamSample | None
+    measure_time_ms: float
+
+    @property
+    def nonzero_ram_bytes(self) -> int | None:
+        if self.sample is None:
+            return None
+        return int(self.ram_bytes * (1.0 - self.sample.zero_fraction))
+
+
+async def measure_dirty_rate(
+    source: QmpSession, ram_bytes: int, calc_time_s: int = 1, timeout_s: float = 10.0
+) -> tuple[float, str]:
+    """Dirty rate in bytes/s from ``calc-dirty-rate`` page-sampling, and how it was got.
+
+    Never uses ``dirty-bitmap`` mode (it segfaults QEMU 7.2 under TCG). Raises
+    :class:`QemuError` if QEMU refuses or does not finish within ``timeout_s``.
+    """
+    await source.execute(
+        "calc-dirty-rate",
+        {"calc-time": calc_time_s, "sample-pages": SAMPLE_PAGES_PER_GIB, "mode": "page-sampling"},
+    )
+    deadline = time.monotonic() + calc_time_s + timeout_s
+    while True:
+        result = await source.execute("query-dirty-rate")
+        if result.get("status") == "measured":
+            break
+        if time.monotonic() > deadline:
+            raise QemuError("calc-dirty-rate did not finish", command="query-dirty-rate")
+        await asyncio.sleep(0.05)
+    sampled = max(1, ram_bytes * SAMPLE_PAGES_PER_GIB // (1 << 30))
+    method = (
+        f"calc-dirty-rate page-sampling over {calc_time_s} s "
+        f"({min(sampled, ram_bytes // PAGE_SIZE)} pages sampled)"
+    )
+    return float(result.get("dirty-rate", 0)) * MIB, method
+
+
+def _pick_pages(page_count: int, count: int, seed: int) -> npt.NDArray[np.intp]:
+    rng = np.random.default_rng(seed)
+    count = min(count, page_count)
+    return np.sort(rng.choice(page_count, size=count, replace=False)).astype(np.intp)
+
+
+def read_pages(ram: RamMapping, pages: npt.NDArray[np.intp]) -> npt.NDArray[np.uint64]:
+    """A copy of the chosen pages (rows of 512 words)."""
+    return np.array(ram.pages()[pages])
+
+
+def xbzrle_size(old: npt.NDArray[np.uint64], new: npt.NDArray[np.uint64]) -> int:
+    """Bytes QEMU's xbzrle would send for ``new`` encoded against ``old`` (one page).
+
+    The encoding alternates unchanged-run and changed-run lengths (ULEB128) with the
+    changed bytes; this counts runs of differing bytes, a close upper bound.
+    Returns a page's size plus header when the encoding would not be shorter.
+    """
+    a = old.view(np.uint8)
+    b = new.view(np.uint8)
+    diff = a != b
+    changed = int(diff.sum())
+    if changed == 0:
+        return 0
+    edges = int(np.count_nonzero(np.diff(diff.astype(np.int8)))) + 1
+    size = changed + edges * 2
+    return size if size < PAGE_SIZE else PAGE_SIZE + XBZRLE_HEADER
+
+
+def sample_ram(
+    path: Path, pages: int = 2048, seed: int = 1, before: npt.NDArray[np.uint64] | None = None
+) -> tuple[RamSample, npt.NDArray[np.uint64]]:
+    """Sample ``pages`` pages of a RAM file (blocking: call it in a thread).
+
+    ``before`` is an earlier copy of the same sample (same ``pages`` and ``seed``);
+    with it the xbzrle ratio of the changed pages is estimated too. Returns the
+    sample and the copy of the pages it read. Raises :class:`RamMappingError`.
+    """
+    with RamMapping(path) as ram:
+        chosen = _pick_pages(ram.page_count, pages, seed)
+        copy = read_pages(ram, chosen)
+    nonzero = copy[np.any(copy != 0, axis=1)]
+    zero_fraction = 1.0 - len(nonzero) / max(1, len(copy))
+    raw = nonzero.tobytes()
+    start = time.perf_counter()
+    packed = zstandard.ZstdCompressor(level=1).compress(raw) if raw else b""
+    spent = time.perf_counter() - start
+    zstd_ratio = len(raw) / len(packed) if packed else 1.0
+    speed = len(raw) / spent if raw and spent > 0 else 0.0
+    xbzrle_ratio = changed_fraction = None
+    if before is not None and before.shape == copy.shape:
+        changed = np.flatnonzero(np.any(before != copy, axis=1))
+        changed_fraction = len(changed) / max(1, len(copy))
+        if len(changed):
+            encoded = sum(xbzrle_size(before[i], copy[i]) for i in changed)
+            xbzrle_ratio = len(changed) * PAGE_SIZE / max(1, encoded)
+    sample = RamSample(
+        pages=len(copy),
+        zero_fraction=zero_fraction,
+        zstd_ratio=max(1.0, zstd_ratio),
+        zstd_bytes_per_s=speed,
+        xbzrle_ratio=xbzrle_ratio,
+        changed_fraction=changed_fraction,
+    )
+    return sample, copy
+
+
+async def measure(
+    source: QmpSession, ram_path: Path | None, calc_time_s: int = 1, sample_pages: int = 2048
+) -> Measurement:
+    """Measure the running source VM (takes ``calc_time_s`` seconds).
+
+    The RAM sample (when ``ram_path`` is mappable) is read at the start and at the
+    end of the dirty-rate window, so xbzrle is judged on the pages that changed.
+    Raises :class:`QemuError` if the dirty-rate measurement fails.
+    """
+    started = time.monotonic()
+    size = await source.execute("query-memory-size-summary")
+    ram_bytes = int(size["base-memory"])
+    before = None
+    if ram_path is not None:
+        try:
+            _, before = await asyncio.to_thread(sample_ram, ram_path, sample_pages)
+        except RamMappingError:
+            ram_path = None
+    status = await source.status()
+    if status == "running":
+        rate, method = await measure_dirty_rate(source, ram_bytes, calc_time_s)
+    else:
+        rate, method = 0.0, f"VM {status}: nothing dirties its memory"
+    sample = None
+    if ram_path is not None:
+        try:
+            sample, _ = await asyncio.to_thread(sample_ram, ram_path, sample_pages, 1, before)
+        except RamMappingError:
+            sample = None
+    return Measurement(
+        ram_bytes=ram_bytes,
+        dirty_rate_bytes_per_s=rate,
+        dirty_rate_method=method,
+        sample=sample,
+        measure_time_ms=(time.monotonic() - started) * 1e3,
+    )
+
+
+@dataclass(frozen=True)
+class _Setting:
+    name: str
+    downtime_limit_ms: float
+    compression: str = "none"
+    throttle_pct: int = 0
+    postcopy: bool = False
+
+
+def _scenario(m: Measurement, bandwidth: BandwidthHint, setting: _Setting) -> PrecopyScenario:
+    ratio, resend, throughput = 1.0, 1.0, None
+    if setting.compression == "zstd" and m.sample is not None:
+        ratio = m.sample.zstd_ratio
+        throughput = m.sample.zstd_bytes_per_s or None
+    elif setting.compression == "xbzrle" and m.sample is not None:
+        resend = m.sample.xbzrle_ratio or 1.0
+    rate = m.dirty_rate_bytes_per_s * (1 - setting.throttle_pct / 100)
+    nonzero = m.nonzero_ram_bytes
+    return PrecopyScenario(
+        ram_bytes=m.ram_bytes,
+        dirty_rate_bytes_per_s=rate,
+        bandwidth_bytes_per_s=bandwidth.bytes_per_s,
+        downtime_limit_s=setting.downtime_limit_ms / 1e3,
+        # QEMU switches over when the RAM left fits the limit at its measured
+        # bandwidth; device state and our RAM check come on top (see _as_forecast).
+        nonzero_ram_bytes=nonzero,
+        # Zero pages are rarely dirtied: the non-zero RAM caps a round's dirty set.
+        working_set_bytes=nonzero,
+        compression_ratio=ratio,
+        resend_compression_ratio=resend,
+        compression_throughput_bytes_per_s=throughput,
+    )
+
+
+def _as_forecast(setting: _Setting, prediction: Prediction, fixed_ms: float,
+                 device_state_bytes: int) -> Forecast:  # fmt: skip
+    return Forecast(
+        setting=setting.name,
+        converges=prediction.converges,
+        rounds=prediction.rounds,
+        total_time_ms=prediction.total_time_s * 1e3 + fixed_ms,
+        downtime_ms=prediction.downtime_s * 1e3 + fixed_ms,
+        transferred_bytes=prediction.bytes_transferred + device_state_bytes,
+        reason=prediction.reason,
+        strategy="native",
+        downtime_limit_ms=setting.downtime_limit_ms,
+        compression=setting.compression,
+        throttle_pct=setting.throttle_pct,
+        postcopy=setting.postcopy,
+    )
+
+
+def _settings(m: Measurement, policy: Policy, limits: Sequence[float]) -> list[_Setting]:
+    settings = [_Setting(f"native downtime-limit {limit:g} ms", limit) for limit in limits]
+    top = max(limits)
+    if m.sample is not None:
+        settings.append(_Setting(f"native + multifd zstd, {top:g} ms", top, "zstd"))
+        if m.sample.xbzrle_ratio is not None:
+            settings.append(_Setting(f"native + xbzrle, {top:g} ms", top, "xbzrle"))
+    settings.append(_Setting(f"post-copy after the bulk round, {top:g} ms", top, postcopy=True))
+    return settings
+
+
+def allowed(forecast: Forecast, policy: Policy) -> bool:
+    """Whether ``policy`` lets a controller migrate as ``forecast`` assumes."""
+    if forecast.downtime_limit_ms > policy.max_downtime_ms:
+        return False
+    if forecast.throttle_pct > policy.max_throttle_pct:
+        return False
+    if forecast.postcopy and not policy.postcopy_allowed:
+        return False
+    return forecast.compression == "none" or policy.compression_allowed
+
+
+def forecast(
+    m: Measurement,
+    bandwidth: BandwidthHint,
+    policy: Policy,
+    device_state_bytes: int = DEFAULT_DEVICE_STATE_BYTES,
+    resume_overhead_ms: float = DEFAULT_RESUME_OVERHEAD_MS,
+) -> Predicted:
+    """Forecast each setting for ``m`` at ``bandwidth``; recommend one ``policy`` allows."""
+    start_ms = min(policy.downtime_limit_ms, policy.max_downtime_ms)
+    limits = sorted({start_ms, min(policy.max_downtime_ms, 300.0), policy.max_downtime_ms})
+    fixed_ms = device_state_bytes / bandwidth.bytes_per_s * 1e3 + resume_overhead_ms
+    results: list[Forecast] = []
+    for setting in _settings(m, policy, limits):
+        scenario = _scenario(m, bandwidth, setting)
+        prediction = predict_postcopy(scenario) if setting.postcopy else predict(scenario)
+        results.append(_as_forecast(setting, prediction, fixed_ms, device_state_bytes))
+    # The throttle pre-copy would need at the policy's maximum downtime.
+    needed = required_throttle(_scenario(m, bandwidth, _Setting("", policy.max_downtime_ms)))
+    if needed is not None and 0 < needed < 0.995:
+        pct = min(99, math.ceil(needed * 100))
+        setting = _Setting(
+            f"native + throttle {pct}%, {policy.max_downtime_ms:g} ms", policy.max_downtime_ms,
+            throttle_pct=pct,
+        )  # fmt: skip
+        prediction = predict(_scenario(m, bandwidth, setting))
+        results.append(_as_forecast(setting, prediction, fixed_ms, device_state_bytes))
+    recommendation, why = _recommend(results, policy)
+    return Predicted(
+        ram_bytes=m.ram_bytes,
+        dirty_rate_bytes_per_s=m.dirty_rate_bytes_per_s,
+        dirty_rate_method=m.dirty_rate_method,
+        bandwidth_bytes_per_s=bandwidth.bytes_per_s,
+        bandwidth_source=bandwidth.source,
+        device_state_bytes=device_state_bytes,
+        resume_overhead_ms=resume_overhead_ms,
+        forecasts=tuple(results),
+        recommendation=recommendation,
+        recommendation_reason=why,
+        nonzero_ram_bytes=m.nonzero_ram_bytes,
+        compression_ratios=_ratios(m),
+        compression_speed_bytes_per_s=m.sample.zstd_bytes_per_s if m.sample else None,
+        policy_forecast=policy_forecast(results, policy),
+        measure_time_ms=m.measure_time_ms,
+    )
+
+
+def _ratios(m: Measurement) -> dict[str, float]:
+    if m.sample is None:
+        return {}
+    ratios = {"zstd": m.sample.zstd_ratio}
+    if m.sample.xbzrle_ratio is not None:
+        ratios["xbzrle"] = m.sample.xbzrle_ratio
+    return ratios
+
+
+def _rank(f: Forecast) -> tuple[bool, float, float]:
+    return (not f.converges, round(f.downtime_ms, 1), f.total_time_ms)
+
+
+def _recommend(results: Sequence[Forecast], policy: Policy) -> tuple[str, str]:
+    permitted = [f for f in results if allowed(f, policy)]
+    converging = [f for f in permitted if f.converges]
+    if converging:
+        # Least downtime, unless a setting is much faster for little more downtime.
+        best = min(converging, key=_rank)
+        quicker = min(converging, key=lambda f: f.total_time_ms)
+        if (
+            quicker.total_time_ms < 0.5 * best.total_time_ms
+            and quicker.downtime_ms <= best.downtime_ms + 50
+        ):
+            best = quicker
+        return best.setting, (
+            f"converges in {best.total_time_ms / 1e3:.1f} s with {best.downtime_ms:.0f} ms "
+            f"downtime, within policy {policy.name}"
+        )
+    others = [f for f in results if f.converges and not allowed(f, policy)]
+    hint = f"; {min(others, key=_rank).setting} would (not allowed by the policy)" if others else ""
+    return "do not migrate now", (
+        f"no setting policy {policy.name} allows converges within "
+        f"{policy.max_downtime_ms:g} ms{hint}"
+    )
+
+
+def policy_forecast(results: Sequence[Forecast], policy: Policy) -> Forecast | None:
+    """The forecast for how ``policy`` would run: its controller's best allowed setting
+    (livemig), else its start settings (fixed schedules)."""
+    if policy.controller == "livemig":
+        permitted = [f for f in results if allowed(f, policy)]
+        converging = [f for f in permitted if f.converges]
+        pool = converging or [f for f in permitted if not f.postcopy and f.throttle_pct == 0]
+        return min(pool, key=_rank) if pool else None
+    start = min(policy.downtime_limit_ms, policy.max_downtime_ms)
+    plain = [
+        f for f in results if f.compression == "none" and not f.postcopy and not f.throttle_pct
+    ]
+    return min(plain, key=lambda f: abs(f.downtime_limit_ms - start)) if plain else None
+
+
+async def plan_migration(
+    source: QmpSession,
+    policy: Policy,
+    bandwidth: BandwidthHint,
+    ram_path: Path | None = None,
+    calc_time_s: int = 1,
+) -> Predicted:
+    """:func:`measure` then :func:`forecast`."""
+    m = await measure(source, ram_path, calc_time_s)
+    return forecast(m, bandwidth, policy)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def measured_from(report: MigrationReport, predicted: Predicted | None) -> Measured:
+    """The report's outcome in the prediction's terms (see :class:`Measured`)."""
+    samples = [s for s in report.samples if s.status == "active"]
+    rates = _payload_rates(samples)
+    dirty = [s.dirty_rate_bytes_per_s for s in samples if s.dirty_sync_count >= 2]
+    limits = [
+        float(d.arguments["downtime-limit"])
+        for d in report.decisions
+        if d.command == "migrate-set-parameters" and "downtime-limit" in d.arguments
+    ]
+    throttles = [s.cpu_throttle_pct for s in report.samples]
+    forecast_ = predicted.policy_forecast if predicted is not None else None
+    total_error = downtime_error = None
+    if forecast_ is not None and forecast_.total_time_ms > 0:
+        total_error = (report.total_time_ms - forecast_.total_time_ms) / forecast_.total_time_ms
+        total_error *= 100
+    if forecast_ is not None and report.downtime_ms is not None and forecast_.downtime_ms > 0:
+        downtime_error = (report.downtime_ms - forecast_.downtime_ms) / forecast_.downtime_ms * 100
+    return Measured(
+        rounds=report.precopy_rounds,
+        total_time_ms=report.total_time_ms,
+        bandwidth_bytes_per_s=_median(rates),
+        dirty_rate_bytes_per_s=_median(dirty),
+        downtime_ms=report.downtime_ms,
+        final_downtime_limit_ms=limits[-1] if limits else None,
+        max_throttle_pct=max(throttles, default=0),
+        postcopy=any(s.status.startswith("postcopy") for s in report.samples),
+        total_time_error_pct=total_error,
+        downtime_error_pct=downtime_error,
+    )
+
+
+def _payload_rates(samples: Sequence[Sample]) -> list[float]:
+    rates = []
+    for a, b in itertools.pairwise(samples):
+        span = (b.elapsed_ms - a.elapsed_ms) / 1e3
+        sent = b.ram_transferred_bytes - a.ram_transferred_bytes
+        if span >= 0.05 and sent > 0:
+            rates.append(sent / span)
+    return rates
+
+
+def with_policy(predicted: Predicted, policy: Policy) -> Predicted:
+    """The same forecasts judged for another policy (recommendation, policy forecast)."""
+    recommendation, why = _recommend(predicted.forecasts, policy)
+    return dataclasses.replace(
+        predicted,
+        recommendation=recommendation,
+        recommendation_reason=why,
+        policy_forecast=policy_forecast(predicted.forecasts, policy),
+    )
