@@ -242,6 +242,9 @@ class StreamStats:
     first scan and never sent; ``zero_pages_sent`` became zero later and went as
     flags. ``zstd_batches`` counts the page batches sent at each zstd level
     ("raw": uncompressed), ``final_level`` is where the sender's tuning ended.
+    ``switchover_ms`` marks pagestream's own switchover steps (ms after the
+    start, like :class:`Timeline`): ``applied`` (the receiver holds the final
+    round), ``migrate`` (device-state migration issued), ``final_reply``.
     """
 
     tracker: str
@@ -263,6 +266,7 @@ class StreamStats:
     final_scan_ms: float
     final_send_ms: float
     digest: str
+    switchover_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

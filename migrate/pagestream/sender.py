@@ -37,6 +37,8 @@ from migrate.pagestream.protocol import (
 )
 from migrate.pagestream.tuning import CompressionTuner, PipelineSample, level_label
 
+#: Highest zstd level of the final round (the VM is stopped while it runs).
+FINAL_MAX_LEVEL: Final = 1
 #: 64 pages (256 KiB) per frame: big enough for zstd to find matches across pages
 #: and to amortise per-frame overhead, small enough to pipeline.
 DEFAULT_BATCH_PAGES: Final = 64
@@ -254,11 +256,14 @@ class PageSender:
                 rows = self.tracker.capture_pages(numbers)
                 totals.capture_s += time.monotonic() - began
                 setting = self.tuner.setting
-                label = level_label(setting.level)
+                level = setting.level
+                if final and level is not None and level > FINAL_MAX_LEVEL:
+                    # The VM is stopped: latency beats ratio (levels above 1 cost
+                    # several times the CPU for a few % fewer bytes).
+                    level = FINAL_MAX_LEVEL
+                label = level_label(level)
                 totals.batches_by_level[label] = totals.batches_by_level.get(label, 0) + 1
-                inflight.append(
-                    self._pool.submit(encode_pages, self._round, numbers, rows, setting.level)
-                )
+                inflight.append(self._pool.submit(encode_pages, self._round, numbers, rows, level))
                 while len(inflight) > setting.threads:
                     self._emit(inflight.popleft(), totals)
             while inflight:

@@ -275,6 +275,7 @@ class _PagestreamRun:
         self.rate_limit_sent: float | None = None
         self.planner = SwitchoverPlanner(fixed_downtime_ms=options.fixed_downtime_ms)
         self._fault_events_seen = 0
+        self.marks: dict[str, float] = {}  # switchover steps, realtime seconds
 
     # --- outcome handling (mirrors the native strategy) --------------------------------
 
@@ -444,10 +445,13 @@ class _PagestreamRun:
             await asyncio.wait({final_task, applied_task}, return_when=asyncio.FIRST_COMPLETED)
             if final_task.done() and final_task.exception() is not None:
                 await final_task  # raises the sender's error
-            await applied_task
+            applied = await applied_task
+            self.marks["applied"] = float(applied["time"])
             # Every page is in target RAM: QEMU may load device state (virtio reads rings).
+            self.marks["migrate"] = time.time()
             await source.execute("migrate", {"uri": request.migration_uri})
             final = await final_task
+            self.marks["final_reply"] = time.time()
         finally:
             for task in (final_task, applied_task):
                 if not task.done():
@@ -608,6 +612,7 @@ class _PagestreamRun:
             final_scan_ms=totals.final_scan_ms,
             final_send_ms=totals.final_send_ms,
             digest=totals.digest,
+            switchover_ms={name: (t - at) * 1e3 for name, t in self.marks.items()},
         )
         return MigrationReport(
             status=status,
