@@ -60,6 +60,9 @@ class LabBackend:
             other_busy_processes=_other_busy_processes(),
         )
 
+    def other_activity(self) -> tuple[str, ...]:
+        return _other_busy_processes()
+
     async def measure_link(self, bandwidth_mbit: float | None) -> LinkMeasurement:
         """One TCP stream from host A to host B for 1.5 s. Raises :class:`LinkMeasureError`."""
         with Lab(bandwidth_mbit=bandwidth_mbit) as lab:
@@ -224,8 +227,10 @@ def _qemu_version() -> str:
 
 
 def _other_busy_processes() -> tuple[str, ...]:
-    """pytest and QEMU processes on the machine that are not ours (noise sources)."""
-    mine = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    """pytest and QEMU processes on the machine that are neither ours nor our
+    ancestors (noise sources)."""
+    me = psutil.Process()
+    mine = {p.pid for p in (me, *me.children(recursive=True), *me.parents())}
     found = []
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         with contextlib.suppress(psutil.Error):

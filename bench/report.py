@@ -71,7 +71,9 @@ def render_report(results: BenchResults, plots: Sequence[Path] = ()) -> str:
         f"{env.qemu_version}, accelerator {env.accelerator} (`-cpu {env.cpu_model}`), guest "
         f"kernel {env.guest_kernel}. Load average before "
         f"{'/'.join(f'{v:.2f}' for v in env.load_before)}, after {load_after}; other pytest "
-        f"or QEMU processes at the start: {len(env.other_busy_processes) or 'none'}."
+        f"or QEMU processes at the start: {len(env.other_busy_processes) or 'none'}; "
+        f"runs that started while others' pytest or QEMU processes ran: "
+        f"{sum(1 for run in results.runs if run.other_processes)} of {len(results.runs)}."
     )
     lines.append("")
     if results.omitted:

@@ -85,7 +85,8 @@ class RunResult:
     ``downtime_ms``/``qemu_total_time_ms`` QEMU's own figures, ``total_time_ms``
     ours (``migrate`` issued → VM running on the target). ``nonzero_ram_bytes`` is
     the guest RAM that was not zero just before the migration (what must cross the
-    link in full at least once).
+    link in full at least once). ``other_processes`` are the pytest or QEMU
+    processes of others that ran on the machine when the run started (noise).
     """
 
     config: str
@@ -117,6 +118,7 @@ class RunResult:
     timeline: Timeline | None = None
     samples: tuple[Sample, ...] = ()
     decisions: tuple[Decision, ...] = ()
+    other_processes: tuple[str, ...] = ()
 
     @property
     def completed(self) -> bool:

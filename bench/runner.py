@@ -87,6 +87,10 @@ class Backend(Protocol):
         """One migration; raises one of :data:`RUN_ERRORS` if it cannot be measured."""
         ...
 
+    def other_activity(self) -> tuple[str, ...]:
+        """Processes of others that compete for the machine now (recorded per run)."""
+        ...
+
 
 class Listener(Protocol):
     """Told about the suite's progress (the CLI draws a progress bar)."""
@@ -184,7 +188,9 @@ async def run_suite(
         for run in planned:
             listener.run_started(run)
             log_dir = out_dir / "logs" / run.slug
+            others = backend.other_activity()
             result = await run_one(backend, run, log_dir, suite.run_timeout_s)
+            result = replace(result, other_processes=others)
             if result.completed and not keep_logs:
                 _remove_tree(log_dir)
             runs.append(result)

@@ -48,6 +48,10 @@ class FakeBackend:
     async def environment(self) -> BenchEnvironment:
         return environment()
 
+    def other_activity(self) -> tuple[str, ...]:
+        # Someone else's test run shows up before the third run.
+        return ("4242 pytest tests/integration",) if len(self.calls) == 2 else ()
+
     async def measure_link(self, bandwidth_mbit: float | None) -> LinkMeasurement:
         self.links.append(bandwidth_mbit)
         measured = 2e9 if bandwidth_mbit is None else bandwidth_mbit * 1e6 / 8 * 0.96
@@ -192,6 +196,8 @@ def test_report_and_plots_from_a_recorded_results_json(tmp_path: Path) -> None:
     assert "tbf cap 400 Mbit/s" in report and "floor" in report
     assert "`openssl/livemig-pagestream`: strategy 'pagestream' is not registered" in report
     assert "![downtime](downtime.png)" in report
+    assert "while others' pytest or QEMU processes ran: 1 of 11." in report
+    assert results.runs[2].other_processes == ("4242 pytest tests/integration",)
 
 
 def test_report_without_completed_runs_renders(tmp_path: Path) -> None:
