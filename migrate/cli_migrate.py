@@ -1,4 +1,14 @@
-"""``livemig demo`` and ``livemig migrate``."""
+"""``livemig demo`` and ``livemig migrate``.
+
+Output: a text report on stdout (default); ``--json`` exactly one JSON object on
+stdout; ``--events`` one JSON object per event on stdout as it happens (planned,
+phase, progress, decision, notice), the last line ``{"event": "finished",
+"report": ...}`` — the two are mutually exclusive, so stdout is always one
+machine-readable shape. On a terminal a progress bar is drawn on stderr (not with
+``--events``; ``--no-progress`` turns it off). Ctrl-C cancels the migration: the VM
+stays on (or goes back to) the source, the report (status ``aborted``) is printed
+in the chosen format and the exit code is 130.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from migrate.cli import EXIT_MIGRATION, EXIT_OK, print_json
+from migrate.cli import EXIT_INTERRUPTED, EXIT_MIGRATION, EXIT_OK, print_json
 from migrate.demo import DemoConfig, Workload, run_demo
 from migrate.engine import STRATEGIES, migrate
 from migrate.errors import ConfigError, MigrationError
+from migrate.events import EventBus, Finished, MigrationEvent
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
 from migrate.presets import PRESET_NAMES, preset
+from migrate.progress import JsonLines, ProgressBar
 from migrate.render import render_report
 from migrate.report import MigrationReport
 from migrate.strategy import HostEndpoint, MigrationRequest
@@ -80,7 +92,14 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
                         help="abort (VM stays on the source) instead of repairing stale target pages")  # fmt: skip
     parser.add_argument("--force", action="store_true",
                         help="migrate despite CPU or target-memory refusals from preflight")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    parser.add_argument("--no-predict", action="store_true",
+                        help="skip the measurement and forecast before the start (~1 s)")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar on the terminal")  # fmt: skip
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    shape.add_argument("--events", action="store_true",
+                       help="print one JSON object per event (JSON lines), the report last")  # fmt: skip
 
 
 def _percent(text: str) -> int:
@@ -137,21 +156,64 @@ def register(sub: Any) -> None:
     mig.add_argument("--target-cpu", type=Path, default=None, help="target host CPU description")
     mig.add_argument("--cpu-model", default=None,
                      help="the VM's full -cpu string, if it has +flag/-flag edits QMP cannot show")  # fmt: skip
+    mig.add_argument("--link-mbit", type=_positive(float), default=None,
+                     help="migration link speed (Mbit/s) for the forecast; else assumed")  # fmt: skip
     mig.add_argument("--keep-source", action="store_true",
                      help="leave the source QEMU (paused) instead of quitting it after success")  # fmt: skip
     _policy_args(mig)
     mig.set_defaults(func=_migrate)
 
 
-def _emit(report: MigrationReport, as_json: bool, extra: dict[str, Any] | None = None) -> int:
-    if as_json:
+class _Output:
+    """Where a run's events and report go, and what Ctrl-C prints."""
+
+    def __init__(self, args: argparse.Namespace, title: str) -> None:
+        self.args = args
+        self.bus = EventBus()
+        self.report: MigrationReport | None = None
+        self.lines = JsonLines(sys.stdout, final_by_caller=True) if args.events else None
+        self.bar = (
+            ProgressBar(sys.stderr, title)
+            if not args.events and not args.no_progress and sys.stderr.isatty()
+            else None
+        )
+        self.bus.add_callback(self._capture)
+        if self.lines is not None:
+            self.bus.add_callback(self.lines.handle)
+        if self.bar is not None:
+            self.bus.add_callback(self.bar.handle)
+
+    def _capture(self, event: MigrationEvent) -> None:
+        if isinstance(event, Finished):
+            self.report = event.report
+
+    def run(self, main: Any) -> Any:
+        """``asyncio.run(main)`` with the bar drawn meanwhile."""
+        if self.bar is None:
+            return asyncio.run(main)
+        with self.bar:
+            return asyncio.run(main)
+
+    def emit(self, report: MigrationReport, extra: dict[str, Any] | None = None) -> int:
         data = report.to_dict()
-        if extra:
-            data.update(extra)
-        print_json(data)
-    else:
-        print(render_report(report, (extra or {}).get("environment")))
-    return EXIT_OK if report.status == "completed" else EXIT_MIGRATION
+        data.update(extra or {})
+        if self.lines is not None:
+            self.lines.finish(data)
+        elif self.args.json:
+            print_json(data)
+        else:
+            print(render_report(report, (extra or {}).get("environment")))
+        return EXIT_OK if report.status == "completed" else EXIT_MIGRATION
+
+    def interrupted(self) -> int:
+        """After Ctrl-C: the report of the cancelled migration, if it had started."""
+        if self.report is not None:
+            self.emit(self.report)
+            where = "the VM stays on the source" if self.report.status != "completed" else ""
+            sys.stderr.write(f"livemig: interrupted: migration {self.report.status}; {where}\n")
+        else:
+            sys.stderr.write("livemig: interrupted before the migration started\n")
+        return EXIT_INTERRUPTED
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -168,12 +230,18 @@ def _demo(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         cpu_model=args.cpu,
         force=args.force,
+        predict=not args.no_predict,
     )
-    if not args.json:
+    if not (args.json or args.events):
         print(f"livemig demo: {config.workload.text} guest, {config.memory_mib} MiB, "
-              f"{config.strategy} strategy; building what is missing...", file=sys.stderr)  # fmt: skip
-    result = asyncio.run(run_demo(config))
-    return _emit(result.report, args.json, {"environment": result.to_dict()["environment"]})
+              f"{config.strategy} strategy, policy {config.policy.name}; building what is "
+              "missing...", file=sys.stderr)  # fmt: skip
+    out = _Output(args, "demo")
+    try:
+        result = out.run(run_demo(config, out.bus))
+    except KeyboardInterrupt:
+        return out.interrupted()
+    return out.emit(result.report, {"environment": result.to_dict()["environment"]})
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -193,12 +261,17 @@ def _migrate(args: argparse.Namespace) -> int:
         cpu_model=args.cpu_model,
         source_host=HostFacts.from_file(args.source_cpu) if args.source_cpu else HostFacts(),
         target_host=HostFacts.from_file(args.target_cpu) if args.target_cpu else HostFacts(),
+        predict=not args.no_predict,
+        link_mbit=args.link_mbit,
     )
+    out = _Output(args, "migrate")
     try:
-        report = asyncio.run(migrate(request))
+        report = out.run(migrate(request, events=out.bus))
+    except KeyboardInterrupt:
+        return out.interrupted()
     except MigrationError as exc:
         if exc.report is None:
             raise
-        _emit(exc.report, args.json)
+        out.emit(exc.report)
         raise
-    return _emit(report, args.json)
+    return out.emit(report)

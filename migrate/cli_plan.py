@@ -1,10 +1,196 @@
-"""``livemig plan``: predict a migration before anything moves (convergence issue)."""
+"""``livemig plan``: predict a migration before anything moves.
+
+Two ways to point it at a VM:
+
+- ``--source-qmp PATH``: a running QEMU (``memory-backend-file,share=on`` RAM lets
+  it sample pages too); ``--link-mbit`` gives the migration link's speed, else the
+  policy's or QEMU's default bandwidth cap is assumed and said so.
+- ``--lab``: boots the test guest on lab host A with ``--workload`` (root), as
+  ``livemig demo`` would, and measures it there; ``--bandwidth-mbit`` caps the
+  lab's migration link and is the forecast's bandwidth.
+
+It prints the dirty rate (QEMU's ``calc-dirty-rate``, page-sampling), bandwidth,
+RAM and what a sample of pages shows, then per setting (downtime limit,
+compression, throttle, post-copy) the forecast total time, downtime and rounds,
+whether the policy allows it, and the recommendation. ``--json`` prints exactly one
+JSON object: the :class:`~migrate.report.Predicted` fields plus ``policy`` and
+(with ``--lab``) ``environment``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import dataclasses
+from pathlib import Path
 from typing import Any
+
+from migrate.accel import choose_accelerator
+from migrate.cli import EXIT_OK, print_json
+from migrate.codec import to_dict
+from migrate.demo import DemoConfig, DemoEnvironment, Workload, guest_spec, wait_workload_started
+from migrate.errors import ConfigError
+from migrate.guest import ensure_guest
+from migrate.lab import Lab
+from migrate.plan import BandwidthHint, allowed, plan_migration
+from migrate.policy import Policy
+from migrate.presets import PRESET_NAMES, preset
+from migrate.qemu import QemuProcess
+from migrate.qmp import QmpSession
+from migrate.report import Predicted
+from migrate.strategy import ram_backing_file
+
+MIB = 1 << 20
 
 
 def register(sub: Any) -> None:
-    """Not implemented yet: registers nothing."""
-    del sub
+    plan = sub.add_parser(
+        "plan",
+        help="predict a migration: dirty rate, bandwidth, time and downtime per setting",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = plan.add_mutually_exclusive_group(required=True)
+    where.add_argument("--source-qmp", type=Path, help="QMP socket of the running VM")
+    where.add_argument("--lab", action="store_true", help="boot the test guest in the lab (root)")
+    plan.add_argument("--link-mbit", type=_positive, default=None,
+                      help="migration link speed in Mbit/s (with --source-qmp)")  # fmt: skip
+    plan.add_argument("--policy", choices=PRESET_NAMES, default="livemig")
+    plan.add_argument("--max-downtime-ms", type=_positive, default=None)
+    plan.add_argument("--workload", default="openssl",
+                      help="with --lab: idle | openssl | dirty:MIBPS | openssl+dirty:MIBPS")  # fmt: skip
+    plan.add_argument("--memory-mib", type=int, default=256)
+    plan.add_argument("--dirty-mib", type=int, default=64)
+    plan.add_argument("--bandwidth-mbit", type=_positive, default=None,
+                      help="with --lab: cap the lab's migration link (Mbit/s)")  # fmt: skip
+    plan.add_argument("--calc-time-s", type=int, default=1, choices=range(1, 61),
+                      metavar="S", help="dirty-rate measurement window (1-60 s)")  # fmt: skip
+    plan.add_argument("--log-dir", type=Path, default=None)
+    plan.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    plan.set_defaults(func=_plan)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _plan(args: argparse.Namespace) -> int:
+    policy = preset(args.policy)
+    if args.max_downtime_ms is not None:
+        policy = dataclasses.replace(policy, max_downtime_ms=args.max_downtime_ms)
+    environment: DemoEnvironment | None = None
+    if args.lab:
+        config = DemoConfig(
+            workload=Workload.parse(args.workload),
+            memory_mib=args.memory_mib,
+            dirty_mib=args.dirty_mib,
+            bandwidth_mbit=args.bandwidth_mbit,
+            policy=policy,
+            log_dir=args.log_dir,
+        )
+        predicted, environment = asyncio.run(plan_on_lab(config, args.calc_time_s))
+    else:
+        if not args.source_qmp.exists():
+            raise ConfigError(f"no QMP socket at {args.source_qmp}")
+        bandwidth = BandwidthHint.for_policy(policy, args.link_mbit)
+        predicted = asyncio.run(_plan_qmp(args.source_qmp, policy, bandwidth, args.calc_time_s))
+    if args.json:
+        data: dict[str, Any] = to_dict(predicted)
+        data["policy"] = policy.name
+        if environment is not None:
+            data["environment"] = dataclasses.asdict(environment)
+        print_json(data)
+    else:
+        print(render_plan(predicted, policy))
+    return EXIT_OK
+
+
+async def _plan_qmp(path: Path, policy: Policy, bandwidth: BandwidthHint,
+                    calc_time_s: int) -> Predicted:  # fmt: skip
+    session = await QmpSession.connect(path, "plan", 5.0)
+    try:
+        status = await session.status()
+        if status not in ("running", "paused"):
+            raise ConfigError(f"no VM runs behind {path} (its state is {status!r})")
+        ram = await ram_backing_file(session)
+        return await plan_migration(session, policy, bandwidth, ram, calc_time_s)
+    finally:
+        await session.close()
+
+
+async def plan_on_lab(
+    config: DemoConfig, calc_time_s: int = 1
+) -> tuple[Predicted, DemoEnvironment]:
+    """Boot the test guest on lab host A with ``config``'s workload and forecast it."""
+    guest = await asyncio.to_thread(ensure_guest)
+    accel = await choose_accelerator(guest)
+    environment = DemoEnvironment(
+        accelerator=accel.accelerator.value,
+        accelerator_reason=accel.reason,
+        cpu_model=config.cpu_model or accel.cpu_model,
+        kernel=guest.kernel_version,
+        guest_key=guest.key,
+        workload=config.workload.text,
+        bandwidth_mbit=config.bandwidth_mbit,
+    )
+    with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
+        spec = guest_spec(config, guest, accel, lab.next_guest_address())
+        tap = lab.add_tap(lab.host_a)
+        vm = QemuProcess(
+            spec, role="source", netns=lab.host_a.netns, taps={"net0": tap},
+            log_dir=config.log_dir,
+        )  # fmt: skip
+        async with vm:
+            await wait_workload_started(vm, config.workload)
+            await asyncio.sleep(config.warmup_s)
+            bandwidth = BandwidthHint.for_policy(config.policy, config.bandwidth_mbit)
+            predicted = await plan_migration(
+                vm.qmp, config.policy, bandwidth, vm.ram_path, calc_time_s
+            )
+    return predicted, environment
+
+
+def _ms(value: float) -> str:
+    return f"{value / 1e3:.1f} s" if value >= 10_000 else f"{value:.0f} ms"
+
+
+def render_plan(predicted: Predicted, policy: Policy) -> str:
+    """The forecast as text: measurements, one line per setting, recommendation."""
+    p = predicted
+    lines = [
+        f"plan for policy {policy.name} (measured in {p.measure_time_ms:.0f} ms)",
+        f"  RAM:         {p.ram_bytes / MIB:.0f} MiB"
+        + (f", {p.nonzero_ram_bytes / MIB:.0f} MiB non-zero" if p.nonzero_ram_bytes else ""),
+        f"  dirty rate:  {p.dirty_rate_bytes_per_s / MIB:.1f} MiB/s ({p.dirty_rate_method})",
+        f"  bandwidth:   {p.bandwidth_bytes_per_s / MIB:.1f} MiB/s ({p.bandwidth_source})",
+    ]
+    if p.compression_ratios:
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in sorted(p.compression_ratios.items()))
+        speed = p.compression_speed_bytes_per_s
+        lines.append(
+            f"  compression: {ratios}"
+            + (f" (zstd {speed / MIB:.0f} MiB/s on one core)" if speed else "")
+        )
+    lines.append(
+        f"  {'setting':<44} {'ends':>5} {'rounds':>6} {'total':>8} {'downtime':>9}  policy"
+    )
+    for f in p.forecasts:
+        lines.append(
+            f"  {f.setting:<44} {'yes' if f.converges else 'no':>5} {f.rounds:>6} "
+            f"{_ms(f.total_time_ms):>8} {_ms(f.downtime_ms):>9}  "
+            f"{'allowed' if allowed(f, policy) else 'not allowed'}"
+        )
+    lines.append(f"  recommendation: {p.recommendation} — {p.recommendation_reason}")
+    if p.policy_forecast is not None:
+        f = p.policy_forecast
+        lines.append(
+            f"  policy {policy.name} would run as: {f.setting}, {_ms(f.total_time_ms)}, "
+            f"downtime {_ms(f.downtime_ms)}{'' if f.converges else ' (does not converge)'}"
+        )
+    return "\n".join(lines)

@@ -498,37 +498,35 @@ class LivemigController:
         return decisions
 
     def _compression_choice(self) -> tuple[str, str] | None:
-        """The compression the forecast says pays, and why (None: none pays)."""
+        """The compression of the plan's forecast for this policy, and why (None: none).
+
+        :mod:`migrate.plan` picks that forecast among the settings the policy allows
+        (and compression only on a known link), so controller and plan agree.
+        """
         predicted = self.predicted
         if not self.policy.compression_allowed or predicted is None:
             return None
-        plain = _forecast(predicted, "none")
-        if plain is None:
+        chosen = predicted.policy_forecast
+        if chosen is None or chosen.compression == "none":
             return None
-        best: tuple[str, Forecast] | None = None
-        for method in ("xbzrle", "zstd"):
-            candidate = _forecast(predicted, method)
-            if candidate is None:
-                continue
-            if method == "zstd" and self.policy.postcopy_allowed and not candidate.converges:
-                continue  # multifd would rule out the post-copy fallback (QEMU 7.2)
-            better = (candidate.converges and not plain.converges) or (
-                candidate.converges == plain.converges
-                and candidate.total_time_ms < 0.8 * plain.total_time_ms
-            )
-            if better and (best is None or candidate.total_time_ms < best[1].total_time_ms):
-                best = (method, candidate)
-        if best is None:
-            return None
-        method, forecast = best
-        ratio = predicted.compression_ratios.get(method, 1.0)
+        if chosen.compression == "zstd" and self.policy.postcopy_allowed and not chosen.converges:
+            return None  # multifd would rule out the post-copy fallback (QEMU 7.2)
+        plain = [
+            f
+            for f in predicted.forecasts
+            if f.compression == "none" and not f.postcopy and not f.throttle_pct
+            and f.downtime_limit_ms == chosen.downtime_limit_ms
+        ]  # fmt: skip
+        ratio = predicted.compression_ratios.get(chosen.compression, 1.0)
 
         def verdict(f: Forecast) -> str:
             return f"{f.total_time_ms / 1e3:.1f} s" + ("" if f.converges else " (no convergence)")
 
-        return method, (
-            f"{method} pays: ratio {ratio:.2f} at {_mib(predicted.bandwidth_bytes_per_s)}/s, "
-            f"forecast {verdict(forecast)} against {verdict(plain)} without"
+        against = f" against {verdict(plain[0])} without" if plain else ""
+        return chosen.compression, (
+            f"{chosen.compression} pays: ratio {ratio:.2f} at "
+            f"{_mib(predicted.bandwidth_bytes_per_s)}/s ({predicted.bandwidth_source}), "
+            f"forecast {verdict(chosen)}{against}"
         )
 
     # -- while it runs ---------------------------------------------------------------
@@ -741,20 +739,6 @@ class LivemigController:
             "post-copy not allowed" if not policy.postcopy_allowed else "post-copy unavailable"
         )
         return [abort(sample.time, f"{why}; nothing left to try ({', '.join(levers)})")]
-
-
-def _forecast(predicted: Predicted, compression: str) -> Forecast | None:
-    """The plain pre-copy forecast (no throttle, no post-copy) with ``compression``,
-    at the largest downtime limit forecast."""
-    matching = [
-        f
-        for f in predicted.forecasts
-        if f.compression == compression
-        and not f.postcopy
-        and f.throttle_pct == 0
-        and f.strategy == "native"
-    ]
-    return max(matching, key=lambda f: f.downtime_limit_ms) if matching else None
 
 
 def _xbzrle_cache(ram_bytes: int) -> int:

@@ -80,6 +80,7 @@ class DemoConfig:
     log_dir: Path | None = None
     cpu_model: str | None = None
     force: bool = False
+    predict: bool = True
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ async def run_demo(
                     strategy=config.strategy,
                     policy=config.policy,
                     link_mbit=config.bandwidth_mbit,
+                    predict=config.predict,
                     offline=config.offline,
                     verify=config.verify,
                     repair=config.repair,

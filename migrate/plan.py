@@ -91,7 +91,7 @@ class BandwidthHint:
             return cls(float(cap), f"policy cap {cap / MIB:g} MiB/s")
         return cls(
             float(QEMU_DEFAULT_BANDWIDTH),
-            "assumed: QEMU's default max-bandwidth 128 MiB/s (link speed unknown)",
+            f"{ASSUMED}: QEMU's default max-bandwidth 128 MiB/s (link speed unknown)",
         )
 
 
@@ -309,15 +309,30 @@ def _as_forecast(setting: _Setting, prediction: Prediction, fixed_ms: float,
     )
 
 
-def _settings(m: Measurement, policy: Policy, limits: Sequence[float]) -> list[_Setting]:
-    settings = [_Setting(f"native downtime-limit {limit:g} ms", limit) for limit in limits]
-    top = max(limits)
+def _settings(m: Measurement, limits: Sequence[float]) -> list[_Setting]:
+    methods = ["none"]
     if m.sample is not None:
-        settings.append(_Setting(f"native + multifd zstd, {top:g} ms", top, "zstd"))
+        methods.append("zstd")
         if m.sample.xbzrle_ratio is not None:
-            settings.append(_Setting(f"native + xbzrle, {top:g} ms", top, "xbzrle"))
+            methods.append("xbzrle")
+    label = {"none": "native", "zstd": "native + multifd zstd", "xbzrle": "native + xbzrle"}
+    settings = [
+        _Setting(f"{label[method]}, downtime-limit {limit:g} ms", limit, method)
+        for method in methods
+        for limit in limits
+    ]
+    top = max(limits)
     settings.append(_Setting(f"post-copy after the bulk round, {top:g} ms", top, postcopy=True))
     return settings
+
+
+#: How :class:`BandwidthHint` marks a bandwidth nobody measured or configured.
+ASSUMED = "assumed"
+
+
+def bandwidth_known(predicted: Predicted) -> bool:
+    """Whether the forecast's bandwidth is a known link or cap (not an assumption)."""
+    return not predicted.bandwidth_source.startswith(ASSUMED)
 
 
 def allowed(forecast: Forecast, policy: Policy) -> bool:
@@ -343,7 +358,7 @@ def forecast(
     limits = sorted({start_ms, min(policy.max_downtime_ms, 300.0), policy.max_downtime_ms})
     fixed_ms = device_state_bytes / bandwidth.bytes_per_s * 1e3 + resume_overhead_ms
     results: list[Forecast] = []
-    for setting in _settings(m, policy, limits):
+    for setting in _settings(m, limits):
         scenario = _scenario(m, bandwidth, setting)
         prediction = predict_postcopy(scenario) if setting.postcopy else predict(scenario)
         results.append(_as_forecast(setting, prediction, fixed_ms, device_state_bytes))
@@ -357,7 +372,8 @@ def forecast(
         )  # fmt: skip
         prediction = predict(_scenario(m, bandwidth, setting))
         results.append(_as_forecast(setting, prediction, fixed_ms, device_state_bytes))
-    recommendation, why = _recommend(results, policy)
+    known = not bandwidth.source.startswith(ASSUMED)
+    recommendation, why = _recommend(results, policy, known)
     return Predicted(
         ram_bytes=m.ram_bytes,
         dirty_rate_bytes_per_s=m.dirty_rate_bytes_per_s,
@@ -372,7 +388,7 @@ def forecast(
         nonzero_ram_bytes=m.nonzero_ram_bytes,
         compression_ratios=_ratios(m),
         compression_speed_bytes_per_s=m.sample.zstd_bytes_per_s if m.sample else None,
-        policy_forecast=policy_forecast(results, policy),
+        policy_forecast=policy_forecast(results, policy, known),
         measure_time_ms=m.measure_time_ms,
     )
 
@@ -390,8 +406,15 @@ def _rank(f: Forecast) -> tuple[bool, float, float]:
     return (not f.converges, round(f.downtime_ms, 1), f.total_time_ms)
 
 
-def _recommend(results: Sequence[Forecast], policy: Policy) -> tuple[str, str]:
-    permitted = [f for f in results if allowed(f, policy)]
+def _candidates(results: Sequence[Forecast], policy: Policy, known: bool) -> list[Forecast]:
+    # Compression trades CPU for link time: only a known, slower link makes that a
+    # bet worth taking (on the uncapped lab link zstd was no faster: 0.73-1.4 s
+    # against 0.72-0.77 s plain, 2 cores shared with the guest).
+    return [f for f in results if allowed(f, policy) and (known or f.compression == "none")]
+
+
+def _recommend(results: Sequence[Forecast], policy: Policy, known: bool = True) -> tuple[str, str]:
+    permitted = _candidates(results, policy, known)
     converging = [f for f in permitted if f.converges]
     if converging:
         # Least downtime, unless a setting is much faster for little more downtime.
@@ -414,11 +437,13 @@ def _recommend(results: Sequence[Forecast], policy: Policy) -> tuple[str, str]:
     )
 
 
-def policy_forecast(results: Sequence[Forecast], policy: Policy) -> Forecast | None:
+def policy_forecast(
+    results: Sequence[Forecast], policy: Policy, known: bool = True
+) -> Forecast | None:
     """The forecast for how ``policy`` would run: its controller's best allowed setting
     (livemig), else its start settings (fixed schedules)."""
     if policy.controller == "livemig":
-        permitted = [f for f in results if allowed(f, policy)]
+        permitted = _candidates(results, policy, known)
         converging = [f for f in permitted if f.converges]
         pool = converging or [f for f in permitted if not f.postcopy and f.throttle_pct == 0]
         return min(pool, key=_rank) if pool else None
@@ -489,10 +514,11 @@ def _payload_rates(samples: Sequence[Sample]) -> list[float]:
 
 def with_policy(predicted: Predicted, policy: Policy) -> Predicted:
     """The same forecasts judged for another policy (recommendation, policy forecast)."""
-    recommendation, why = _recommend(predicted.forecasts, policy)
+    known = bandwidth_known(predicted)
+    recommendation, why = _recommend(predicted.forecasts, policy, known)
     return dataclasses.replace(
         predicted,
         recommendation=recommendation,
         recommendation_reason=why,
-        policy_forecast=policy_forecast(predicted.forecasts, policy),
+        policy_forecast=policy_forecast(predicted.forecasts, policy, known),
     )
