@@ -165,6 +165,19 @@ class AgentProcess:
             return self._rebuild(failed.get("error") or {})
         return self._exit_error
 
+    async def wait_failure(self, timeout: float) -> StreamError | ConfigError | None:
+        """The agent's failure once it reports one or exits; None if neither within
+        ``timeout`` s (used to name the cause when the peer saw a broken stream)."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while (failure := self.failure) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+            return failure
+
     async def wait_event(self, name: str, timeout: float, since: int = 0) -> dict[str, Any]:
         """The first ``name`` event at index >= ``since``, waiting up to ``timeout`` s.
 

@@ -7,8 +7,10 @@ a receiver agent on the target host, which writes them into the target RAM file
 (:mod:`migrate.pagestream.protocol`). Rounds repeat until the dirty set is small
 enough for the policy's downtime limit (:mod:`migrate.pagestream.planner`); then::
 
-    stop source → final scan + delta → receiver: "applied" → migrate (device state
-    only: x-ignore-shared) → target loaded → digests agree → cont on the target
+    migrate (x-ignore-shared: QEMU sends only its ~450 KB of non-shared RAM while
+    the guest runs, then stops the VM and waits: pause-before-switchover)
+    → final scan + delta → receiver: "applied" → migrate-continue (device state)
+    → target loaded → digests agree → cont on the target
 
 The stream's final digest (source RAM at stop vs target RAM after the last
 round) and, where both files are mappable here, the engine's own comparison must
@@ -71,6 +73,8 @@ from migrate.strategy import (
 )
 
 _TCP_URI: Final = re.compile(r"^tcp:(?P<host>\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):(?P<port>\d+)$")
+#: How long a sender error waits for the receiver to report the cause (seconds).
+_PEER_REPORT_S: Final = 2.0
 #: Commands that only make sense for QEMU's RAM stream, which pagestream replaces.
 _NOT_APPLICABLE: Final = frozenset({"migrate-set-capabilities", "migrate-start-postcopy"})
 
@@ -331,6 +335,8 @@ class _PagestreamRun:
             self.running = False
         # Before migrate/migrate-incoming, on both sides: QEMU's stream skips shared RAM.
         await set_capabilities((source, target), {"events": True, "x-ignore-shared": True})
+        # The source stops short of device state until pagestream's final round is in.
+        await set_capabilities((source,), {"pause-before-switchover": True})
         context = ControlContext(ram_bytes=self.start.ram_bytes, started_monotonic=self.t0)
         for decision in self.controller.start(context):
             await self._apply(decision)
@@ -433,12 +439,27 @@ class _PagestreamRun:
     async def _switchover(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
         assert self.sender is not None and self.receiver is not None
         request, source = self.request, self.source
-        if self.running:
-            await source.execute("stop")
-            self.running = False
+        timeout = self.options.switchover_timeout_s
+        # QEMU's own stream starts while the guest still runs: it carries only the
+        # RAM blocks outside the shared backend (BIOS, option ROMs, ACPI: ~450 KB),
+        # then QEMU stops the VM and waits before device state (pause-before-switchover).
+        self.marks["migrate"] = time.time()
+        await source.execute("migrate", {"uri": request.migration_uri})
+        paused = await src_log.wait_for(
+            "MIGRATION",
+            migration_status_is("pre-switchover", "completed", "failed", "cancelled"),
+            timeout,
+        )
+        if paused is None or paused.data.get("status") != "pre-switchover":
+            info = await source.execute("query-migrate")
+            raise MigrationError(
+                str(info.get("error-desc") or f"QEMU's migration ended {info.get('status')!r} "
+                    "before device state")
+            )  # fmt: skip
+        self.running = False
+        self.marks["pre_switchover"] = paused.timestamp
         if self.comparison is not None:
             self.comparison.source_stopped()
-        timeout = self.options.switchover_timeout_s
         final_task = asyncio.create_task(self._sender_call("final", timeout=timeout))
         applied_task = asyncio.create_task(self.receiver.wait_event("applied", timeout))
         try:
@@ -448,8 +469,8 @@ class _PagestreamRun:
             applied = await applied_task
             self.marks["applied"] = float(applied["time"])
             # Every page is in target RAM: QEMU may load device state (virtio reads rings).
-            self.marks["migrate"] = time.time()
-            await source.execute("migrate", {"uri": request.migration_uri})
+            self.marks["continue"] = time.time()
+            await source.execute("migrate-continue", {"state": "pre-switchover"})
             final = await final_task
             self.marks["final_reply"] = time.time()
         finally:
@@ -498,8 +519,12 @@ class _PagestreamRun:
         try:
             return await self.sender.call(command, args, timeout)
         except StreamError as exc:
-            failure = self.receiver.failure if self.receiver is not None else None
-            if failure is not None and exc.kind in ("transport", "agent"):
+            if self.receiver is None or exc.kind not in ("transport", "agent"):
+                raise
+            # A broken stream seen by the sender usually has its cause on the other
+            # end (a frame refused, the receiver gone): name that cause if it comes.
+            failure = await self.receiver.wait_failure(_PEER_REPORT_S)
+            if failure is not None:
                 raise failure from exc
             raise
 
