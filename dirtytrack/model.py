@@ -309,8 +309,9 @@ def predict_postcopy(scenario: PrecopyScenario, precopy_rounds: int = 1) -> Pred
         scenario.wire_bytes(v, resent=True) for v in [*sent[1:], last.remaining_bytes]
     )
     fits = downtime <= scenario.downtime_limit_s
+    pause = f"pause {downtime * 1e3:.0f} ms, then " if downtime else ""
     reason = (
-        f"post-copy after {len(sent)} round(s): pause {downtime * 1e3:.0f} ms, then "
+        f"post-copy after {len(sent)} round(s): {pause}"
         f"{_mib(last.remaining_bytes)} follow on demand in {postcopy_s:.1f} s"
         if fits
         else f"device state and resume alone take {downtime * 1e3:.0f} ms, over the "

@@ -443,6 +443,7 @@ class LivemigController:
         self._stalled = 0
         self._wait_until_round = 0
         self._throttle_applied_round: int | None = None
+        self._throttle_decided_round = 0
         self._last: Sample | None = None
 
     # -- before the start ------------------------------------------------------------
@@ -682,15 +683,16 @@ class LivemigController:
                   why: str) -> list[Decision]:  # fmt: skip
         policy = self.policy
         ceiling = min(policy.max_throttle_pct, 99)
+        if self.throttle_target:
+            applied = self._throttle_applied_round
+            if applied is None and current.sync - self._throttle_decided_round > 4:
+                # QEMU's trigger (dirty > 50 % of sent, twice) never fired: go on.
+                applied = self._throttle_applied_round = self._throttle_decided_round
+            if applied is None or current.sync <= applied or not self._stalled:
+                return []  # the last level has not acted for a whole round yet, or it works
         if not self.auto_converge or self.throttle_target >= ceiling:
             # Give up only on what was seen: a round that did not shrink.
             return self._last_resort(sample, why) if self._stalled else []
-        if self.throttle_target and (
-            self._throttle_applied_round is None
-            or current.sync <= self._throttle_applied_round
-            or not self._stalled
-        ):
-            return []  # the last level has not acted for a whole round yet, or it works
         if self.throttle_target == 0:
             needed = required_throttle(scenario)
             linear = 99 if needed is None else math.ceil(needed * 100)
@@ -706,6 +708,7 @@ class LivemigController:
         previous = max(self.throttle_target, 1)
         self.throttle_target = target
         self._throttle_applied_round = None
+        self._throttle_decided_round = current.sync
         return [
             set_parameters(
                 sample.time,

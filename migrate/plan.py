@@ -170,14 +170,14 @@ def xbzrle_size(old: npt.NDArray[np.uint64], new: npt.NDArray[np.uint64]) -> int
     changed bytes; this counts runs of differing bytes, a close upper bound.
     Returns a page's size plus header when the encoding would not be shorter.
     """
-    a = old.view(np.uint8)
-    b = new.view(np.uint8)
-    diff = a != b
+    diff = old.view(np.uint8) != new.view(np.uint8)
     changed = int(diff.sum())
     if changed == 0:
         return 0
-    edges = int(np.count_nonzero(np.diff(diff.astype(np.int8)))) + 1
-    size = changed + edges * 2
+    # Run boundaries; every run's length is a ULEB128 (1 byte below 128, else 2).
+    bounds = np.flatnonzero(np.diff(diff.astype(np.int8))) + 1
+    lengths = np.diff(np.concatenate(([0], bounds, [len(diff)])))
+    size = changed + int(np.where(lengths < 128, 1, 2).sum())
     return size if size < PAGE_SIZE else PAGE_SIZE + XBZRLE_HEADER
 
 
@@ -406,6 +406,17 @@ def _rank(f: Forecast) -> tuple[bool, float, float]:
     return (not f.converges, round(f.downtime_ms, 1), f.total_time_ms)
 
 
+#: Downtimes this close count as equal when choosing: then the quicker one wins.
+DOWNTIME_TOLERANCE_MS = 50.0
+
+
+def _pick(forecasts: Sequence[Forecast]) -> Forecast:
+    """The least downtime (within :data:`DOWNTIME_TOLERANCE_MS`), then the least time."""
+    least = min(f.downtime_ms for f in forecasts)
+    close = [f for f in forecasts if f.downtime_ms <= least + DOWNTIME_TOLERANCE_MS]
+    return min(close, key=lambda f: (f.total_time_ms, f.downtime_ms))
+
+
 def _candidates(results: Sequence[Forecast], policy: Policy, known: bool) -> list[Forecast]:
     # Compression trades CPU for link time: only a known, slower link makes that a
     # bet worth taking (on the uncapped lab link zstd was no faster: 0.73-1.4 s
@@ -417,14 +428,7 @@ def _recommend(results: Sequence[Forecast], policy: Policy, known: bool = True) 
     permitted = _candidates(results, policy, known)
     converging = [f for f in permitted if f.converges]
     if converging:
-        # Least downtime, unless a setting is much faster for little more downtime.
-        best = min(converging, key=_rank)
-        quicker = min(converging, key=lambda f: f.total_time_ms)
-        if (
-            quicker.total_time_ms < 0.5 * best.total_time_ms
-            and quicker.downtime_ms <= best.downtime_ms + 50
-        ):
-            best = quicker
+        best = _pick(converging)
         return best.setting, (
             f"converges in {best.total_time_ms / 1e3:.1f} s with {best.downtime_ms:.0f} ms "
             f"downtime, within policy {policy.name}"
@@ -445,7 +449,9 @@ def policy_forecast(
     if policy.controller == "livemig":
         permitted = _candidates(results, policy, known)
         converging = [f for f in permitted if f.converges]
-        pool = converging or [f for f in permitted if not f.postcopy and f.throttle_pct == 0]
+        if converging:
+            return _pick(converging)
+        pool = [f for f in permitted if not f.postcopy and f.throttle_pct == 0]
         return min(pool, key=_rank) if pool else None
     start = min(policy.downtime_limit_ms, policy.max_downtime_ms)
     plain = [

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Column
 
 from migrate.codec import to_dict
 from migrate.controller import BandwidthEstimator, remaining_time_ms
@@ -137,8 +138,8 @@ class ProgressState:
         eta: float | None = None
         if self.finished or (self.round and not self.remaining):
             eta = 0.0
-        elif rate is not None and dirty is not None and self.remaining:
-            eta = remaining_time_ms(self.remaining, dirty, rate)
+        elif rate is not None and self.remaining:
+            eta = remaining_time_ms(self.remaining, dirty or 0.0, rate)
         elif rate is None and self.predicted_total_ms is not None:
             eta = max(0.0, self.predicted_total_ms - self.elapsed_ms)
         return ProgressView(
@@ -172,10 +173,11 @@ def describe(view: ProgressView) -> str:
     """One line of figures beside the bar."""
     limit = "-" if view.downtime_limit_ms is None else f"{view.downtime_limit_ms:.0f} ms"
     throttle = f" | throttle {view.throttle_pct}%" if view.throttle_pct else ""
+    # Most telling first: a narrow terminal cuts the end.
     return (
-        f"{_rate(view.rate_bytes_per_s)} | left {view.remaining_bytes / MIB:.1f} MiB | "
-        f"dirty {_rate(view.dirty_rate_bytes_per_s)} | round {view.round} | "
-        f"ETA {_eta(view.eta_ms)} | limit {limit}{throttle}"
+        f"left {view.remaining_bytes / MIB:.1f} MiB | {_rate(view.rate_bytes_per_s)} | "
+        f"ETA {_eta(view.eta_ms)} | round {view.round} | "
+        f"dirty {_rate(view.dirty_rate_bytes_per_s)} | limit {limit}{throttle}"
     )
 
 
@@ -191,9 +193,9 @@ class ProgressBar:
         self.console = Console(file=stream, force_terminal=True, highlight=False)
         # Phase and percent first: a narrow terminal cuts the figures, not those.
         self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=24),
-            TextColumn("{task.fields[figures]}"),
+            TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=17)),
+            BarColumn(bar_width=20, table_column=Column(min_width=20)),
+            TextColumn("{task.fields[figures]}", table_column=Column(no_wrap=True)),
             console=self.console,
             auto_refresh=False,
             transient=False,
@@ -220,7 +222,8 @@ class ProgressBar:
             self._task,
             completed=view.percent,
             description=f"{view.phase:<10} {view.percent:5.1f}%",
-            figures=describe(view),
+            # Cut here: rich would rather squeeze the bar out than wrap the text.
+            figures=describe(view)[: max(0, self.console.width - 42)],
         )
         self.progress.refresh()
 

@@ -1,0 +1,229 @@
+"""Prediction before start: measurement (with a fake QMP), RAM sampling, forecasts."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from migrate.codec import from_dict, to_dict
+from migrate.phase import Phase
+from migrate.plan import (
+    BandwidthHint,
+    Measurement,
+    RamSample,
+    allowed,
+    bandwidth_known,
+    forecast,
+    measure,
+    measure_dirty_rate,
+    measured_from,
+    sample_ram,
+    with_policy,
+    xbzrle_size,
+)
+from migrate.presets import preset
+from migrate.qmp import QmpSession
+from migrate.report import Decision, MigrationReport, Predicted, Sample, Status, Timeline
+
+MIB = 1 << 20
+
+
+class FakeQmp:
+    """Answers the commands the measurement sends, records them."""
+
+    def __init__(self, rate_mibps: int = 12, status: str = "running", polls: int = 2) -> None:
+        self.sent: list[tuple[str, dict[str, Any] | None]] = []
+        self.rate = rate_mibps
+        self.vm_status = status
+        self.polls = polls
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        self.sent.append((command, arguments))
+        if command == "query-memory-size-summary":
+            return {"base-memory": 128 * MIB}
+        if command == "calc-dirty-rate":
+            return {}
+        if command == "query-dirty-rate":
+            self.polls -= 1
+            status = "measured" if self.polls <= 0 else "measuring"
+            return {"status": status, "dirty-rate": self.rate, "mode": "page-sampling"}
+        raise AssertionError(f"unexpected command {command}")
+
+    async def status(self) -> str:
+        return self.vm_status
+
+
+def _session(fake: FakeQmp) -> QmpSession:
+    return fake  # type: ignore[return-value]
+
+
+def test_dirty_rate_uses_page_sampling_never_the_bitmap_mode() -> None:
+    fake = FakeQmp(rate_mibps=12)
+    rate, method = asyncio.run(measure_dirty_rate(_session(fake), 128 * MIB))
+    assert rate == 12 * MIB
+    calc = [args for cmd, args in fake.sent if cmd == "calc-dirty-rate"]
+    assert calc == [{"calc-time": 1, "sample-pages": 4096, "mode": "page-sampling"}]
+    assert "512 pages sampled" in method
+
+
+def test_a_paused_vm_is_not_measured(tmp_path: Path) -> None:
+    fake = FakeQmp(status="paused")
+    m = asyncio.run(measure(_session(fake), None))
+    assert m.dirty_rate_bytes_per_s == 0 and "paused" in m.dirty_rate_method
+    assert not [cmd for cmd, _ in fake.sent if cmd == "calc-dirty-rate"]
+
+
+def _ram_file(tmp_path: Path) -> Path:
+    """16 MiB: a quarter zero pages, a quarter random, half a repeated text."""
+    pages = 4096
+    rng = np.random.default_rng(7)
+    ram = np.zeros((pages, 512), dtype=np.uint64)
+    ram[1024:2048] = rng.integers(0, 2**63, size=(1024, 512), dtype=np.uint64)
+    text = np.frombuffer(b"livemig!" * 256 + b"planplan" * 256, dtype=np.uint64)
+    ram[2048:] = text
+    path = tmp_path / "ram"
+    ram.tofile(path)
+    return path
+
+
+def test_sample_ram_counts_zero_pages_and_compression(tmp_path: Path) -> None:
+    path = _ram_file(tmp_path)
+    sample, copy = sample_ram(path, pages=2048, seed=3)
+    assert sample.pages == 2048 and copy.shape == (2048, 512)
+    assert 0.18 < sample.zero_fraction < 0.32
+    # A third of the non-zero pages is random, two thirds compress very well.
+    assert 1.3 < sample.zstd_ratio < 3.5
+    assert sample.zstd_bytes_per_s > 0 and sample.xbzrle_ratio is None
+    # Change a few words in some pages, then sample again: xbzrle sends only those.
+    ram = np.memmap(path, dtype=np.uint64, mode="r+").reshape(-1, 512)
+    ram[2048:2100, 5] += np.uint64(1)
+    ram.flush()
+    del ram
+    again, _ = sample_ram(path, pages=2048, seed=3, before=copy)
+    assert again.changed_fraction is not None and 0 < again.changed_fraction < 0.05
+    assert again.xbzrle_ratio is not None and again.xbzrle_ratio > 50
+
+
+def test_xbzrle_size() -> None:
+    old = np.zeros(512, dtype=np.uint64)
+    assert xbzrle_size(old, old.copy()) == 0
+    new = old.copy()
+    new[0] = np.uint64(0xFF)
+    assert xbzrle_size(old, new) == 1 + 1 + 2  # a byte, two run lengths (upper bound)
+    scrambled = np.random.default_rng(1).integers(0, 2**63, size=512, dtype=np.uint64)
+    assert xbzrle_size(old, scrambled) == 4096 + 3  # goes plain
+
+
+def _measurement(rate_mibps: float, nonzero_mib: float = 100, zstd: float = 2.5,
+                 xbzrle: float | None = 1.5) -> Measurement:  # fmt: skip
+    return Measurement(
+        ram_bytes=128 * MIB,
+        dirty_rate_bytes_per_s=rate_mibps * MIB,
+        dirty_rate_method="test",
+        sample=RamSample(
+            pages=2048,
+            zero_fraction=1 - nonzero_mib / 128,
+            zstd_ratio=zstd,
+            zstd_bytes_per_s=400 * MIB,
+            xbzrle_ratio=xbzrle,
+            changed_fraction=0.01,
+        ),
+        measure_time_ms=1000,
+    )
+
+
+def test_forecast_on_a_known_slow_link_recommends_compression() -> None:
+    link = BandwidthHint.from_link_mbit(80)
+    assert link.bytes_per_s == pytest.approx(10e6 * 1448 / 1514)
+    predicted = forecast(_measurement(0.5), link, preset("livemig"))
+    names = [f.setting for f in predicted.forecasts]
+    assert "native, downtime-limit 20 ms" in names and "native, downtime-limit 300 ms" in names
+    assert any(f.compression == "zstd" for f in predicted.forecasts)
+    assert predicted.recommendation.startswith("native + multifd zstd")
+    assert predicted.policy_forecast is not None
+    assert predicted.policy_forecast.compression == "zstd"
+    plain = next(f for f in predicted.forecasts if f.setting == "native, downtime-limit 20 ms")
+    # 100 MiB at ~9.1 MiB/s, then a little more.
+    assert 10_000 < plain.total_time_ms < 13_000 and plain.converges
+    # Device state and the RAM check are on top of every forecast downtime.
+    assert plain.downtime_ms >= 600_000 / link.bytes_per_s * 1e3 + 15
+    data = json.loads(json.dumps(to_dict(predicted)))
+    assert from_dict(Predicted, data) == predicted
+
+
+def test_an_assumed_bandwidth_never_bets_on_compression() -> None:
+    hint = BandwidthHint.for_policy(preset("livemig"))
+    assert hint.source.startswith("assumed") and hint.bytes_per_s == 128 * MIB
+    predicted = forecast(_measurement(0.5), hint, preset("livemig"))
+    assert not bandwidth_known(predicted)
+    assert predicted.policy_forecast is not None
+    assert predicted.policy_forecast.compression == "none"
+    assert "zstd" not in predicted.recommendation
+
+
+def test_bandwidth_hint_sources() -> None:
+    capped = dataclasses.replace(preset("livemig"), max_bandwidth_bytes_per_s=5 * MIB)
+    assert BandwidthHint.for_policy(capped).source == "policy cap 5 MiB/s"
+    assert BandwidthHint.for_policy(capped, 1000).bytes_per_s == 5 * MIB  # cap below the link
+    assert BandwidthHint.for_policy(preset("nova"), 80).source == "link cap 80 Mbit/s"
+
+
+def test_a_guest_outrunning_the_link_gets_no_converging_plain_setting() -> None:
+    link = BandwidthHint.from_link_mbit(80)
+    m = _measurement(20, zstd=1.0, xbzrle=1.0)
+    predicted = forecast(m, link, preset("livemig"))
+    plain = [f for f in predicted.forecasts if not f.postcopy and not f.throttle_pct]
+    assert not any(f.converges for f in plain)
+    assert predicted.recommendation == "do not migrate now"
+    assert "post-copy after the bulk round" in predicted.recommendation_reason
+    throttled = [f for f in predicted.forecasts if f.throttle_pct]
+    assert throttled and throttled[0].converges and not allowed(throttled[0], preset("livemig"))
+    # A policy that allows post-copy gets it recommended.
+    lenient = dataclasses.replace(preset("livemig"), postcopy_allowed=True)
+    judged = with_policy(predicted, lenient)
+    assert judged.recommendation.startswith("post-copy")
+    assert judged.policy_forecast is not None and judged.policy_forecast.postcopy
+
+
+def test_peer_policies_are_forecast_at_their_start_limit() -> None:
+    link = BandwidthHint.from_link_mbit(200)
+    predicted = forecast(_measurement(1), link, preset("qemu-default"))
+    assert predicted.policy_forecast is not None
+    assert predicted.policy_forecast.downtime_limit_ms == 300
+    assert predicted.policy_forecast.compression == "none"
+
+
+def _report(samples: list[Sample], total_ms: float, downtime: float | None) -> MigrationReport:
+    return MigrationReport(
+        status=Status.COMPLETED, strategy="native", mode="live", vm="vm", source="a", target="b",
+        policy="livemig", phase=Phase.COMPLETED, total_time_ms=total_ms, ram_bytes=128 * MIB,
+        timeline=Timeline(started_at=0.0), downtime_ms=downtime, precopy_rounds=3,
+        samples=tuple(samples),
+        decisions=(Decision(0, "set-parameters", "x", "migrate-set-parameters",
+                            {"downtime-limit": 20}),),
+    )  # fmt: skip
+
+
+def test_measured_against_predicted() -> None:
+    samples = [
+        Sample(time=0, elapsed_ms=ms, status="active", ram_transferred_bytes=int(ms * 10 * MIB / 1e3),
+               dirty_pages_rate=256, dirty_sync_count=1 + int(ms >= 900))
+        for ms in range(0, 1000, 100)
+    ]  # fmt: skip
+    predicted = forecast(_measurement(1), BandwidthHint.from_link_mbit(80), preset("livemig"))
+    assert predicted.policy_forecast is not None
+    expected_ms = predicted.policy_forecast.total_time_ms
+    measured = measured_from(_report(samples, expected_ms * 1.1, 5.0), predicted)
+    assert measured.bandwidth_bytes_per_s == pytest.approx(10 * MIB)
+    assert measured.dirty_rate_bytes_per_s == 256 * 4096
+    assert measured.final_downtime_limit_ms == 20
+    assert measured.total_time_error_pct == pytest.approx(10.0)
+    assert measured.rounds == 3 and not measured.postcopy
+    bare = measured_from(_report([], 100, None), None)
+    assert bare.total_time_error_pct is None and bare.bandwidth_bytes_per_s is None
