@@ -160,9 +160,7 @@ class QemuProcess:
         self.site = LaunchSite(
             qmp_socket=self.workdir / "qmp.sock",
             serial_socket=self.workdir / "serial.sock",
-            ram_path=(
-                self.workdir / "ram" if spec.ram_backend is RamBackendKind.SHARED_FILE else None
-            ),
+            ram_path=self._ram_file(spec, role),
             taps=self.taps,
             incoming=incoming,
             paused=paused,
@@ -172,6 +170,14 @@ class QemuProcess:
         self.console = SerialConsole(self.serial_log)
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QmpSession | None = None
+
+    def _ram_file(self, spec: VMSpec, role: str) -> Path | None:
+        if spec.ram_backend is not RamBackendKind.SHARED_FILE:
+            return None
+        if spec.ram_dir is None:
+            return self.workdir / "ram"
+        # Outside the work dir (e.g. on hugetlbfs): named after it, removed at shutdown.
+        return spec.ram_dir / f"{self.workdir.name}.ram"
 
     async def __aenter__(self) -> QemuProcess:
         await self.launch()
@@ -287,6 +293,9 @@ class QemuProcess:
                 self._qmp = None
             await self.console.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
+            ram = self.site.ram_path
+            if ram is not None and ram.parent != self.workdir:
+                ram.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL QEMU now (fault injection, emergencies); :meth:`shutdown` still cleans up."""

@@ -76,6 +76,10 @@ class VMSpec:
     """Everything needed to start identical source and incoming QEMUs.
 
     Memory in MiB. ``kernel``/``initrd``/``append`` boot a kernel directly.
+    ``ram_dir`` is where a ``SHARED_FILE`` RAM backend's file goes (None: a
+    private directory under /dev/shm); a hugetlbfs mount there gives huge-page
+    backed guest RAM that the engine can still map (size a multiple of the huge
+    page size, and enough huge pages reserved).
     """
 
     name: str
@@ -91,6 +95,7 @@ class VMSpec:
     machine: str = "pc"
     binary: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = ()
+    ram_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not _ID_RE.match(self.name):

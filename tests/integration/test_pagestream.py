@@ -11,7 +11,7 @@ import dataclasses
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -304,5 +304,59 @@ def test_vm_without_shared_ram_is_refused_in_one_line(vms: VmFactory) -> None:
             assert "source and target VM has none" in lines[0]
             # Refused before anything changed: the VM runs on, the target still waits.
             assert source.alive and target.alive
+
+    asyncio.run(scenario())
+
+
+# --- huge pages -------------------------------------------------------------------------
+
+HUGEPAGES = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+@pytest.fixture
+def hugetlbfs(tmp_path: Path) -> Iterator[Path]:
+    """A hugetlbfs mount with 2 x 128 MiB of 2 MiB pages reserved; both undone after."""
+    total = HUGEPAGES / "nr_hugepages"
+    before = int(total.read_text())
+    wanted = 2 * 128 // 2
+    mount = tmp_path / "hugetlbfs"
+    mount.mkdir()
+    total.write_text(str(before + wanted))
+    try:
+        free = int((HUGEPAGES / "free_hugepages").read_text())
+        assert free >= wanted, f"only {free} free 2 MiB huge pages after reserving {wanted}"
+        subprocess.run(
+            ["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(mount)], check=True
+        )
+        try:
+            yield mount
+        finally:
+            subprocess.run(["umount", str(mount)], check=True)
+    finally:
+        total.write_text(str(before))
+
+
+def test_huge_page_backed_guest_moves_with_pagestream(vms: VmFactory, hugetlbfs: Path) -> None:
+    async def scenario() -> None:
+        spec, ip = vms.spec("dirty:8", memory_mib=128, dirty_mib=16)
+        spec = dataclasses.replace(spec, ram_dir=hugetlbfs)
+        free_before = int((HUGEPAGES / "free_hugepages").read_text())
+        async with vms.source(spec) as source:
+            await source.console.wait_for(r"^MEMDIRTY pass=", 60)
+            async with vms.target(spec) as target:
+                assert source.ram_path is not None and source.ram_path.parent == hugetlbfs
+                # Both RAMs come from huge pages: faulted in, or reserved by the mapping.
+                faulted = free_before - int((HUGEPAGES / "free_hugepages").read_text())
+                reserved = int((HUGEPAGES / "resv_hugepages").read_text())
+                assert faulted + reserved >= 2 * 128 // 2, (faulted, reserved)
+                pair = Pair(vms.lab, spec, source, target, ip)
+                report = await run_migration(_request(pair), source.qmp, target.qmp)
+                assert report.status is Status.COMPLETED, report.error
+                assert report.integrity is Integrity.OK and report.repaired_pages == 0
+                mark = len(target.console.lines)
+                line = await target.console.wait_for(r"^MEMDIRTY pass=", 30, since=mark)
+                assert " bad=0 " in line.text
+        assert list(hugetlbfs.iterdir()) == []  # RAM files removed with their QEMUs
+        assert agents_alive() == []
 
     asyncio.run(scenario())
