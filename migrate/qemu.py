@@ -160,7 +160,7 @@ class QemuProcess:
         self.site = LaunchSite(
             qmp_socket=self.workdir / "qmp.sock",
             serial_socket=self.workdir / "serial.sock",
-            ram_path=self._ram_file(spec, role),
+            ram_path=self._ram_file(spec),
             taps=self.taps,
             incoming=incoming,
             paused=paused,
@@ -171,7 +171,7 @@ class QemuProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QmpSession | None = None
 
-    def _ram_file(self, spec: VMSpec, role: str) -> Path | None:
+    def _ram_file(self, spec: VMSpec) -> Path | None:
         if spec.ram_backend is not RamBackendKind.SHARED_FILE:
             return None
         if spec.ram_dir is None:
