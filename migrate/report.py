@@ -243,10 +243,10 @@ class StreamStats:
     flags. ``zstd_batches`` counts the page batches sent at each zstd level
     ("raw": uncompressed), ``final_level`` is where the sender's tuning ended.
     ``switchover_ms`` marks pagestream's own switchover steps (ms after the
-    start, like :class:`Timeline`): ``migrate`` (QEMU's stream started, guest
-    still running), ``pre_switchover`` (QEMU stopped the VM and waits),
-    ``applied`` (the receiver holds the final round), ``continue`` (device state
-    released), ``final_reply`` (the sender finished, digest sent).
+    start, like :class:`Timeline`): ``migrate`` (QEMU's stream started, VM
+    stopped), ``pre_switchover`` (QEMU waits before device state), ``applied``
+    (the receiver holds the final round), ``continue`` (device state released),
+    ``final_reply`` (the sender finished, digest sent).
     """
 
     tracker: str

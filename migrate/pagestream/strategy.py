@@ -7,10 +7,9 @@ a receiver agent on the target host, which writes them into the target RAM file
 (:mod:`migrate.pagestream.protocol`). Rounds repeat until the dirty set is small
 enough for the policy's downtime limit (:mod:`migrate.pagestream.planner`); then::
 
-    migrate (x-ignore-shared: QEMU sends only its ~450 KB of non-shared RAM while
-    the guest runs, then stops the VM and waits: pause-before-switchover)
-    → final scan + delta → receiver: "applied" → migrate-continue (device state)
-    → target loaded → digests agree → cont on the target
+    stop → migrate (x-ignore-shared: QEMU sends only its ~450 KB of non-shared RAM,
+    then waits: pause-before-switchover) ‖ final scan + delta → receiver: "applied"
+    → migrate-continue (device state) → target loaded → digests agree → cont
 
 The stream's final digest (source RAM at stop vs target RAM after the last
 round) and, where both files are mappable here, the engine's own comparison must
@@ -440,32 +439,44 @@ class _PagestreamRun:
         assert self.sender is not None and self.receiver is not None
         request, source = self.request, self.source
         timeout = self.options.switchover_timeout_s
-        # QEMU's own stream starts while the guest still runs: it carries only the
-        # RAM blocks outside the shared backend (BIOS, option ROMs, ACPI: ~450 KB),
-        # then QEMU stops the VM and waits before device state (pause-before-switchover).
-        self.marks["migrate"] = time.time()
-        await source.execute("migrate", {"uri": request.migration_uri})
-        paused = await src_log.wait_for(
-            "MIGRATION",
-            migration_status_is("pre-switchover", "completed", "failed", "cancelled"),
-            timeout,
-        )
-        if paused is None or paused.data.get("status") != "pre-switchover":
-            info = await source.execute("query-migrate")
-            raise MigrationError(
-                str(info.get("error-desc") or f"QEMU's migration ended {info.get('status')!r} "
-                    "before device state")
-            )  # fmt: skip
-        self.running = False
-        self.marks["pre_switchover"] = paused.timestamp
+        # Stopped by us, not by QEMU: QEMU sends the runstate it finds at completion,
+        # so a target started without -S stays paused too, until the checks hold.
+        if self.running:
+            await source.execute("stop")
+            self.running = False
         if self.comparison is not None:
             self.comparison.source_stopped()
+        # QEMU's stream (x-ignore-shared: ~450 KB of BIOS/ROM blocks) crosses the link
+        # while the final scan runs, then waits before device state.
+        self.marks["migrate"] = time.time()
+        await source.execute("migrate", {"uri": request.migration_uri})
         final_task = asyncio.create_task(self._sender_call("final", timeout=timeout))
         applied_task = asyncio.create_task(self.receiver.wait_event("applied", timeout))
+        paused_task = asyncio.create_task(
+            src_log.wait_for(
+                "MIGRATION",
+                migration_status_is("pre-switchover", "completed", "failed", "cancelled"),
+                timeout,
+            )
+        )
+        tasks: tuple[asyncio.Task[Any], ...] = (final_task, applied_task, paused_task)
         try:
-            await asyncio.wait({final_task, applied_task}, return_when=asyncio.FIRST_COMPLETED)
-            if final_task.done() and final_task.exception() is not None:
-                await final_task  # raises the sender's error
+            pending: set[asyncio.Task[Any]] = {applied_task, paused_task}
+            while pending:
+                finished, _ = await asyncio.wait(
+                    {*pending, final_task}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if final_task in finished and final_task.exception() is not None:
+                    await final_task  # raises the sender's error
+                pending -= finished
+            paused = await paused_task
+            if paused is None or paused.data.get("status") != "pre-switchover":
+                info = await source.execute("query-migrate")
+                raise MigrationError(
+                    str(info.get("error-desc") or f"QEMU's migration ended "
+                        f"{info.get('status')!r} before device state")
+                )  # fmt: skip
+            self.marks["pre_switchover"] = paused.timestamp
             applied = await applied_task
             self.marks["applied"] = float(applied["time"])
             # Every page is in target RAM: QEMU may load device state (virtio reads rings).
@@ -474,7 +485,7 @@ class _PagestreamRun:
             final = await final_task
             self.marks["final_reply"] = time.time()
         finally:
-            for task in (final_task, applied_task):
+            for task in tasks:
                 if not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, StreamError):

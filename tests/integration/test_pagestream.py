@@ -27,6 +27,7 @@ from migrate.pagestream.strategy import PagestreamOptions, PagestreamStrategy
 from migrate.policy import Policy
 from migrate.presets import controller_for
 from migrate.qemu import QemuProcess
+from migrate.qmp import EventRecorder, migration_status_is
 from migrate.report import Integrity, MigrationReport, Status
 from migrate.strategy import HostEndpoint, MigrationRequest
 from migrate.vmspec import RamBackendKind
@@ -166,6 +167,39 @@ def test_corrupted_page_in_the_receiver_keeps_the_vm_on_the_source(vms: VmFactor
             assert await guest_answers(pair.lab, pair.guest_ip) > 10
             mark = len(pair.source.console.lines)
             await pair.source.console.wait_for(r"^OPENSSL ", 15, since=mark)
+            assert agents_alive() == []
+
+    asyncio.run(scenario())
+
+
+def test_target_without_dash_s_never_runs_unchecked(vms: VmFactory) -> None:
+    """The engine stops the VM itself, so the runstate QEMU sends is "paused": even a
+    target started without -S waits for the checks, and a bad page keeps it stopped."""
+
+    async def scenario() -> None:
+        spec, ip = vms.spec("openssl")
+        async with vms.source(spec) as source:
+            await source.console.wait_for(r"^OPENSSL ", 60)
+            target = QemuProcess(
+                spec, role="target", netns=vms.lab.host_b.netns,
+                taps={"net0": vms.lab.add_tap(vms.lab.host_b)}, incoming=True,
+                paused=False, log_dir=vms.log_dir,
+            )  # fmt: skip
+            async with target, EventRecorder(target.qmp) as target_events:
+                pair = Pair(vms.lab, spec, source, target, ip)
+                strategy = PagestreamStrategy(
+                    PagestreamOptions(receiver_fault=FaultPlan(corrupt_final_page=True))
+                )
+                request = _request(pair)
+                with pytest.raises(MigrationAborted):
+                    await strategy.run(
+                        request, source.qmp, target.qmp, controller_for(request.policy),
+                        EventBus(),
+                    )  # fmt: skip
+                assert target_events.find("MIGRATION", migration_status_is("completed"))
+                assert target_events.find("RESUME") is None
+                assert await target.wait_exited(10) is not None
+            assert await source.qmp.status() == "running"
             assert agents_alive() == []
 
     asyncio.run(scenario())
