@@ -97,7 +97,12 @@ class BandwidthHint:
 
 @dataclass(frozen=True)
 class RamSample:
-    """What a sample of guest pages shows (ratios are raw / compressed bytes)."""
+    """What a sample of guest pages shows (ratios are raw / compressed bytes).
+
+    ``zstd_changed_ratio`` is zstd's ratio on the sampled pages that changed during
+    the dirty-rate window: the pages later rounds send again (a guest's hot pages
+    may compress much worse than its RAM as a whole).
+    """
 
     pages: int
     zero_fraction: float
@@ -105,6 +110,7 @@ class RamSample:
     zstd_bytes_per_s: float
     xbzrle_ratio: float | None
     changed_fraction: float | None
+    zstd_changed_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -201,13 +207,17 @@ def sample_ram(
     spent = time.perf_counter() - start
     zstd_ratio = len(raw) / len(packed) if packed else 1.0
     speed = len(raw) / spent if raw and spent > 0 else 0.0
-    xbzrle_ratio = changed_fraction = None
+    xbzrle_ratio = changed_fraction = changed_ratio = None
     if before is not None and before.shape == copy.shape:
         changed = np.flatnonzero(np.any(before != copy, axis=1))
         changed_fraction = len(changed) / max(1, len(copy))
         if len(changed):
             encoded = sum(xbzrle_size(before[i], copy[i]) for i in changed)
             xbzrle_ratio = len(changed) * PAGE_SIZE / max(1, encoded)
+            hot = copy[changed].tobytes()
+            changed_ratio = max(
+                1.0, len(hot) / len(zstandard.ZstdCompressor(level=1).compress(hot))
+            )
     sample = RamSample(
         pages=len(copy),
         zero_fraction=zero_fraction,
@@ -215,6 +225,7 @@ def sample_ram(
         zstd_bytes_per_s=speed,
         xbzrle_ratio=xbzrle_ratio,
         changed_fraction=changed_fraction,
+        zstd_changed_ratio=changed_ratio,
     )
     return sample, copy
 
@@ -271,6 +282,8 @@ def _scenario(m: Measurement, bandwidth: BandwidthHint, setting: _Setting) -> Pr
     if setting.compression == "zstd" and m.sample is not None:
         ratio = m.sample.zstd_ratio
         throughput = m.sample.zstd_bytes_per_s or None
+        if m.sample.zstd_changed_ratio is not None:
+            resend = m.sample.zstd_changed_ratio / ratio
     elif setting.compression == "xbzrle" and m.sample is not None:
         resend = m.sample.xbzrle_ratio or 1.0
     rate = m.dirty_rate_bytes_per_s * (1 - setting.throttle_pct / 100)
