@@ -72,8 +72,9 @@ class MigrationRequest:
     ``cpu_model`` is the VM's ``-cpu`` string when known (QMP shows only the model
     name); ``source_host``/``target_host`` describe the hosts for preflight.
     ``predict`` measures the VM and forecasts the migration before it starts
-    (:mod:`migrate.plan`; about a second); ``link_mbit`` is the migration link's
-    speed when known (the forecast's bandwidth; otherwise a stated assumption).
+    (:mod:`migrate.plan`; about a second more before ``migrate``; the CLI and the
+    demo ask for it); ``link_mbit`` is the migration link's speed when known (the
+    forecast's bandwidth; otherwise a stated assumption).
     """
 
     source: HostEndpoint
@@ -91,7 +92,7 @@ class MigrationRequest:
     sample_interval_s: float = 0.1
     vm: str = "vm"
     hooks: MigrationHooks = field(default_factory=MigrationHooks)
-    predict: bool = True
+    predict: bool = False
     link_mbit: float | None = None
 
     @property
