@@ -88,7 +88,7 @@ def test_qemu_default_does_not_finish_within_the_bound(vms: VmFactory) -> None:
             bus.add_callback(lambda e: planned.append(e) if isinstance(e, Planned) else None)
             bus.add_callback(lambda e: progress.append(e) if isinstance(e, Progress) else None)
             bus.add_callback(lambda e: finished.append(e) if isinstance(e, Finished) else None)
-            request = pair.request(policy=preset("qemu-default"), link_mbit=LINK_MBIT)
+            request = pair.request(policy=preset("qemu-default"), link_mbit=LINK_MBIT, predict=True)
             task = asyncio.create_task(
                 run_migration(request, pair.source.qmp, pair.target.qmp, events=bus)
             )
@@ -143,7 +143,7 @@ def test_livemig_aborts_cleanly_when_the_limits_are_impossible(vms: VmFactory) -
         vms.lab.set_bandwidth(LINK_MBIT)
         async with vms.pair(WORKLOAD, MEMORY_MIB, WORKING_SET_MIB) as pair:
             # Default livemig: no throttle, no post-copy, 300 ms at most.
-            request = pair.request(policy=preset("livemig"), link_mbit=LINK_MBIT)
+            request = pair.request(policy=preset("livemig"), link_mbit=LINK_MBIT, predict=True)
             started = time.monotonic()
             with pytest.raises(MigrationAborted) as info:
                 await run_migration(request, pair.source.qmp, pair.target.qmp)
