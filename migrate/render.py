@@ -15,6 +15,31 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / (1 << 20):.1f} MiB"
 
 
+def _forecast_lines(report: MigrationReport) -> list[str]:
+    """Predicted against measured, when a forecast was made before the start."""
+    p, m = report.predicted, report.measured
+    if p is None or p.policy_forecast is None:
+        return []
+    f = p.policy_forecast
+    lines = [
+        f"  forecast:           {f.setting}: {_ms(f.total_time_ms)}, downtime "
+        f"{_ms(f.downtime_ms)}{'' if f.converges else ' (does not converge)'}",
+        f"    from:             dirty {p.dirty_rate_bytes_per_s / (1 << 20):.1f} MiB/s, "
+        f"bandwidth {p.bandwidth_bytes_per_s / (1 << 20):.1f} MiB/s ({p.bandwidth_source})",
+    ]
+    if m is not None:
+        error = "" if m.total_time_error_pct is None else f" ({m.total_time_error_pct:+.0f}%)"
+        bandwidth = m.bandwidth_bytes_per_s
+        rate = "-" if bandwidth is None else f"{bandwidth / (1 << 20):.1f} MiB/s"
+        lines.append(
+            f"  measured:           {_ms(m.total_time_ms)}{error}, {m.rounds} rounds, "
+            f"bandwidth {rate}"
+            + (f", throttle up to {m.max_throttle_pct}%" if m.max_throttle_pct else "")
+            + (", post-copy" if m.postcopy else "")
+        )
+    return lines
+
+
 def render_report(report: MigrationReport, environment: Mapping[str, object] | None = None) -> str:
     """A compact text report: outcome, figures, switchover timeline, integrity."""
     tl = report.timeline
@@ -42,6 +67,7 @@ def render_report(report: MigrationReport, environment: Mapping[str, object] | N
     ]
     if report.guest_check:
         lines.append(f"  guest check:        {report.guest_check}")
+    lines += _forecast_lines(report)
     lines.append("  switchover timeline (ms after migrate was issued):")
     for label, value in (
         ("source STOP", tl.source_stop_ms),
