@@ -3,7 +3,8 @@
 Each run is one :func:`migrate.demo.run_demo` (its own lab, a freshly booted
 source, an incoming target, the ICMP probe), observed through the demo's hooks and
 the engine's event stream: the source's RAM is scanned for non-zero pages before
-the migration task starts, CPU time is read at every progress sample, and the
+the migration task starts, CPU time is read from the start of pre-copy at every
+progress sample and before the target resumes, and the
 guest's OpenSSL lines are taken from both serial consoles afterwards.
 """
 
@@ -29,9 +30,10 @@ from bench.results import BenchEnvironment, LinkMeasurement, RunResult, RunStatu
 from bench.runner import PlannedRun
 from migrate.accel import choose_accelerator
 from migrate.demo import DemoConfig, DemoHooks, Workload, run_demo
-from migrate.events import EventBus, Finished, MigrationEvent, Progress
+from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Progress
 from migrate.guest import ensure_guest
 from migrate.lab import Lab
+from migrate.phase import Phase
 from migrate.qemu import QemuProcess
 from migrate.report import MigrationReport
 
@@ -146,9 +148,8 @@ class _RunObserver:
         self.source, self.target = source, target
         if source.ram_path is not None:
             self.nonzero_ram_bytes = await asyncio.to_thread(count_nonzero_bytes, source.ram_path)
-        # After the scan, so that its CPU time is not the engine's.
+        # Started when pre-copy begins: preflight and the forecast are not migration work.
         self.meter = CpuMeter({"source": source.pid, "target": target.pid})
-        self.meter.start()
 
     async def before_resume(self, source: QemuProcess, target: QemuProcess) -> None:
         # The source has sent everything by now; it may quit before the next sample.
@@ -158,7 +159,9 @@ class _RunObserver:
     def on_event(self, event: MigrationEvent) -> None:
         if self.meter is None:
             return
-        if isinstance(event, Progress):
+        if isinstance(event, PhaseChanged) and event.phase is Phase.PRECOPY:
+            self.meter.start()
+        elif isinstance(event, Progress):
             self.meter.read()
         elif isinstance(event, Finished):
             self.meter.finish()

@@ -145,6 +145,8 @@ class CpuMeter:
         return found
 
     def start(self) -> None:
+        if self._started is not None:
+            return
         self._started = time.monotonic()
         for role, process in self._processes():
             if (seconds := _cpu_seconds(process)) is not None:

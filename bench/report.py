@@ -209,9 +209,10 @@ def _definitions() -> list[str]:
         "- **OpenSSL MB/s**: the guest's `openssl speed sha256` figure (guest clock, 16 KiB "
         "blocks) from lines that arrived in the warm-up before `migrate`, between `migrate` "
         "and the target's resume, and on the target after it.",
-        "- **CPU %**: host CPU time (user + system, psutil) of each QEMU and of the engine "
-        "(the livemig process and the helpers it starts, e.g. pagestream's agents; not the "
-        "probe) over the migration (preflight included), as percent of one core.",
+        "- **CPU %**: host CPU time (user + system, psutil) from `migrate` to the engine's "
+        "end, as percent of one core, of each QEMU (all threads: the source's includes the "
+        "guest's busy vCPU) and of the engine (the livemig process and the helpers it "
+        "starts, e.g. pagestream's agents; not the probe).",
         "- **floor**: the guest RAM that was not zero just before the migration, divided by "
         "the link's limit: no migration can move the RAM faster. On an uncapped veth the "
         "link is much faster than a TCG guest's QEMU can fill it, so the ratio there shows "

@@ -59,10 +59,11 @@ class GuestThroughput:
 
 @dataclass(frozen=True)
 class CpuUsage:
-    """Host CPU seconds (user + system) spent during the migration window (the
-    migration task's start, preflight included → the engine's last event) by each QEMU
-    and by the engine: this process with every thread, plus the helper processes it
-    started (pagestream's agents), not the ICMP probe. None: not measurable."""
+    """Host CPU seconds (user + system) spent during the migration window (pre-copy
+    begins, i.e. ``migrate`` issued → the engine's last event) by each QEMU (all its
+    threads: the guest's vCPU too) and by the engine: this process with every thread,
+    plus the helper processes it started (pagestream's agents), not the ICMP probe.
+    None: not measurable (the migration never began)."""
 
     window_s: float
     source_s: float | None
