@@ -57,8 +57,20 @@ class SerialConsole:
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def attach(self, path: Path) -> None:
-        reader, writer = await asyncio.open_unix_connection(str(path))
+    async def attach(self, path: Path, deadline: float) -> None:
+        """Connect to the console socket, retrying until ``deadline`` (monotonic).
+
+        The socket file exists from QEMU's bind(), a moment before its listen():
+        a connect in between is refused, so refusals are retried.
+        """
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.005)
         self._writer = writer
         self._task = asyncio.create_task(self._read(reader), name=f"serial {path}")
 
@@ -232,7 +244,7 @@ class QemuProcess:
                 )
             deadline = time.monotonic() + self.launch_timeout
             await self._wait_for_socket(self.site.serial_socket, deadline)
-            await self.console.attach(self.site.serial_socket)
+            await self.console.attach(self.site.serial_socket, deadline)
             await self._wait_for_socket(self.site.qmp_socket, deadline)
             self._qmp = await QmpSession.connect(
                 self.site.qmp_socket,
