@@ -67,13 +67,15 @@ def choose_tracker(
     memory_budget_bytes: int | None = None,
     proc: ProcFS | None = None,
     freezer: Freezer | None = None,
+    scan_threads: int = 1,
 ) -> TrackerChoice:
     """Build the first tracker in ``preference`` that works here.
 
     Soft-dirty needs ``qemu_pid`` (and ``ram_path`` unless ``ram`` is a
     :class:`RamMapping`) and passes :func:`probe_soft_dirty`. A tracker whose
     persistent memory exceeds ``memory_budget_bytes`` (default: the host's
-    ``MemAvailable``) is refused. Raises :class:`TrackerUnavailable` listing every
+    ``MemAvailable``) is refused. ``scan_threads`` is handed to the shadow-diff
+    tracker (the only one whose scan runs outside the GIL). Raises :class:`TrackerUnavailable` listing every
     reason when none works, and :class:`ValueError` for an empty or repeated
     preference. Building may scan all of RAM (``Baseline.LIVE``), so call it from a
     worker thread, like the tracker itself.
@@ -92,7 +94,7 @@ def choose_tracker(
             )
             continue
         try:
-            tracker = _build(kind, ram, qemu_pid, ram_path, baseline, proc, freezer)
+            tracker = _build(kind, ram, qemu_pid, ram_path, baseline, proc, freezer, scan_threads)
         except TrackerUnavailable as exc:
             rejected.append(Rejection(kind, str(exc)))
             continue
@@ -118,9 +120,10 @@ def _build(
     baseline: Baseline,
     proc: ProcFS,
     freezer: Freezer | None,
+    scan_threads: int,
 ) -> Tracker:
     if kind is TrackerKind.SHADOW_DIFF:
-        return ShadowDiffTracker(ram, baseline=baseline)
+        return ShadowDiffTracker(ram, baseline=baseline, threads=scan_threads)
     if kind is TrackerKind.PAGE_DIGESTS:
         return PageDigestTracker(ram, baseline=baseline)
     if qemu_pid is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import numpy as np
@@ -25,10 +26,12 @@ class ShadowDiffTracker(Tracker):
     CPU: one vectorised compare per chunk; numpy releases the GIL while comparing,
     so a scan in a worker thread does not stall the event loop.
 
-    ``reset(pages)`` refreshes the shadow of just those pages from live RAM;
-    :meth:`capture` is the race-free way for a sender (see
-    :mod:`dirtytrack.trackers.base`). Raises :class:`ValueError` for
-    ``chunk_pages`` < 1.
+    ``threads`` > 1 splits a collect into that many page ranges compared in
+    parallel (memory-bound: ~15 GB/s on one core, ~21 GB/s with two here); the
+    tracker is still called from one thread at a time. ``reset(pages)``
+    refreshes the shadow of just those pages from live RAM; :meth:`capture` is
+    the race-free way for a sender (see :mod:`dirtytrack.trackers.base`). Raises
+    :class:`ValueError` for ``chunk_pages`` or ``threads`` < 1.
     """
 
     kind = TrackerKind.SHADOW_DIFF
@@ -39,14 +42,22 @@ class ShadowDiffTracker(Tracker):
         *,
         baseline: Baseline = Baseline.ZERO,
         chunk_pages: int = DEFAULT_SHADOW_CHUNK_PAGES,
+        threads: int = 1,
     ) -> None:
         super().__init__(ram)
-        if chunk_pages < 1:
-            raise ValueError(f"chunk_pages must be >= 1, got {chunk_pages}")
+        if chunk_pages < 1 or threads < 1:
+            raise ValueError(f"chunk_pages and threads must be >= 1, got {chunk_pages}, {threads}")
         self._chunk_pages = chunk_pages
         self._shadow: PageArray = np.zeros((self.page_count, WORDS_PER_PAGE), dtype=np.uint64)
+        # One scratch buffer per scanning thread.
+        self._threads = max(1, min(threads, -(-self.page_count // chunk_pages)))
         self._scratch = np.empty(
-            (min(chunk_pages, self.page_count), WORDS_PER_PAGE), dtype=np.bool_
+            (self._threads, min(chunk_pages, self.page_count), WORDS_PER_PAGE), dtype=np.bool_
+        )
+        self._pool = (
+            ThreadPoolExecutor(self._threads, thread_name_prefix="shadow-diff")
+            if self._threads > 1
+            else None
         )
         if baseline is Baseline.LIVE:
             self._reset(None)
@@ -58,13 +69,33 @@ class ShadowDiffTracker(Tracker):
     def _collect(self) -> Bitmap:
         live = self._live()
         dirty = np.empty(self.page_count, dtype=np.bool_)
-        for start in range(0, self.page_count, self._chunk_pages):
-            end = min(start + self._chunk_pages, self.page_count)
-            unequal = self._scratch[: end - start]
+        if self._pool is None:
+            self._compare(live, dirty, 0, self.page_count, 0)
+            return Bitmap.from_bools(dirty)
+        # Contiguous ranges on chunk boundaries, one per thread.
+        chunks = -(-self.page_count // self._chunk_pages)
+        bounds = [
+            min(self.page_count, (chunks * i // self._threads) * self._chunk_pages)
+            for i in range(self._threads + 1)
+        ]
+        futures = [
+            self._pool.submit(self._compare, live, dirty, bounds[i], bounds[i + 1], i)
+            for i in range(self._threads)
+        ]
+        for future in futures:
+            future.result()
+        return Bitmap.from_bools(dirty)
+
+    def _compare(
+        self, live: PageArray, dirty: npt.NDArray[np.bool_], first: int, last: int, slot: int
+    ) -> None:
+        scratch = self._scratch[slot]
+        for start in range(first, last, self._chunk_pages):
+            end = min(start + self._chunk_pages, last)
+            unequal = scratch[: end - start]
             np.not_equal(live[start:end], self._shadow[start:end], out=unequal)
             # 512 bools of a page viewed as 64 words: a cheaper reduction per page.
             np.any(unequal.view(np.uint64), axis=1, out=dirty[start:end])
-        return Bitmap.from_bools(dirty)
 
     def _commit(self, start: int, data: PageArray) -> None:
         self._shadow[start : start + len(data)] = data
@@ -73,5 +104,8 @@ class ShadowDiffTracker(Tracker):
         self._shadow[pages] = data
 
     def _release(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._shadow = np.zeros((0, WORDS_PER_PAGE), dtype=np.uint64)
-        self._scratch = np.zeros((0, WORDS_PER_PAGE), dtype=np.bool_)
+        self._scratch = np.zeros((0, 0, WORDS_PER_PAGE), dtype=np.bool_)

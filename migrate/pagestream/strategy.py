@@ -12,9 +12,12 @@ enough for the policy's downtime limit (:mod:`migrate.pagestream.planner`); then
     → migrate-continue (device state) → target loaded → digests agree → cont
 
 The stream's final digest (source RAM at stop vs target RAM after the last
-round) and, where both files are mappable here, the engine's own comparison must
-hold before ``cont``; otherwise the VM goes back to the source
+round, computed by the agents while QEMU loads device state) must hold before
+``cont``; otherwise the VM goes back to the source
 (:func:`~migrate.strategy.finish_on_target`, :func:`~migrate.strategy.rollback`).
+The engine's own comparison of both RAM files (``engine_compare``) repeats that
+check after the device-state load, at the cost of two more passes over RAM in
+the downtime; on a digest mismatch it is used anyway, to name the pages.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ from migrate.strategy import (
 )
 
 _TCP_URI: Final = re.compile(r"^tcp:(?P<host>\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):(?P<port>\d+)$")
+#: xxh3 chunk digests of RAM, bytes/s on one core here (~9 ms per 256 MiB).
+DIGEST_BYTES_PER_S: Final = 25e9
 #: How long a sender error waits for the receiver to report the cause (seconds).
 _PEER_REPORT_S: Final = 2.0
 #: Commands that only make sense for QEMU's RAM stream, which pagestream replaces.
@@ -82,10 +87,13 @@ _NOT_APPLICABLE: Final = frozenset({"migrate-set-capabilities", "migrate-start-p
 class PagestreamOptions:
     """How the stream runs; the defaults are what ``--strategy pagestream`` uses.
 
-    ``tracker`` is a preference order (None: dirtytrack's default, soft-dirty →
-    page digests → shadow diff, by probe). ``start_level`` is the first zstd
-    level (None: raw); the sender adapts it. ``receiver_fault`` injects faults in
-    the receiver (tests). ``log_dir`` keeps the agents' stderr. Timeouts in s.
+    ``tracker`` is a preference order (None: the sender's, soft-dirty → shadow
+    diff if half the host's available memory holds a copy of guest RAM → page
+    digests, by probe). ``start_level`` is the first zstd level (None: raw); the
+    sender adapts it. ``engine_compare`` adds the engine's own comparison of
+    both RAM files after the device-state load (where it can map them) to the
+    stream digest. ``receiver_fault`` injects faults in the receiver (tests).
+    ``log_dir`` keeps the agents' stderr. Timeouts in s.
     """
 
     tracker: tuple[TrackerKind, ...] | None = None
@@ -93,6 +101,7 @@ class PagestreamOptions:
     start_level: int | None = 1
     batch_pages: int | None = None
     fixed_downtime_ms: float = DEFAULT_FIXED_DOWNTIME_MS
+    engine_compare: bool = False
     receiver_fault: FaultPlan = field(default_factory=FaultPlan)
     log_dir: Path | None = None
     setup_timeout_s: float = 120.0
@@ -190,13 +199,19 @@ class _StreamTotals:
 
 
 class _StreamVerifier:
-    """The integrity check before ``cont``: the stream's digest, then the engine's own."""
+    """The integrity check before ``cont``: the stream's digest, then (optionally)
+    the engine's own comparison of both RAM files."""
 
     def __init__(
-        self, receiver: AgentProcess, comparison: RamComparison | None, timeout_s: float
+        self,
+        receiver: AgentProcess,
+        comparison: RamComparison | None,
+        files: tuple[Path, Path],
+        timeout_s: float,
     ) -> None:
         self.receiver = receiver
         self.comparison = comparison
+        self.files = files
         self.timeout_s = timeout_s
         self.stream_ok: bool | None = None
 
@@ -213,10 +228,9 @@ class _StreamVerifier:
                 f"{verdict['chunks']} chunks of target RAM differ from the source at stop "
                 f"({ranges})"
             )
-            if self.comparison is None:
+            exact = await self._name_pages()
+            if exact is None:
                 return IntegrityResult(Integrity.FAILED, detail)
-            # Never repair here: a stream that delivered wrong pages is not trusted.
-            exact = await self.comparison.compare(repair=False)
             return IntegrityResult(
                 Integrity.FAILED, f"{detail}; engine comparison: {exact.detail}",
                 exact.differing_pages,
@@ -229,6 +243,19 @@ class _StreamVerifier:
             )
         result = await self.comparison.compare(repair=repair)
         return dataclasses.replace(result, detail=f"{result.detail}; pagestream digest ok")
+
+    async def _name_pages(self) -> IntegrityResult | None:
+        """The engine's comparison, to name the differing pages (never repairs: a
+        stream that delivered wrong pages is not trusted); None where the engine
+        cannot map both files."""
+        if self.comparison is not None:
+            return await self.comparison.compare(repair=False)
+        comparison = RamComparison(*self.files)
+        try:
+            result = await comparison.compare(repair=False)
+        finally:
+            await comparison.close()
+        return None if result.integrity is Integrity.UNCHECKED else result
 
 
 class _PagestreamRun:
@@ -276,7 +303,9 @@ class _PagestreamRun:
         self.downtime_limit_ms = min(policy.downtime_limit_ms, policy.max_downtime_ms)
         self.rate_limit: float | None = None
         self.rate_limit_sent: float | None = None
-        self.planner = SwitchoverPlanner(fixed_downtime_ms=options.fixed_downtime_ms)
+        # The digests before cont read all of RAM once (in parallel on both hosts).
+        verify_ms = start.ram_bytes / DIGEST_BYTES_PER_S * 1e3
+        self.planner = SwitchoverPlanner(fixed_downtime_ms=options.fixed_downtime_ms + verify_ms)
         self._fault_events_seen = 0
         self.marks: dict[str, float] = {}  # switchover steps, realtime seconds
 
@@ -339,7 +368,7 @@ class _PagestreamRun:
         context = ControlContext(ram_bytes=self.start.ram_bytes, started_monotonic=self.t0)
         for decision in self.controller.start(context):
             await self._apply(decision)
-        if request.verify:
+        if request.verify and self.options.engine_compare:
             self.comparison = RamComparison(self.source_ram, self.target_ram)
             self.comparison.prepare()
         await self._start_agents()
@@ -354,7 +383,7 @@ class _PagestreamRun:
         self.phase.advance(Phase.SWITCHOVER)
         await self._switchover(src_log, tgt_log)
         self.phase.advance(Phase.COMPLETED)
-        self._emit_sample("completed", 0, 0.0, None)
+        self._emit_sample("completed", 0, 0.0, None, self.totals.rounds)
         if request.quit_source:
             with contextlib.suppress(QemuError):  # QEMU may drop QMP while quitting
                 await source.execute("quit")
@@ -412,7 +441,8 @@ class _PagestreamRun:
             self.totals.scan_ms += scan_s * 1e3
             if self.totals.rounds == 0:
                 self.totals.zero_pages_skipped = self.start.ram_bytes // PAGE_SIZE - dirty
-            sample = self._emit_sample("active", dirty, scan_s, scan.get("dirty_pages_per_s"))
+            rate = scan.get("dirty_pages_per_s")
+            sample = self._emit_sample("active", dirty, scan_s, rate, self.totals.rounds + 1)
             for decision in self.controller.on_sample(sample):
                 await self._apply(decision)
             verdict = self.planner.decide(
@@ -428,6 +458,9 @@ class _PagestreamRun:
             stats = await self._sender_call("send", args)
             self.totals.add_round(stats)
             self.planner.record_round(int(stats["pages"]), float(stats["duration_s"]))
+            # Same round, pages sent: consecutive samples then span the send alone, so
+            # a controller's bandwidth estimate is the link's, not diluted by scans.
+            self._emit_sample("active", 0, scan_s, rate, self.totals.rounds)
             self._notice_faults()
 
     def _record_switch(self, verdict: SwitchoverVerdict) -> None:
@@ -444,8 +477,6 @@ class _PagestreamRun:
         if self.running:
             await source.execute("stop")
             self.running = False
-        if self.comparison is not None:
-            self.comparison.source_stopped()
         # QEMU's stream (x-ignore-shared: ~450 KB of BIOS/ROM blocks) crosses the link
         # while the final scan runs, then waits before device state.
         self.marks["migrate"] = time.time()
@@ -479,6 +510,9 @@ class _PagestreamRun:
             self.marks["pre_switchover"] = paused.timestamp
             applied = await applied_task
             self.marks["applied"] = float(applied["time"])
+            if self.comparison is not None:
+                # Not earlier: the source digest would compete with the final scan.
+                self.comparison.source_stopped()
             # Every page is in target RAM: QEMU may load device state (virtio reads rings).
             self.marks["continue"] = time.time()
             await source.execute("migrate-continue", {"state": "pre-switchover"})
@@ -498,7 +532,9 @@ class _PagestreamRun:
         self.totals.final_send_ms = float(stats["duration_s"]) * 1e3
         if self.totals.rounds == 1:  # offline: the final round was the only one
             self.totals.zero_pages_skipped = int(final.get("zero_at_start") or 0)
-        self._emit_sample("device", int(scan["dirty_pages"]), float(scan["scan_s"]), None)
+        self._emit_sample(
+            "device", int(scan["dirty_pages"]), float(scan["scan_s"]), None, self.totals.rounds
+        )
         self._notice_faults()
         done = await src_log.wait_for(
             "MIGRATION", migration_status_is("completed", "failed", "cancelled"), timeout
@@ -509,7 +545,9 @@ class _PagestreamRun:
                 f"QEMU's device-state migration ended {self.final_info.get('status')!r}"
             )
             raise MigrationError(str(reason))
-        self.verifier = _StreamVerifier(self.receiver, self.comparison, timeout)
+        self.verifier = _StreamVerifier(
+            self.receiver, self.comparison, (self.source_ram, self.target_ram), timeout
+        )
         try:
             await finish_on_target(
                 self.switchover, self.target, tgt_log, self.verifier, request.hooks,
@@ -573,7 +611,7 @@ class _PagestreamRun:
         await apply_decision(decision, self.source, self.target, self.events)
 
     def _emit_sample(
-        self, status: str, dirty_pages: int, scan_s: float, dirty_rate: float | None
+        self, status: str, dirty_pages: int, scan_s: float, dirty_rate: float | None, round_no: int
     ) -> Sample:
         _transfer, downtime = self.planner.estimate(dirty_pages, scan_s)
         totals = self.totals
@@ -585,7 +623,7 @@ class _PagestreamRun:
             ram_remaining_bytes=dirty_pages * PAGE_SIZE,
             ram_transferred_bytes=totals.stream_bytes,
             dirty_pages_rate=int(dirty_rate or 0),
-            dirty_sync_count=totals.rounds + (1 if status == "active" else 0),
+            dirty_sync_count=round_no,
             mbps=totals.last_mbps,
             expected_downtime_ms=downtime,
             duplicate_pages=totals.zero_pages_skipped + totals.zero_pages_sent,

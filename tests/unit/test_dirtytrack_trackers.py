@@ -426,6 +426,29 @@ def test_shadow_chunking_does_not_change_result(chunk_pages: int) -> None:
     assert tracker.memory_overhead_bytes == ram.nbytes + min(chunk_pages, PAGES) * WORDS_PER_PAGE
 
 
+@pytest.mark.parametrize(("threads", "chunk_pages"), [(2, 7), (3, 64), (4, 300), (8, 1)])
+def test_parallel_shadow_scan_finds_the_same_pages(threads: int, chunk_pages: int) -> None:
+    ram = make_ram()
+    serial = ShadowDiffTracker(ram, baseline=Baseline.LIVE, chunk_pages=chunk_pages)
+    parallel = ShadowDiffTracker(
+        ram, baseline=Baseline.LIVE, chunk_pages=chunk_pages, threads=threads
+    )
+    rng = np.random.default_rng(threads)
+    for _ in range(3):
+        for page in rng.choice(PAGES, 25, replace=False).tolist():
+            ram[page, int(rng.integers(0, WORDS_PER_PAGE))] ^= np.uint64(1)
+        found = parallel.collect()
+        assert found == serial.collect()
+        dirty = found.to_indices()
+        parallel.capture_pages(dirty)
+        serial.capture_pages(dirty)
+    assert not parallel.collect().any()
+    parallel.close()
+    serial.close()
+    with pytest.raises(ValueError):
+        ShadowDiffTracker(ram, threads=0)
+
+
 def test_shadow_detects_a_single_bit_anywhere_in_a_page() -> None:
     ram = make_ram(pages=4)
     tracker = ShadowDiffTracker(ram, baseline=Baseline.LIVE)
