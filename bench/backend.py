@@ -60,6 +60,7 @@ class LabBackend:
             python=platform.python_version(),
             load_before=(one, five, fifteen),
             other_busy_processes=_other_busy_processes(),
+            revision=_revision(),
         )
 
     def other_activity(self) -> tuple[str, ...]:
@@ -227,6 +228,19 @@ def _qemu_version() -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
     return out.splitlines()[0].strip() if out.strip() else "unknown"
+
+
+def _revision() -> str:
+    """The livemig source this process runs: ``git describe --always --dirty``."""
+    checkout = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def _other_busy_processes() -> tuple[str, ...]:

@@ -69,7 +69,7 @@ def render_report(results: BenchResults, plots: Sequence[Path] = ()) -> str:
     lines.append(
         f"Machine: {env.cpu_count} cores, {env.memory_gib:.0f} GiB, Linux {env.host_kernel}, "
         f"{env.qemu_version}, accelerator {env.accelerator} (`-cpu {env.cpu_model}`), guest "
-        f"kernel {env.guest_kernel}. Load average before "
+        f"kernel {env.guest_kernel}; livemig {env.revision}. Load average before "
         f"{'/'.join(f'{v:.2f}' for v in env.load_before)}, after {load_after}; other pytest "
         f"or QEMU processes at the start: {len(env.other_busy_processes) or 'none'}; "
         f"runs that started while others' pytest or QEMU processes ran: "

@@ -149,7 +149,8 @@ class LinkMeasurement:
 
 @dataclass(frozen=True)
 class BenchEnvironment:
-    """The machine and software the suite ran on, and how busy the machine was."""
+    """The machine and software the suite ran on, and how busy the machine was;
+    ``revision`` is livemig's ``git describe --always --dirty`` (or "unknown")."""
 
     cpu_count: int
     memory_gib: float
@@ -162,6 +163,7 @@ class BenchEnvironment:
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float] | None = None
     other_busy_processes: tuple[str, ...] = ()
+    revision: str = "unknown"
 
 
 @dataclass(frozen=True)
