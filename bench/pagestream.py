@@ -186,7 +186,7 @@ async def migrate_once(
             "final_level": s.final_level,
             "final_round_pages": s.final_round_pages,
             "final_scan_ms": s.final_scan_ms,
-            "final_send_ms": s.final_send_ms,
+            "final_round_ms": s.final_round_ms,
             "scan_ms_total": s.scan_ms_total,
             "switchover_ms": s.switchover_ms,
         }

@@ -240,7 +240,9 @@ class StreamStats:
     ``device_state_bytes`` is what QEMU's own stream carried (device state and
     the small non-shared RAM blocks). ``zero_pages_skipped`` were zero at the
     first scan and never sent; ``zero_pages_sent`` became zero later and went as
-    flags. ``zstd_batches`` counts the page batches sent at each zstd level
+    flags. ``final_scan_ms`` is the final sweep's scanning (the VM stopped),
+    ``final_round_ms`` the whole final sweep (scan overlapped with sending).
+    ``zstd_batches`` counts the page batches sent at each zstd level
     ("raw": uncompressed), ``final_level`` is where the sender's tuning ended.
     ``switchover_ms`` marks pagestream's own switchover steps (ms after the
     start, like :class:`Timeline`): ``migrate`` (QEMU's stream started, VM
@@ -266,7 +268,7 @@ class StreamStats:
     scan_ms_total: float
     final_round_pages: int
     final_scan_ms: float
-    final_send_ms: float
+    final_round_ms: float
     digest: str
     switchover_ms: dict[str, float] = field(default_factory=dict)
 

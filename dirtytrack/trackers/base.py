@@ -135,6 +135,19 @@ class Tracker(abc.ABC):
             self._live()  # refuses a closed tracker
             return self._collect()
 
+    def collect_range(self, extent: Extent) -> npt.NDArray[np.int64]:
+        """Page numbers inside ``extent`` that may differ from the baseline.
+
+        The :meth:`collect` contract for part of RAM (sorted, absolute page
+        numbers; the baseline is unchanged): a sender sweeping RAM range by range
+        can send one range while it scans the next. Raises :class:`PageRangeError`
+        for an extent outside RAM.
+        """
+        with self._exclusive():
+            self._live()
+            self._check_extent(extent)
+            return self._collect_range(extent.start, extent.end)
+
     def capture(self, extent: Extent, out: PageArray | None = None) -> PageArray:
         """Copy the live pages of ``extent`` and make that copy their baseline.
 
@@ -249,6 +262,11 @@ class Tracker(abc.ABC):
 
     @abc.abstractmethod
     def _collect(self) -> Bitmap: ...
+
+    def _collect_range(self, start: int, end: int) -> npt.NDArray[np.int64]:
+        """Dirty pages in ``[start, end)``. The default collects everything and keeps
+        the range (right for every tracker); scanning trackers override it."""
+        return np.flatnonzero(self._collect().to_bools()[start:end]).astype(np.int64) + start
 
     @abc.abstractmethod
     def _commit(self, start: int, data: PageArray) -> None:

@@ -77,19 +77,25 @@ class PageDigestTracker(Tracker):
         return view
 
     def _collect(self) -> Bitmap:
+        return Bitmap.from_bools(self._scan(0, self.page_count))
+
+    def _collect_range(self, start: int, end: int) -> npt.NDArray[np.int64]:
+        return np.flatnonzero(self._scan(start, end)).astype(np.int64) + start
+
+    def _scan(self, first: int, last: int) -> npt.NDArray[np.bool_]:
         raw = self._live().data.cast("B")
-        dirty = np.empty(self.page_count, dtype=np.bool_)
-        for start in range(0, self.page_count, self._chunk_pages):
-            end = min(start + self._chunk_pages, self.page_count)
+        dirty = np.empty(last - first, dtype=np.bool_)
+        for start in range(first, last, self._chunk_pages):
+            end = min(start + self._chunk_pages, last)
             current = page_digests(
                 raw[start * PAGE_SIZE : end * PAGE_SIZE],
                 seed=self._seed,
                 out=self._scratch[: end - start],
             )
-            np.not_equal(current, self._digests[start:end], out=dirty[start:end])
-            if end < self.page_count:
+            np.not_equal(current, self._digests[start:end], out=dirty[start - first : end - first])
+            if end < last:
                 yield_gil()
-        return Bitmap.from_bools(dirty)
+        return dirty
 
     def _commit(self, start: int, data: PageArray) -> None:
         page_digests(

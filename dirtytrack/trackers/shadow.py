@@ -67,35 +67,49 @@ class ShadowDiffTracker(Tracker):
         return int(self._shadow.nbytes + self._scratch.nbytes)
 
     def _collect(self) -> Bitmap:
+        return Bitmap.from_bools(self._scan(0, self.page_count))
+
+    def _collect_range(self, start: int, end: int) -> npt.NDArray[np.int64]:
+        return np.flatnonzero(self._scan(start, end)).astype(np.int64) + start
+
+    def _scan(self, first: int, last: int) -> npt.NDArray[np.bool_]:
+        """Dirty flags of pages ``[first, last)``, split over the threads."""
         live = self._live()
-        dirty = np.empty(self.page_count, dtype=np.bool_)
-        if self._pool is None:
-            self._compare(live, dirty, 0, self.page_count, 0)
-            return Bitmap.from_bools(dirty)
+        dirty = np.empty(last - first, dtype=np.bool_)
+        chunks = -(-(last - first) // self._chunk_pages)
+        parts = min(self._threads, chunks)
+        if self._pool is None or parts < 2:
+            self._compare(live, dirty, first, first, last, 0)
+            return dirty
         # Contiguous ranges on chunk boundaries, one per thread.
-        chunks = -(-self.page_count // self._chunk_pages)
         bounds = [
-            min(self.page_count, (chunks * i // self._threads) * self._chunk_pages)
-            for i in range(self._threads + 1)
+            min(last, first + (chunks * i // parts) * self._chunk_pages) for i in range(parts + 1)
         ]
         futures = [
-            self._pool.submit(self._compare, live, dirty, bounds[i], bounds[i + 1], i)
-            for i in range(self._threads)
+            self._pool.submit(self._compare, live, dirty, first, bounds[i], bounds[i + 1], i)
+            for i in range(parts)
         ]
         for future in futures:
             future.result()
-        return Bitmap.from_bools(dirty)
+        return dirty
 
     def _compare(
-        self, live: PageArray, dirty: npt.NDArray[np.bool_], first: int, last: int, slot: int
+        self,
+        live: PageArray,
+        dirty: npt.NDArray[np.bool_],
+        origin: int,
+        first: int,
+        last: int,
+        slot: int,
     ) -> None:
+        """Flags of pages ``[first, last)`` into ``dirty[first - origin:...]``."""
         scratch = self._scratch[slot]
         for start in range(first, last, self._chunk_pages):
             end = min(start + self._chunk_pages, last)
             unequal = scratch[: end - start]
             np.not_equal(live[start:end], self._shadow[start:end], out=unequal)
             # 512 bools of a page viewed as 64 words: a cheaper reduction per page.
-            np.any(unequal.view(np.uint64), axis=1, out=dirty[start:end])
+            np.any(unequal.view(np.uint64), axis=1, out=dirty[start - origin : end - origin])
 
     def _commit(self, start: int, data: PageArray) -> None:
         self._shadow[start : start + len(data)] = data

@@ -4,16 +4,16 @@ The engine starts one agent per host, inside that host's network namespace
 (``ip netns exec NS python -m migrate.pagestream.agent ...``) or in its own when
 there is none, and drives it over a JSON-lines control channel::
 
-    engine → agent (stdin)   {"id": 1, "cmd": "scan", "args": {...}}
+    engine → agent (stdin)   {"id": 1, "cmd": "sweep", "args": {...}}
     agent → engine (stdout)  {"id": 1, "ok": true, "result": {...}}
                              {"id": 1, "ok": false, "error": {"type": ..., "message": ...}}
                              {"event": "applied", ...}        (receiver, unsolicited)
 
-Sender commands: ``open``, ``scan``, ``send``, ``final`` (scan + send + digest,
-with the VM stopped), ``close``. Receiver commands: ``listen`` (then the stream
-is served on a thread, reporting events), ``close``. End of stdin ends the agent;
-the engine also kills it if it does not go (it dies with the engine: PDEATHSIG).
-Logs and tracebacks go to stderr.
+Sender commands: ``open``, ``sweep`` (one pre-copy round), ``final`` (the last
+sweep, with the VM stopped, and the digest), ``close``. Receiver commands:
+``listen`` (then the stream is served on a thread, reporting events), ``close``.
+End of stdin ends the agent; the engine also kills it if it does not go (and it
+dies with the engine: PDEATHSIG). Logs and tracebacks go to stderr.
 """
 
 from __future__ import annotations
@@ -95,8 +95,7 @@ class SenderAgent:
     def handlers(self) -> dict[str, Handler]:
         return {
             "open": self.open,
-            "scan": self.scan,
-            "send": self.send,
+            "sweep": self.sweep,
             "final": self.final,
             "close": self.close,
         }
@@ -135,24 +134,19 @@ class SenderAgent:
             "qemu_pid": config.qemu_pid,
         }
 
-    def scan(self, args: dict[str, Any]) -> dict[str, Any]:
-        return dataclasses.asdict(self._require().scan())
-
-    def send(self, args: dict[str, Any]) -> dict[str, Any]:
+    def sweep(self, args: dict[str, Any]) -> dict[str, Any]:
         sender = self._require()
         if "rate_limit_bytes_per_s" in args:
             sender.config = dataclasses.replace(
                 sender.config, rate_limit_bytes_per_s=args["rate_limit_bytes_per_s"]
             )
-        return dataclasses.asdict(sender.send_round(final=False))
+        return dataclasses.asdict(sender.sweep(final=False))
 
     def final(self, args: dict[str, Any]) -> dict[str, Any]:
         sender = self._require()
-        scan = sender.scan()
-        stats = sender.send_round(final=True)
+        stats = sender.sweep(final=True)
         digest = sender.send_digest()
         return {
-            "scan": dataclasses.asdict(scan),
             "round": dataclasses.asdict(stats),
             "digest": dataclasses.asdict(digest),
             "zero_at_start": sender.zero_at_start,

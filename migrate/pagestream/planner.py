@@ -3,7 +3,8 @@
 Same meaning as QEMU's ``downtime-limit``: switch over once the dirty pages left
 could be sent within the limit at the throughput measured so far. Unlike QEMU,
 pagestream's downtime also holds a full-RAM scan (with the VM stopped, to find
-the last dirty pages) and the device-state migration; those fixed costs are in
+the last dirty pages; the final sweep overlaps it with sending), the
+device-state migration and the digests; those costs are in
 ``expected_downtime_ms`` and bound by the policy's ``max_downtime_ms`` when the
 dirty set stops shrinking. Pure logic, no clocks.
 """
@@ -62,7 +63,8 @@ class SwitchoverPlanner:
         return self._sent_pages / self._send_s
 
     def record_round(self, pages: int, duration_s: float) -> None:
-        """A pre-copy round sent ``pages`` dirty pages in ``duration_s`` seconds."""
+        """A pre-copy round sent ``pages`` dirty pages, keeping the sending side
+        (compression and socket) busy for ``duration_s`` seconds."""
         self._rounds += 1
         self._sent_pages += pages
         self._send_s += max(duration_s, 0.0)
@@ -74,7 +76,8 @@ class SwitchoverPlanner:
         if rate is None:
             return None, None
         transfer_ms = dirty_pages / rate * 1e3
-        return transfer_ms, scan_s * 1e3 + transfer_ms + self.fixed_downtime_ms
+        # The final sweep sends a range's pages while it scans the next one.
+        return transfer_ms, max(scan_s * 1e3, transfer_ms) + self.fixed_downtime_ms
 
     def decide(
         self, dirty_pages: int, scan_s: float, downtime_limit_ms: float, max_downtime_ms: float

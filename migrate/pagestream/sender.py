@@ -1,26 +1,33 @@
-"""The sending end: scan source RAM for dirty pages, capture, compress, send.
+"""The sending end: sweep source RAM for dirty pages, capture, compress, send.
 
 Runs inside the source-side agent process (plain threads and a blocking socket:
-this is the data plane, there is no event loop to protect). One thread drives a
-round and is the only one touching the tracker; zstd runs on a small pool (zstd
-releases the GIL, so threads compress in parallel); the driving thread writes
-finished frames to the socket in order, which is where a slow link pushes back.
+this is the data plane, there is no event loop to protect). A round is a *sweep*:
+the driving thread scans RAM range by range (the only thread touching the
+tracker), captures each range's dirty pages in batches and hands them to a zstd
+pool (zstd releases the GIL, so batches compress in parallel); a writer thread
+sends the finished frames in order, which is where a slow link pushes back. So
+scanning the next range overlaps sending the last one: a round costs about
+max(scan, send), not their sum, and so does the final round in the downtime.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import socket
+import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from dirtytrack.bitmap import Bitmap
+import numpy as np
+import numpy.typing as npt
+
+from dirtytrack.bitmap import Bitmap, Extent
 from dirtytrack.digest import ram_digest
 from dirtytrack.ram import PAGE_SIZE, RamMapping
 from dirtytrack.rate import DirtyRateEstimator
@@ -51,6 +58,9 @@ PAGESTREAM_PREFERENCE: Final = (
 SHADOW_MEMORY_SHARE: Final = 0.5
 #: Highest zstd level of the final round (the VM is stopped while it runs).
 FINAL_MAX_LEVEL: Final = 1
+#: Pages per range of a sweep: 64 MiB, so sending one range overlaps scanning
+#: the next while each tracker call still covers a lot of RAM.
+SWEEP_PAGES: Final = 16384
 #: 64 pages (256 KiB) per frame: big enough for zstd to find matches across pages
 #: and to amortise per-frame overhead, small enough to pipeline.
 DEFAULT_BATCH_PAGES: Final = 64
@@ -84,24 +94,18 @@ class SenderConfig:
 
 
 @dataclass(frozen=True)
-class ScanResult:
-    """One scan: the dirty set a round will send.
-
-    ``dirty_pages_per_s`` is the estimator's smoothed rate of pages dirtied since
-    they were last captured (None on the first scan, which is against zero RAM).
-    """
-
-    round: int
-    dirty_pages: int
-    scan_s: float
-    dirty_pages_per_s: float | None = None
-    working_set_pages: int | None = None
-
-
-@dataclass(frozen=True)
 class RoundStats:
-    """What one round sent. Byte counts: ``raw`` = non-zero page bytes,
-    ``payload`` = what they became (zstd or raw), ``wire`` = every frame byte."""
+    """What one sweep found and sent.
+
+    ``pages`` were found dirty and sent (``data_pages`` + ``zero_pages``). Byte
+    counts: ``raw`` = non-zero page bytes, ``payload`` = what they became (zstd
+    or raw), ``wire`` = every frame byte. Seconds: ``duration`` the whole sweep,
+    ``scan`` and ``capture`` the driving thread's tracker calls, ``send_busy``
+    the writer's time waiting on compression or the socket (the pipeline's
+    throughput is ``pages / send_busy``). ``dirty_pages_per_s`` is the
+    estimator's smoothed dirty rate (None on the first sweep, which runs against
+    zero RAM).
+    """
 
     round: int
     final: bool
@@ -112,12 +116,19 @@ class RoundStats:
     payload_bytes: int
     wire_bytes: int
     duration_s: float
+    scan_s: float
     capture_s: float
     compress_wait_s: float
     send_wait_s: float
     level: int | None
     threads: int
     batches_by_level: dict[str, int]
+    dirty_pages_per_s: float | None = None
+    working_set_pages: int | None = None
+
+    @property
+    def send_busy_s(self) -> float:
+        return self.compress_wait_s + self.send_wait_s
 
 
 @dataclass(frozen=True)
@@ -134,17 +145,94 @@ class _Totals:
     raw_bytes: int = 0
     payload_bytes: int = 0
     wire_bytes: int = 0
+    scan_s: float = 0.0
     capture_s: float = 0.0
     compress_wait_s: float = 0.0
     send_wait_s: float = 0.0
     batches_by_level: dict[str, int] = field(default_factory=dict)
 
 
+class _Writer:
+    """Sends encoded batches in submission order from its own thread.
+
+    :meth:`submit` blocks while more batches are in flight than the tuner's
+    thread count allows (plus the one being sent). After a failure the writer
+    keeps draining (cancelling) so the submitter never blocks for good, and
+    :meth:`finish` re-raises the failure in the submitting thread.
+    """
+
+    def __init__(self, sender: PageSender, totals: _Totals) -> None:
+        self._sender = sender
+        self._totals = totals
+        self._queue: queue.SimpleQueue[Future[EncodedBatch] | None] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self._inflight = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pagestream-writer", daemon=True)
+        self._thread.start()
+        self._finished = False
+
+    def submit(self, future: Future[EncodedBatch]) -> None:
+        with self._room:
+            while self._inflight > self._sender.tuner.setting.threads and self.error is None:
+                self._room.wait()
+            self._inflight += 1
+        self._queue.put(future)
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        """Wait until everything submitted is sent; raise the writer's failure."""
+        self.close()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (future := self._queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self._send(future)
+                else:
+                    future.cancel()
+            except BaseException as exc:  # noqa: BLE001 - handed to the submitter by finish()
+                self.error = exc
+            finally:
+                with self._room:
+                    self._inflight -= 1
+                    self._room.notify_all()
+
+    def _send(self, future: Future[EncodedBatch]) -> None:
+        began = time.monotonic()
+        encoded = future.result()
+        waited = time.monotonic() - began
+        began = time.monotonic()
+        self._sender._send(encoded.frames)
+        sent = time.monotonic() - began
+        totals = self._totals
+        totals.pages += encoded.data_pages + encoded.zero_pages
+        totals.data_pages += encoded.data_pages
+        totals.zero_pages += encoded.zero_pages
+        totals.raw_bytes += encoded.raw_bytes
+        totals.payload_bytes += encoded.payload_bytes
+        totals.wire_bytes += encoded.wire_bytes
+        totals.compress_wait_s += waited
+        totals.send_wait_s += sent
+        self._sender.tuner.observe(
+            PipelineSample(encoded.raw_bytes, encoded.wire_bytes, waited, sent)
+        )
+
+
 class PageSender:
     """Owns the source RAM mapping, the tracker, the socket and the compressor pool.
 
     Build with :meth:`open`; close with :meth:`close` (or ``with``). Not
-    thread-safe: one caller drives scan → send_round → ... → final → send_digest.
+    thread-safe: one caller drives sweep → ... → sweep(final) → send_digest.
     """
 
     def __init__(
@@ -166,8 +254,7 @@ class PageSender:
         self.rate = DirtyRateEstimator(tracker.page_count)
         self._pool = ThreadPoolExecutor(max_workers=config.max_threads, thread_name_prefix="zstd")
         self._round = 0
-        self._pending: Bitmap | None = None
-        self._last_send_start: float | None = None
+        self._last_sweep_start: float | None = None
         self._sent_bytes = 0
         self._started = time.monotonic()
         self.zero_at_start: int | None = None
@@ -236,67 +323,55 @@ class PageSender:
 
     # --- the loop -----------------------------------------------------------------
 
-    def scan(self) -> ScanResult:
-        """Find the pages that differ from what the receiver holds (next round's set)."""
-        start = time.monotonic()
-        dirty = self.tracker.collect()
-        end = time.monotonic()
-        self._round += 1
-        self._pending = dirty
-        count = dirty.popcount()
-        if self.zero_at_start is None:
-            self.zero_at_start = self.tracker.page_count - count
-        estimate = None
-        if self._last_send_start is not None and end > self._last_send_start:
-            estimate = self.rate.observe(dirty, start_s=self._last_send_start, end_s=end)
-        return ScanResult(
-            round=self._round,
-            dirty_pages=count,
-            scan_s=end - start,
-            dirty_pages_per_s=estimate.pages_per_s_ewma if estimate else None,
-            working_set_pages=estimate.working_set_pages if estimate else None,
-        )
+    def sweep(self, final: bool = False) -> RoundStats:
+        """One round: every page that differs from what the receiver holds, found
+        range by range and sent while the next range is scanned; then END_ROUND.
 
-    def send_round(self, final: bool = False) -> RoundStats:
-        """Capture and send the pages of the last scan, then an END_ROUND frame.
-
-        Raises :class:`StreamError` if no scan preceded it or the socket fails.
+        Raises :class:`StreamError` if the socket fails.
         """
-        if self._pending is None:
-            raise StreamError("send_round without a scan before it", side="sender", kind="config")
-        pages = self._pending.to_indices()
-        self._pending = None
-        start = time.monotonic()
-        self._last_send_start = start
+        self._round += 1
+        began = time.monotonic()
         totals = _Totals()
-        inflight: deque[Future[EncodedBatch]] = deque()
+        found: list[npt.NDArray[np.int64]] = []
         batch = self.config.batch_pages
+        writer = _Writer(self, totals)
         try:
-            for first in range(0, len(pages), batch):
-                numbers = pages[first : first + batch]
-                began = time.monotonic()
-                rows = self.tracker.capture_pages(numbers)
-                totals.capture_s += time.monotonic() - began
-                setting = self.tuner.setting
-                level = setting.level
-                if final and level is not None and level > FINAL_MAX_LEVEL:
-                    # The VM is stopped: latency beats ratio (levels above 1 cost
-                    # several times the CPU for a few % fewer bytes).
-                    level = FINAL_MAX_LEVEL
-                label = level_label(level)
-                totals.batches_by_level[label] = totals.batches_by_level.get(label, 0) + 1
-                inflight.append(self._pool.submit(encode_pages, self._round, numbers, rows, level))
-                while len(inflight) > setting.threads:
-                    self._emit(inflight.popleft(), totals)
-            while inflight:
-                self._emit(inflight.popleft(), totals)
+            for first in range(0, self.tracker.page_count, SWEEP_PAGES):
+                count = min(SWEEP_PAGES, self.tracker.page_count - first)
+                scanned = time.monotonic()
+                dirty = self.tracker.collect_range(Extent(first, count))
+                totals.scan_s += time.monotonic() - scanned
+                found.append(dirty)
+                for start in range(0, len(dirty), batch):
+                    numbers = dirty[start : start + batch]
+                    captured = time.monotonic()
+                    rows = self.tracker.capture_pages(numbers)
+                    totals.capture_s += time.monotonic() - captured
+                    level = self.tuner.setting.level
+                    if final and level is not None and level > FINAL_MAX_LEVEL:
+                        # The VM is stopped: latency beats ratio (levels above 1 cost
+                        # several times the CPU for a few % fewer bytes).
+                        level = FINAL_MAX_LEVEL
+                    label = level_label(level)
+                    totals.batches_by_level[label] = totals.batches_by_level.get(label, 0) + 1
+                    writer.submit(
+                        self._pool.submit(encode_pages, self._round, numbers, rows, level)
+                    )
+            writer.finish()
         finally:
-            for pending in inflight:
-                pending.cancel()
+            writer.close()
         end = RoundEnd(self._round, final, totals.pages, totals.data_pages, totals.zero_pages)
         frame = encode_round_end(end)
         self._send(frame)
         totals.wire_bytes += len(frame)
+        if self.zero_at_start is None:
+            self.zero_at_start = self.tracker.page_count - totals.pages
+        estimate = None
+        if self._last_sweep_start is not None:
+            # A page found now was dirtied after its capture one sweep ago.
+            dirty_all = Bitmap.from_indices(self.tracker.page_count, np.concatenate(found))
+            estimate = self.rate.observe(dirty_all, start_s=self._last_sweep_start, end_s=began)
+        self._last_sweep_start = began
         setting = self.tuner.setting
         return RoundStats(
             round=self._round,
@@ -307,13 +382,16 @@ class PageSender:
             raw_bytes=totals.raw_bytes,
             payload_bytes=totals.payload_bytes,
             wire_bytes=totals.wire_bytes,
-            duration_s=time.monotonic() - start,
+            duration_s=time.monotonic() - began,
+            scan_s=totals.scan_s,
             capture_s=totals.capture_s,
             compress_wait_s=totals.compress_wait_s,
             send_wait_s=totals.send_wait_s,
             level=setting.level,
             threads=setting.threads,
             batches_by_level=totals.batches_by_level,
+            dirty_pages_per_s=estimate.pages_per_s_ewma if estimate else None,
+            working_set_pages=estimate.working_set_pages if estimate else None,
         )
 
     def send_digest(self) -> DigestStats:
@@ -326,23 +404,6 @@ class PageSender:
         with contextlib.suppress(OSError):  # the receiver may have closed first
             self.sock.shutdown(socket.SHUT_WR)
         return DigestStats(chunks=len(digest.hashes), digest_s=time.monotonic() - start)
-
-    def _emit(self, future: Future[EncodedBatch], totals: _Totals) -> None:
-        began = time.monotonic()
-        encoded = future.result()
-        waited = time.monotonic() - began
-        began = time.monotonic()
-        self._send(encoded.frames)
-        sent = time.monotonic() - began
-        totals.pages += encoded.data_pages + encoded.zero_pages
-        totals.data_pages += encoded.data_pages
-        totals.zero_pages += encoded.zero_pages
-        totals.raw_bytes += encoded.raw_bytes
-        totals.payload_bytes += encoded.payload_bytes
-        totals.wire_bytes += encoded.wire_bytes
-        totals.compress_wait_s += waited
-        totals.send_wait_s += sent
-        self.tuner.observe(PipelineSample(encoded.raw_bytes, encoded.wire_bytes, waited, sent))
 
     def _send(self, data: bytes) -> None:
         try:

@@ -177,7 +177,7 @@ class _StreamTotals:
     threads: int = 1
     final_round_pages: int = 0
     final_scan_ms: float = 0.0
-    final_send_ms: float = 0.0
+    final_round_ms: float = 0.0
     zero_pages_skipped: int = 0
     digest: str = "not received"
     last_mbps: float = 0.0
@@ -436,32 +436,34 @@ class _PagestreamRun:
 
     async def _precopy(self) -> None:
         while self.running:
-            scan = await self._sender_call("scan")
-            dirty, scan_s = int(scan["dirty_pages"]), float(scan["scan_s"])
-            self.totals.scan_ms += scan_s * 1e3
-            if self.totals.rounds == 0:
-                self.totals.zero_pages_skipped = self.start.ram_bytes // PAGE_SIZE - dirty
-            rate = scan.get("dirty_pages_per_s")
-            sample = self._emit_sample("active", dirty, scan_s, rate, self.totals.rounds + 1)
-            for decision in self.controller.on_sample(sample):
-                await self._apply(decision)
-            verdict = self.planner.decide(
-                dirty, scan_s, self.downtime_limit_ms, self.max_downtime_ms
-            )
-            if verdict.switch:
-                self._record_switch(verdict)
-                return
             args: dict[str, Any] = {}
             if self.rate_limit != self.rate_limit_sent:
                 args["rate_limit_bytes_per_s"] = self.rate_limit
                 self.rate_limit_sent = self.rate_limit
-            stats = await self._sender_call("send", args)
-            self.totals.add_round(stats)
-            self.planner.record_round(int(stats["pages"]), float(stats["duration_s"]))
-            # Same round, pages sent: consecutive samples then span the send alone, so
-            # a controller's bandwidth estimate is the link's, not diluted by scans.
-            self._emit_sample("active", 0, scan_s, rate, self.totals.rounds)
+            stats = await self._sender_call("sweep", args)
+            self._add_round(stats)
+            found, scan_s = int(stats["pages"]), float(stats["scan_s"])
+            self.planner.record_round(found, float(stats["compress_wait_s"] + stats["send_wait_s"]))
+            # What the next sweep will find is estimated by what this one found.
+            sample = self._emit_sample(
+                "active", found, scan_s, stats.get("dirty_pages_per_s"), self.totals.rounds
+            )
+            for decision in self.controller.on_sample(sample):
+                await self._apply(decision)
+            verdict = self.planner.decide(
+                found, scan_s, self.downtime_limit_ms, self.max_downtime_ms
+            )
             self._notice_faults()
+            if verdict.switch:
+                self._record_switch(verdict)
+                return
+
+    def _add_round(self, stats: dict[str, Any]) -> None:
+        self.totals.add_round(stats)
+        self.totals.scan_ms += float(stats["scan_s"]) * 1e3
+        if self.totals.rounds == 1:
+            # The first sweep runs against zero RAM: what it did not find is zero.
+            self.totals.zero_pages_skipped = self.start.ram_bytes // PAGE_SIZE - int(stats["pages"])
 
     def _record_switch(self, verdict: SwitchoverVerdict) -> None:
         decision = Decision(time.time(), "switchover", f"pagestream: {verdict.reason}")
@@ -524,16 +526,13 @@ class _PagestreamRun:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, StreamError):
                         await task
-        scan, stats = final["scan"], final["round"]
-        self.totals.add_round(stats)
-        self.totals.scan_ms += float(scan["scan_s"]) * 1e3
+        stats = final["round"]
+        self._add_round(stats)
         self.totals.final_round_pages = int(stats["pages"])
-        self.totals.final_scan_ms = float(scan["scan_s"]) * 1e3
-        self.totals.final_send_ms = float(stats["duration_s"]) * 1e3
-        if self.totals.rounds == 1:  # offline: the final round was the only one
-            self.totals.zero_pages_skipped = int(final.get("zero_at_start") or 0)
+        self.totals.final_scan_ms = float(stats["scan_s"]) * 1e3
+        self.totals.final_round_ms = float(stats["duration_s"]) * 1e3
         self._emit_sample(
-            "device", int(scan["dirty_pages"]), float(scan["scan_s"]), None, self.totals.rounds
+            "device", int(stats["pages"]), float(stats["scan_s"]), None, self.totals.rounds
         )
         self._notice_faults()
         done = await src_log.wait_for(
@@ -684,7 +683,7 @@ class _PagestreamRun:
             scan_ms_total=totals.scan_ms,
             final_round_pages=totals.final_round_pages,
             final_scan_ms=totals.final_scan_ms,
-            final_send_ms=totals.final_send_ms,
+            final_round_ms=totals.final_round_ms,
             digest=totals.digest,
             switchover_ms={name: (t - at) * 1e3 for name, t in self.marks.items()},
         )

@@ -66,12 +66,10 @@ def test_sender_and_receiver_agents_move_ram(tmp_path: Path) -> None:
                 timeout=30,
             )
             assert opened["tracker"] == "shadow-diff" and opened["page_count"] == PAGES
-            scan = await sender.call("scan")
-            assert scan["dirty_pages"] == len(range(0, PAGES, 3))
-            sent = await sender.call("send")
-            assert sent["pages"] == scan["dirty_pages"] and sent["batches_by_level"]
+            sent = await sender.call("sweep")
+            assert sent["pages"] == len(range(0, PAGES, 3)) and sent["batches_by_level"]
             final = await sender.call("final", timeout=30)
-            assert final["scan"]["dirty_pages"] == 0 and final["digest"]["chunks"] == 2
+            assert final["round"]["pages"] == 0 and final["digest"]["chunks"] == 2
             applied = await receiver.wait_event("applied", 10)
             assert applied["round"] == 2
             verified = await receiver.wait_event("verified", 10)
@@ -89,7 +87,7 @@ def test_agent_errors_come_back_typed(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with AgentProcess(AgentRole.SENDER) as sender:
             with pytest.raises(StreamError, match="not opened") as info:
-                await sender.call("scan")
+                await sender.call("sweep")
             assert info.value.side == "sender" and info.value.kind == "config"
             with pytest.raises(ConfigError, match="unknown sender command"):
                 await sender.call("fly")

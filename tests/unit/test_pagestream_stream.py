@@ -20,7 +20,7 @@ from dirtytrack.ram import WORDS_PER_PAGE, RamMapping
 from dirtytrack.trackers import TrackerKind
 from migrate.errors import StreamError
 from migrate.pagestream.receiver import FaultPlan, PageReceiver, ReceiverConfig
-from migrate.pagestream.sender import PageSender, SenderConfig, find_mapping_pid
+from migrate.pagestream.sender import SWEEP_PAGES, PageSender, SenderConfig, find_mapping_pid
 
 PAGES = 2048  # 8 MiB
 SESSION = b"0123456789abcdef"
@@ -76,9 +76,12 @@ class Rig:
 
 
 def start_receiver(
-    tmp_path: Path, fault: FaultPlan | None = None, target_pages: int = PAGES
+    tmp_path: Path,
+    fault: FaultPlan | None = None,
+    target_pages: int = PAGES,
+    source_pages: int = PAGES,
 ) -> Rig:
-    source = ram_file(tmp_path / "source.ram")
+    source = ram_file(tmp_path / "source.ram", source_pages)
     target = ram_file(tmp_path / "target.ram", target_pages, seed=None)
     events = Events()
     receiver = PageReceiver.bind(
@@ -121,24 +124,23 @@ def guest_writes(path: Path, pages: list[int], value: int) -> None:
 
 
 def test_precopy_rounds_and_final_round_make_target_identical(rig: Rig) -> None:
+    nonzero = int(_nonzero(rig.source).sum())
     with rig.sender(start_level=1) as sender:
-        first = sender.scan()
-        assert first.round == 1 and 0 < first.dirty_pages < PAGES  # zero pages skipped
-        stats = sender.send_round()
-        assert stats.pages == first.dirty_pages and stats.zero_pages == 0
-        assert stats.payload_bytes < stats.raw_bytes  # small values compress
+        first = sender.sweep()
+        assert first.round == 1 and first.pages == nonzero < PAGES  # zero pages skipped
+        assert first.zero_pages == 0 and first.dirty_pages_per_s is None
+        assert first.payload_bytes < first.raw_bytes  # small values compress
+        assert first.scan_s > 0 and first.send_busy_s > 0
         # The guest keeps writing, also zeroing a page that held data.
         guest_writes(rig.source, [5, 6, 7, 1000], 0xABCDEF)
         guest_writes(rig.source, [int(np.flatnonzero(_nonzero(rig.source))[0])], 0)
-        second = sender.scan()
-        assert second.dirty_pages == 5 and second.dirty_pages_per_s is not None
-        round2 = sender.send_round()
-        assert round2.zero_pages == 1 and round2.data_pages == 4
+        second = sender.sweep()
+        assert second.pages == 5 and second.dirty_pages_per_s is not None
+        assert second.zero_pages == 1 and second.data_pages == 4
         # Switchover: the guest is stopped; the final round and the digest.
         guest_writes(rig.source, [2047], 9)
-        final = sender.scan()
-        assert final.dirty_pages == 1
-        sender.send_round(final=True)
+        final = sender.sweep(final=True)
+        assert final.pages == 1 and final.final
         sender.send_digest()
     rig.join()
     assert not rig.errors
@@ -146,6 +148,25 @@ def test_precopy_rounds_and_final_round_make_target_identical(rig: Rig) -> None:
     assert verified and verified[0]["ok"] is True
     assert [e["round"] for e in rig.events.named("round")] == [1, 2, 3]
     assert rig.events.named("applied")[0]["round"] == 3
+    assert rig.source.read_bytes() == rig.target.read_bytes()
+
+
+def test_a_sweep_spanning_many_ranges_sends_every_page(tmp_path: Path) -> None:
+    """RAM larger than one sweep range: pages from every range arrive."""
+    pages = SWEEP_PAGES * 2 + 100
+    rig = start_receiver(tmp_path, target_pages=pages, source_pages=pages)
+    try:
+        with rig.sender(batch_pages=37) as sender:
+            first = sender.sweep()
+            guest_writes(rig.source, [0, SWEEP_PAGES, pages - 1], 3)
+            assert sender.sweep().pages == 3
+            sender.sweep(final=True)
+            sender.send_digest()
+        rig.join()
+    finally:
+        rig.receiver.close()
+    assert first.pages > SWEEP_PAGES
+    assert rig.events.named("verified")[0]["ok"] is True
     assert rig.source.read_bytes() == rig.target.read_bytes()
 
 
@@ -172,12 +193,10 @@ def test_writes_racing_the_sender_are_caught_by_later_rounds(rig: Rig) -> None:
     try:
         with rig.sender(tracker=(TrackerKind.PAGE_DIGESTS,)) as sender:
             for _ in range(4):
-                sender.scan()
-                sender.send_round()
+                sender.sweep()
             stop.set()
             writer.join()
-            sender.scan()
-            sender.send_round(final=True)
+            sender.sweep(final=True)
             sender.send_digest()
     finally:
         stop.set()
@@ -191,8 +210,7 @@ def test_corrupted_page_in_the_receiver_fails_the_digest(tmp_path: Path) -> None
     rig = start_receiver(tmp_path, FaultPlan(corrupt_final_page=True))
     try:
         with rig.sender() as sender:
-            sender.scan()
-            sender.send_round(final=True)
+            sender.sweep(final=True)
             sender.send_digest()
         rig.join()
     finally:
@@ -211,8 +229,7 @@ def test_receiver_refuses_a_different_ram_size(tmp_path: Path) -> None:
             rig.join()
             with pytest.raises(StreamError) as info:
                 for _ in range(3):
-                    sender.scan()
-                    sender.send_round()
+                    sender.sweep()
             assert info.value.kind == "transport"
     finally:
         rig.receiver.close()
@@ -230,8 +247,7 @@ def test_receiver_refuses_another_session(rig: Rig) -> None:
 
 def test_stream_ending_early_is_reported(rig: Rig) -> None:
     with rig.sender() as sender:
-        sender.scan()
-        sender.send_round()
+        sender.sweep()
     rig.join()
     assert "ended before the final digest" in str(rig.errors[0])
 
@@ -244,19 +260,12 @@ def test_nothing_listening_is_a_transport_error(tmp_path: Path) -> None:
     assert info.value.kind == "transport" and "cannot connect" in str(info.value)
 
 
-def test_send_without_scan_is_refused(rig: Rig) -> None:
-    with rig.sender() as sender, pytest.raises(StreamError, match="without a scan"):
-        sender.send_round()
-
-
 def test_rate_limit_holds_the_average(rig: Rig) -> None:
     with rig.sender(rate_limit_bytes_per_s=20e6, start_level=None) as sender:
-        sender.scan()
-        stats = sender.send_round()
+        stats = sender.sweep()
         # 60 % of 8 MiB raw at 20 MB/s: at least ~0.2 s (a lower bound, never tight).
         assert stats.wire_bytes > 4e6 and stats.duration_s >= stats.wire_bytes / 20e6 * 0.9
-        sender.scan()
-        sender.send_round(final=True)
+        sender.sweep(final=True)
         sender.send_digest()
     rig.join()
     assert rig.events.named("verified")[0]["ok"] is True
@@ -280,8 +289,7 @@ def test_prepared_receiver_clears_a_dirty_target(tmp_path: Path) -> None:
             ram_path=source, host="127.0.0.1", port=receiver.port, session=SESSION
         )
         with PageSender.open(config) as sender:
-            sender.scan()
-            sender.send_round(final=True)
+            sender.sweep(final=True)
             sender.send_digest()
         thread.join(timeout=30)
     finally:
