@@ -435,6 +435,9 @@ class _PagestreamRun:
         self.events.notice(f"pagestream: {self.tracker_reason}")
 
     async def _precopy(self) -> None:
+        if self.running:
+            # Before the bulk sweep: all of RAM is still to go (controllers skip this).
+            self._emit_sample("setup", self.start.ram_bytes // PAGE_SIZE, 0.0, None, 0)
         while self.running:
             args: dict[str, Any] = {}
             if self.rate_limit != self.rate_limit_sent:
