@@ -40,6 +40,24 @@ def _forecast_lines(report: MigrationReport) -> list[str]:
     return lines
 
 
+def _stream_lines(report: MigrationReport) -> list[str]:
+    """pagestream's own figures: tracker, compression, final round, its switchover marks."""
+    st = report.stream
+    if st is None:
+        return []
+    marks = ", ".join(f"{name} {value:.1f}" for name, value in st.switchover_ms.items())
+    return [
+        f"  page stream:        {st.rounds} rounds, {st.pages_sent} pages "
+        f"({_mib(st.raw_bytes)} -> {_mib(st.payload_bytes)}, zstd x{st.compression_ratio:.2f}, "
+        f"final level {st.final_level}), {st.zero_pages_skipped} zero pages never sent, "
+        f"QEMU device state {st.device_state_bytes / 1024:.0f} KiB",
+        f"  tracker:            {st.tracker} ({st.tracker_reason})",
+        f"  final round:        {st.final_round_pages} pages, scan {_ms(st.final_scan_ms)}, "
+        f"round {_ms(st.final_round_ms)}; stream digest {st.digest}",
+        *([f"  stream marks (ms):  {marks}"] if marks else []),
+    ]
+
+
 def render_report(report: MigrationReport, environment: Mapping[str, object] | None = None) -> str:
     """A compact text report: outcome, figures, switchover timeline, integrity."""
     tl = report.timeline
@@ -67,6 +85,7 @@ def render_report(report: MigrationReport, environment: Mapping[str, object] | N
     ]
     if report.guest_check:
         lines.append(f"  guest check:        {report.guest_check}")
+    lines += _stream_lines(report)
     lines += _forecast_lines(report)
     lines.append("  switchover timeline (ms after migrate was issued):")
     for label, value in (
