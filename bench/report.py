@@ -214,9 +214,11 @@ def _definitions() -> list[str]:
         "guest's busy vCPU) and of the engine (the livemig process and the helpers it "
         "starts, e.g. pagestream's agents; not the probe).",
         "- **floor**: the guest RAM that was not zero just before the migration, divided by "
-        "the link's limit: no migration can move the RAM faster. On an uncapped veth the "
-        "link is much faster than a TCG guest's QEMU can fill it, so the ratio there shows "
-        "CPU cost rather than link use.",
+        "the link's limit: no migration that sends every non-zero page in full once can "
+        "be faster. Compression (zstd, xbzrle) can beat it: a ratio below 1 says the "
+        "stream carried fewer bytes than the RAM held. On an uncapped veth the link is much "
+        "faster than a TCG guest's QEMU can fill it, so the ratio there shows CPU cost "
+        "rather than link use.",
         "",
     ]
 
