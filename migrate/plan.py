@@ -433,8 +433,14 @@ def _pick(forecasts: Sequence[Forecast]) -> Forecast:
 def _candidates(results: Sequence[Forecast], policy: Policy, known: bool) -> list[Forecast]:
     # Compression trades CPU for link time: only a known, slower link makes that a
     # bet worth taking (on the uncapped lab link zstd was no faster: 0.73-1.4 s
-    # against 0.72-0.77 s plain, 2 cores shared with the guest).
-    return [f for f in results if allowed(f, policy) and (known or f.compression == "none")]
+    # against 0.72-0.77 s plain, 2 cores shared with the guest). And even there it
+    # is a convergence aid, not a speed-up: its switchover cost is not in the model
+    # and was large when measured (400 Mbit/s link, 128 MiB guest writing 16 MiB/s:
+    # multifd zstd STOP->RESUME 143-191 ms against ~70 ms for plain streams), so a
+    # plain setting that converges is preferred.
+    permitted = [f for f in results if allowed(f, policy) and (known or f.compression == "none")]
+    plain = [f for f in permitted if f.compression == "none" and f.converges]
+    return plain or permitted
 
 
 def _recommend(results: Sequence[Forecast], policy: Policy, known: bool = True) -> tuple[str, str]:

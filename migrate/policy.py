@@ -28,7 +28,10 @@ class Policy:
     ``max_downtime_ms`` the hard ceiling no controller decision may exceed (on 2
     TCG cores a 20 ms start gave 35-48 ms guest-visible gaps where QEMU's default
     300 ms gave 65-135 ms: a late stop leaves a large final set). ``None`` for
-    ``max_bandwidth_bytes_per_s`` leaves QEMU's default cap, 0 means no cap.
+    ``max_bandwidth_bytes_per_s`` leaves QEMU's default cap (128 MiB/s), 0 means no
+    cap, the default: like Proxmox and Nova, whose uncapped runs here took ~200 ms
+    where the 128 MiB/s cap took ~800 ms, with the same guest-visible downtime
+    (docs/bench/default, 256 MiB openssl guest, uncapped link).
     ``capabilities`` are QEMU migration capabilities set on both sides before start.
     ``max_total_time_s`` bounds the migration (abort past it, or switch to post-copy
     where allowed); ``max_throttle_pct`` is the most guest CPU auto-converge may take
@@ -51,7 +54,7 @@ class Policy:
     max_total_time_s: float | None = None
     max_throttle_pct: int = 0
     postcopy_allowed: bool = False
-    max_bandwidth_bytes_per_s: int | None = None
+    max_bandwidth_bytes_per_s: int | None = 0
     capabilities: tuple[tuple[str, bool], ...] = ()
     announce_initial_ms: int | None = 0
     compression_allowed: bool = True

@@ -76,8 +76,9 @@ def test_forecast_total_time_matches_the_migration(
     assert report.predicted is not None and report.measured is not None
     forecast = report.predicted.policy_forecast
     assert forecast is not None and forecast.converges
-    if compression:
-        assert forecast.compression == "zstd"  # on a known slow link with compressible RAM
+    # Compression is only a convergence aid: these guests converge uncompressed on
+    # these links, so the plain stream is chosen even where zstd is allowed.
+    assert forecast.compression == "none"
     error = (report.total_time_ms - forecast.total_time_ms) / forecast.total_time_ms
     assert abs(error) <= TOLERANCE, (
         f"{workload}: forecast {forecast.total_time_ms:.0f} ms ({forecast.setting}), "

@@ -138,16 +138,20 @@ def _measurement(rate_mibps: float, nonzero_mib: float = 100, zstd: float = 2.5,
     )
 
 
-def test_forecast_on_a_known_slow_link_recommends_compression() -> None:
+def test_a_known_slow_link_prefers_a_plain_stream_that_converges() -> None:
     link = BandwidthHint.from_link_mbit(80)
     assert link.bytes_per_s == pytest.approx(10e6 * 1448 / 1514)
     predicted = forecast(_measurement(0.5), link, preset("livemig"))
     names = [f.setting for f in predicted.forecasts]
     assert "native, downtime-limit 20 ms" in names and "native, downtime-limit 300 ms" in names
     assert any(f.compression == "zstd" for f in predicted.forecasts)
-    assert predicted.recommendation.startswith("native + multifd zstd")
+    # zstd would be quicker, but its switchover cost is not modelled (measured large):
+    # compression is only a convergence aid.
+    zstd = next(f for f in predicted.forecasts if f.compression == "zstd" and f.converges)
+    assert predicted.recommendation.startswith("native, downtime-limit")
     assert predicted.policy_forecast is not None
-    assert predicted.policy_forecast.compression == "zstd"
+    assert predicted.policy_forecast.compression == "none"
+    assert predicted.policy_forecast.total_time_ms > zstd.total_time_ms
     plain = next(f for f in predicted.forecasts if f.setting == "native, downtime-limit 20 ms")
     # 100 MiB at ~9.1 MiB/s, then a little more.
     assert 10_000 < plain.total_time_ms < 13_000 and plain.converges
@@ -155,6 +159,20 @@ def test_forecast_on_a_known_slow_link_recommends_compression() -> None:
     assert plain.downtime_ms >= 600_000 / link.bytes_per_s * 1e3 + 15
     data = json.loads(json.dumps(to_dict(predicted)))
     assert from_dict(Predicted, data) == predicted
+
+
+def test_compression_is_recommended_when_no_plain_setting_converges() -> None:
+    link = BandwidthHint.from_link_mbit(80)
+    predicted = forecast(_measurement(12), link, preset("livemig"))
+    # (a 33% throttle would converge uncompressed, but the livemig policy allows none)
+    plain_allowed = [
+        f for f in predicted.forecasts
+        if f.compression == "none" and not f.postcopy and f.throttle_pct == 0
+    ]  # fmt: skip
+    assert plain_allowed and not any(f.converges for f in plain_allowed)
+    assert predicted.recommendation.startswith("native + multifd zstd")
+    assert predicted.policy_forecast is not None
+    assert predicted.policy_forecast.compression == "zstd"
 
 
 def test_an_assumed_bandwidth_never_bets_on_compression() -> None:

@@ -16,9 +16,12 @@ def test_static_controller_starts_with_policy_settings() -> None:
 
 
 def test_start_limit_never_exceeds_the_hard_ceiling() -> None:
-    policy = Policy(downtime_limit_ms=500, max_downtime_ms=100, announce_initial_ms=None)
+    policy = Policy(
+        downtime_limit_ms=500, max_downtime_ms=100, announce_initial_ms=None,
+        max_bandwidth_bytes_per_s=None,
+    )  # fmt: skip
     decisions = StaticController(policy).start(ControlContext(ram_bytes=1, started_monotonic=0))
-    assert decisions[0].arguments == {"downtime-limit": 100}
+    assert decisions[0].arguments == {"downtime-limit": 100}  # None: QEMU's cap stays
     assert len(decisions) == 1
 
 
