@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -283,14 +284,49 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def describe(lab: Lab) -> str:
+    """Where everything is, for an operator exploring a held lab."""
+    prefix = GUEST_NETWORK.prefixlen
+    return "\n".join(
+        [
+            f"switch  {lab.switch_ns}: bridge {BRIDGE}",
+            f"client  {lab.client_ns}: {UPLINK} {CLIENT_ADDR}/{prefix}",
+            *(
+                f"host {h.name}  {h.netns}: bridge {BRIDGE} (add taps for VMs), "
+                f"{MIGRATION_IFACE} {h.migration_addr}/{MIGRATION_NETWORK.prefixlen}"
+                for h in (lab.host_a, lab.host_b)
+            ),
+            f"guests: {FIRST_GUEST_ADDR}/{prefix} and up; migration cap: "
+            f"{lab.bandwidth_mbit or 'none'} Mbit/s",
+            f"e.g. ip netns exec {lab.host_a.netns} ping {lab.host_b.migration_addr}"
+            "  (host A to host B over the migration link)",
+        ]
+    )
+
+
+def hold(bandwidth_mbit: float | None) -> None:
+    """Create a lab, print its layout, keep it until SIGINT/SIGTERM, then remove it."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _s, _f: stop.set())
+    with Lab(bandwidth_mbit=bandwidth_mbit) as lab:
+        print(describe(lab), flush=True)
+        print("holding the lab; Ctrl-C removes it", flush=True)
+        stop.wait()
+    print("lab removed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m migrate.lab")
-    parser.add_argument("action", choices=["sweep", "list"])
-    parser.add_argument("--all", action="store_true", help="sweep live labs too")
+    parser.add_argument("action", choices=["hold", "list", "sweep"])
+    parser.add_argument("--all", action="store_true", help="sweep: remove live labs too")
+    parser.add_argument("--bandwidth-mbit", type=float, default=None, help="hold: tbf cap")
     args = parser.parse_args(argv)
     try:
         if args.action == "list":
             print("\n".join(lab_namespaces()))
+        elif args.action == "hold":
+            hold(args.bandwidth_mbit)
         else:
             for ns in sweep(all_labs=args.all):
                 print(f"removed {ns}")

@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
     qemu-system-x86 qemu-utils     # the hypervisor and its tools
-    iproute2                       # ip netns / veth / bridge / tuntap, tc tbf
+    iproute2 iputils-ping          # ip netns / veth / bridge / tuntap, tc tbf; ping
     busybox-static cpio kmod       # guest initramfs: userland, archive, modinfo
     openssl                        # the guest's OpenSSL workload binary
     gcc libc6-dev                  # static build of the guest's memdirty workload
