@@ -25,9 +25,9 @@ import numpy as np
 
 from dirtytrack.ram import PAGE_SIZE, RamMapping
 from migrate.errors import MigrationAborted, MigrationError, QemuError
-from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged, Progress
+from migrate.events import DecisionMade, EventBus, Progress
 from migrate.integrity import IntegrityResult, RamComparison
-from migrate.phase import Phase, PhaseTracker
+from migrate.phase import Phase
 from migrate.policy import ControlContext, Controller
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (
@@ -35,21 +35,16 @@ from migrate.report import (
     Integrity,
     MigrationReport,
     Sample,
-    Status,
-    Timeline,
-    offset_ms,
 )
 from migrate.strategy import (
     MigrationRequest,
     StartState,
-    Switchover,
+    StrategyRun,
     apply_decision,
     check_start,
-    describe,
-    failure_phase,
     finish_on_target,
+    qemu_figure,
     ram_backing_file,
-    rollback,
     set_capabilities,
     start_incoming,
 )
@@ -80,7 +75,7 @@ class NativeStrategy:
         return await run.execute()
 
 
-class _NativeRun:
+class _NativeRun(StrategyRun):
     def __init__(
         self,
         request: MigrationRequest,
@@ -90,57 +85,9 @@ class _NativeRun:
         events: EventBus,
         start: StartState,
     ) -> None:
-        self.request = request
-        self.source = source
-        self.target = target
-        self.controller = controller
-        self.events = events
-        self.start = start
-        self.phase = PhaseTracker(lambda a, b: events.emit(PhaseChanged(time.time(), a, b)))
-        self.samples: list[Sample] = []
-        self.decisions: list[Decision] = []
-        self.started_at = time.time()
-        self.t0 = time.monotonic()
-        self.final_info: dict[str, Any] = {}
-        self.switchover = Switchover()
-        self.comparison: RamComparison | None = None
+        super().__init__(request, source, target, controller, events, start)
         self.ram_files: tuple[Path, Path] | None = None
         self.postcopy = False
-
-    async def execute(self) -> MigrationReport:
-        async with EventRecorder(self.source) as src_log, EventRecorder(self.target) as tgt_log:
-            try:
-                await self._migrate(src_log, tgt_log)
-            except BaseException as exc:
-                if self.switchover.resumed:
-                    # The VM already runs on the target: rolling back would lose its work.
-                    self.phase.advance(Phase.COMPLETED)
-                    self.events.emit(Finished(self._report(src_log, tgt_log, error=describe(exc))))
-                    raise
-                notes = await asyncio.shield(
-                    rollback(self.source, self.target, self.start, self.events)
-                )
-                self.phase.advance(failure_phase(exc))
-                report = self._report(
-                    src_log, tgt_log, error=f"{describe(exc)} ({'; '.join(notes)})"
-                )
-                self.events.emit(Finished(report))
-                if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-                    raise
-                error_type = (
-                    MigrationAborted if isinstance(exc, MigrationAborted) else MigrationError
-                )
-                raise error_type(
-                    f"migration {report.status}: {describe(exc)}; the VM stays on the source",
-                    phase=report.phase,
-                    report=report,
-                ) from exc
-            finally:
-                if self.comparison is not None:
-                    await self.comparison.close()
-            report = self._report(src_log, tgt_log)
-        self.events.emit(Finished(report))
-        return report
 
     async def _migrate(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
         request, source, target = self.request, self.source, self.target
@@ -271,58 +218,16 @@ class _NativeRun:
     def _report(
         self, src_log: EventRecorder, tgt_log: EventRecorder, error: str | None = None
     ) -> MigrationReport:
-        info = self.final_info
-        ram = info.get("ram") or {}
-        stop = src_log.find("STOP")
-        src_done = src_log.find("MIGRATION", migration_status_is("completed"))
-        sw = self.switchover
-        at = self.started_at
-        timeline = Timeline(
-            started_at=at,
-            source_stop_ms=offset_ms(at, stop.timestamp if stop else None),
-            source_completed_ms=offset_ms(at, src_done.timestamp if src_done else None),
-            target_completed_ms=offset_ms(at, sw.target_completed),
-            verified_ms=offset_ms(at, sw.verified),
-            target_resume_ms=offset_ms(at, sw.target_resume),
-            ended_ms=(time.time() - at) * 1e3,
-        )
-        status = {
-            Phase.COMPLETED: Status.COMPLETED,
-            Phase.ABORTED: Status.ABORTED,
-        }.get(self.phase.phase, Status.FAILED)
-        total_ms = (
-            timeline.target_resume_ms
-            if timeline.target_resume_ms is not None
-            else (time.monotonic() - self.t0) * 1e3
-        )
-        return MigrationReport(
-            status=status,
-            strategy="native",
-            mode=self.start.mode,
-            vm=self.request.vm,
-            source=self.request.source.name,
-            target=self.request.target.name,
-            policy=self.controller.policy.name,
-            phase=self.phase.phase,
-            total_time_ms=total_ms,
-            ram_bytes=self.start.ram_bytes,
-            timeline=timeline,
-            downtime_ms=_float(info.get("downtime")),
-            qemu_total_time_ms=_float(info.get("total-time")),
-            setup_time_ms=_float(info.get("setup-time")),
+        ram = self.final_info.get("ram") or {}
+        return self._base_report(
+            src_log,
+            "native",
+            error,
+            downtime_ms=qemu_figure(self.final_info.get("downtime")),
+            setup_time_ms=qemu_figure(self.final_info.get("setup-time")),
             transferred_bytes=int(ram.get("transferred", 0)),
             precopy_rounds=int(ram.get("dirty-sync-count", 0)),
-            integrity=sw.integrity.integrity,
-            integrity_detail=sw.integrity.detail,
-            repaired_pages=sw.integrity.repaired_pages,
-            samples=tuple(self.samples),
-            decisions=tuple(self.decisions),
-            error=error,
         )
-
-
-def _float(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
 
 
 async def _quit(session: QmpSession) -> None:

@@ -13,16 +13,24 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
-from migrate.events import DecisionMade, EventBus
-from migrate.integrity import IntegrityResult
-from migrate.phase import Phase
+from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged
+from migrate.integrity import IntegrityResult, RamComparison
+from migrate.phase import Phase, PhaseTracker
 from migrate.policy import Controller, Policy
 from migrate.preflight import HostFacts
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
-from migrate.report import Decision, Integrity, MigrationReport
+from migrate.report import (
+    Decision,
+    Integrity,
+    MigrationReport,
+    Sample,
+    Status,
+    Timeline,
+    offset_ms,
+)
 
 ACTIVE_STATUSES = frozenset(
     {"setup", "active", "pre-switchover", "device", "postcopy-active", "postcopy-paused",
@@ -320,3 +328,150 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
         return "cancelled by the operator"
     return str(exc) or type(exc).__name__
+
+
+def qemu_figure(value: object) -> float | None:
+    """A number from ``query-migrate`` (absent or non-numeric → None)."""
+    return float(value) if isinstance(value, int | float) else None
+
+
+class StrategyRun:
+    """One migration's shared state and its outcome handling, for every strategy.
+
+    The safety rule's outcome side lives here, once: on any failure or cancellation
+    before the target resumed, the data plane is stopped, the migration rolled back
+    (:func:`rollback`) and the error raised with the report; after the target
+    resumed nothing rolls back. Subclasses implement :meth:`_migrate` and
+    :meth:`_report`, and may stop their own data plane in :meth:`_stop_data_plane`.
+    """
+
+    def __init__(
+        self,
+        request: MigrationRequest,
+        source: QmpSession,
+        target: QmpSession,
+        controller: Controller,
+        events: EventBus,
+        start: StartState,
+    ) -> None:
+        self.request = request
+        self.source = source
+        self.target = target
+        self.controller = controller
+        self.events = events
+        self.start = start
+        self.phase = PhaseTracker(lambda a, b: events.emit(PhaseChanged(time.time(), a, b)))
+        self.samples: list[Sample] = []
+        self.decisions: list[Decision] = []
+        self.started_at = time.time()
+        self.t0 = time.monotonic()
+        self.final_info: dict[str, Any] = {}
+        self.switchover = Switchover()
+        self.comparison: RamComparison | None = None
+
+    async def execute(self) -> MigrationReport:
+        """Run :meth:`_migrate`; the report, or :class:`MigrationError` carrying it."""
+        async with EventRecorder(self.source) as src_log, EventRecorder(self.target) as tgt_log:
+            try:
+                await self._migrate(src_log, tgt_log)
+            except BaseException as exc:
+                # Stop the data plane before anything resumes: no page may land later.
+                await asyncio.shield(self._stop_data_plane())
+                if self.switchover.resumed:
+                    # The VM already runs on the target: rolling back would lose its work.
+                    self.phase.advance(Phase.COMPLETED)
+                    self.events.emit(Finished(self._report(src_log, tgt_log, error=describe(exc))))
+                    raise
+                notes = await asyncio.shield(
+                    rollback(self.source, self.target, self.start, self.events)
+                )
+                self.phase.advance(failure_phase(exc))
+                report = self._report(
+                    src_log, tgt_log, error=f"{describe(exc)} ({'; '.join(notes)})"
+                )
+                self.events.emit(Finished(report))
+                if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                    raise
+                error_type = (
+                    MigrationAborted if isinstance(exc, MigrationAborted) else MigrationError
+                )
+                raise error_type(
+                    f"migration {report.status}: {describe(exc)}; the VM stays on the source",
+                    phase=report.phase,
+                    report=report,
+                ) from exc
+            finally:
+                await self._stop_data_plane()
+                if self.comparison is not None:
+                    await self.comparison.close()
+            report = self._report(src_log, tgt_log)
+        self.events.emit(Finished(report))
+        return report
+
+    async def _migrate(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
+        raise NotImplementedError
+
+    async def _stop_data_plane(self) -> None:
+        """Stop anything that still moves pages (idempotent); nothing by default."""
+
+    def _report(
+        self, src_log: EventRecorder, tgt_log: EventRecorder, error: str | None = None
+    ) -> MigrationReport:
+        raise NotImplementedError
+
+    def _timeline(self, src_log: EventRecorder) -> Timeline:
+        """The switchover as QEMU's events and our own marks saw it."""
+        stop = src_log.find("STOP")
+        src_done = src_log.find("MIGRATION", migration_status_is("completed"))
+        sw = self.switchover
+        at = self.started_at
+        return Timeline(
+            started_at=at,
+            source_stop_ms=offset_ms(at, stop.timestamp if stop else None),
+            source_completed_ms=offset_ms(at, src_done.timestamp if src_done else None),
+            target_completed_ms=offset_ms(at, sw.target_completed),
+            verified_ms=offset_ms(at, sw.verified),
+            target_resume_ms=offset_ms(at, sw.target_resume),
+            ended_ms=(time.time() - at) * 1e3,
+        )
+
+    def _base_report(
+        self,
+        src_log: EventRecorder,
+        strategy: str,
+        error: str | None,
+        timeline: Timeline | None = None,
+        **figures: Any,
+    ) -> MigrationReport:
+        """The report's fields every strategy shares; ``figures`` adds its own."""
+        timeline = timeline or self._timeline(src_log)
+        status = {Phase.COMPLETED: Status.COMPLETED, Phase.ABORTED: Status.ABORTED}.get(
+            self.phase.phase, Status.FAILED
+        )
+        total_ms = (
+            timeline.target_resume_ms
+            if timeline.target_resume_ms is not None
+            else (time.monotonic() - self.t0) * 1e3
+        )
+        integrity = self.switchover.integrity
+        return MigrationReport(
+            status=status,
+            strategy=strategy,
+            mode=self.start.mode,
+            vm=self.request.vm,
+            source=self.request.source.name,
+            target=self.request.target.name,
+            policy=self.controller.policy.name,
+            phase=self.phase.phase,
+            total_time_ms=total_ms,
+            ram_bytes=self.start.ram_bytes,
+            timeline=timeline,
+            qemu_total_time_ms=qemu_figure(self.final_info.get("total-time")),
+            integrity=integrity.integrity,
+            integrity_detail=integrity.detail,
+            repaired_pages=integrity.repaired_pages,
+            samples=tuple(self.samples),
+            decisions=tuple(self.decisions),
+            error=error,
+            **figures,
+        )

@@ -36,7 +36,7 @@ from typing import Any, Final
 from dirtytrack.ram import PAGE_SIZE
 from dirtytrack.trackers import TrackerKind
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError, StreamError
-from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged, Progress
+from migrate.events import DecisionMade, EventBus, Progress
 from migrate.integrity import IntegrityResult, RamComparison
 from migrate.pagestream.control import AgentProcess, AgentRole
 from migrate.pagestream.planner import (
@@ -46,7 +46,7 @@ from migrate.pagestream.planner import (
 )
 from migrate.pagestream.receiver import FaultPlan
 from migrate.pagestream.tuning import level_label
-from migrate.phase import Phase, PhaseTracker
+from migrate.phase import Phase
 from migrate.policy import UNLIMITED_BANDWIDTH, ControlContext, Controller
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (
@@ -54,22 +54,16 @@ from migrate.report import (
     Integrity,
     MigrationReport,
     Sample,
-    Status,
     StreamStats,
-    Timeline,
-    offset_ms,
 )
 from migrate.strategy import (
     MigrationRequest,
     StartState,
-    Switchover,
+    StrategyRun,
     apply_decision,
     check_start,
-    describe,
-    failure_phase,
     finish_on_target,
     ram_backing_file,
-    rollback,
     set_capabilities,
     start_incoming,
 )
@@ -258,7 +252,7 @@ class _StreamVerifier:
         return None if result.integrity is Integrity.UNCHECKED else result
 
 
-class _PagestreamRun:
+class _PagestreamRun(StrategyRun):
     def __init__(
         self,
         request: MigrationRequest,
@@ -272,25 +266,12 @@ class _PagestreamRun:
         target_ram: Path,
         host: str,
     ) -> None:
-        self.request = request
-        self.source = source
-        self.target = target
-        self.controller = controller
-        self.events = events
-        self.start = start
+        super().__init__(request, source, target, controller, events, start)
         self.options = options
         self.source_ram = source_ram
         self.target_ram = target_ram
         self.host = host
-        self.phase = PhaseTracker(lambda a, b: events.emit(PhaseChanged(time.time(), a, b)))
-        self.samples: list[Sample] = []
-        self.decisions: list[Decision] = []
-        self.started_at = time.time()
-        self.t0 = time.monotonic()
         self.setup_ms: float | None = None
-        self.final_info: dict[str, Any] = {}
-        self.switchover = Switchover()
-        self.comparison: RamComparison | None = None
         self.sender: AgentProcess | None = None
         self.receiver: AgentProcess | None = None
         self.verifier: _StreamVerifier | None = None
@@ -309,44 +290,8 @@ class _PagestreamRun:
         self._fault_events_seen = 0
         self.marks: dict[str, float] = {}  # switchover steps, realtime seconds
 
-    # --- outcome handling (mirrors the native strategy) --------------------------------
-
-    async def execute(self) -> MigrationReport:
-        async with EventRecorder(self.source) as src_log, EventRecorder(self.target) as tgt_log:
-            try:
-                await self._migrate(src_log, tgt_log)
-            except BaseException as exc:
-                # Stop the stream before anything resumes: no page may land afterwards.
-                await asyncio.shield(self._close_agents())
-                if self.switchover.resumed:
-                    self.phase.advance(Phase.COMPLETED)
-                    self.events.emit(Finished(self._report(src_log, tgt_log, error=describe(exc))))
-                    raise
-                notes = await asyncio.shield(
-                    rollback(self.source, self.target, self.start, self.events)
-                )
-                self.phase.advance(failure_phase(exc))
-                report = self._report(
-                    src_log, tgt_log, error=f"{describe(exc)} ({'; '.join(notes)})"
-                )
-                self.events.emit(Finished(report))
-                if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-                    raise
-                error_type = (
-                    MigrationAborted if isinstance(exc, MigrationAborted) else MigrationError
-                )
-                raise error_type(
-                    f"migration {report.status}: {describe(exc)}; the VM stays on the source",
-                    phase=report.phase,
-                    report=report,
-                ) from exc
-            finally:
-                await self._close_agents()
-                if self.comparison is not None:
-                    await self.comparison.close()
-            report = self._report(src_log, tgt_log)
-        self.events.emit(Finished(report))
-        return report
+    async def _stop_data_plane(self) -> None:
+        await self._close_agents()
 
     async def _close_agents(self) -> None:
         for agent in (self.sender, self.receiver):
@@ -640,30 +585,9 @@ class _PagestreamRun:
     def _report(
         self, src_log: EventRecorder, tgt_log: EventRecorder, error: str | None = None
     ) -> MigrationReport:
-        info = self.final_info
-        ram = info.get("ram") or {}
-        stop = src_log.find("STOP")
-        src_done = src_log.find("MIGRATION", migration_status_is("completed"))
-        sw = self.switchover
+        ram = self.final_info.get("ram") or {}
         at = self.started_at
-        timeline = Timeline(
-            started_at=at,
-            source_stop_ms=offset_ms(at, stop.timestamp if stop else None),
-            source_completed_ms=offset_ms(at, src_done.timestamp if src_done else None),
-            target_completed_ms=offset_ms(at, sw.target_completed),
-            verified_ms=offset_ms(at, sw.verified),
-            target_resume_ms=offset_ms(at, sw.target_resume),
-            ended_ms=(time.time() - at) * 1e3,
-        )
-        status = {
-            Phase.COMPLETED: Status.COMPLETED,
-            Phase.ABORTED: Status.ABORTED,
-        }.get(self.phase.phase, Status.FAILED)
-        total_ms = (
-            timeline.target_resume_ms
-            if timeline.target_resume_ms is not None
-            else (time.monotonic() - self.t0) * 1e3
-        )
+        timeline = self._timeline(src_log)
         device_bytes = int(ram.get("transferred", 0))
         totals = self.totals
         stream = StreamStats(
@@ -690,33 +614,15 @@ class _PagestreamRun:
             digest=totals.digest,
             switchover_ms={name: (t - at) * 1e3 for name, t in self.marks.items()},
         )
-        return MigrationReport(
-            status=status,
-            strategy="pagestream",
-            mode=self.start.mode,
-            vm=self.request.vm,
-            source=self.request.source.name,
-            target=self.request.target.name,
-            policy=self.controller.policy.name,
-            phase=self.phase.phase,
-            total_time_ms=total_ms,
-            ram_bytes=self.start.ram_bytes,
+        return self._base_report(
+            src_log,
+            "pagestream",
+            error,
             timeline=timeline,
             # The VM was stopped by us, not by QEMU: the downtime is STOP -> RESUME.
             downtime_ms=timeline.stop_to_resume_ms,
-            qemu_total_time_ms=_float(info.get("total-time")),
             setup_time_ms=self.setup_ms,
             transferred_bytes=totals.stream_bytes + device_bytes,
             precopy_rounds=totals.rounds,
-            integrity=sw.integrity.integrity,
-            integrity_detail=sw.integrity.detail,
-            repaired_pages=sw.integrity.repaired_pages,
-            samples=tuple(self.samples),
-            decisions=tuple(self.decisions),
-            error=error,
             stream=stream,
         )
-
-
-def _float(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
