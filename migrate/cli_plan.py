@@ -25,12 +25,17 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from migrate.accel import choose_accelerator
 from migrate.cli import EXIT_OK, print_json
 from migrate.codec import to_dict
-from migrate.demo import DemoConfig, DemoEnvironment, Workload, guest_spec, wait_workload_started
+from migrate.demo import (
+    DemoConfig,
+    DemoEnvironment,
+    Workload,
+    guest_spec,
+    prepare_guest,
+    wait_workload_started,
+)
 from migrate.errors import ConfigError
-from migrate.guest import ensure_guest
 from migrate.lab import Lab
 from migrate.plan import BandwidthHint, allowed, plan_migration
 from migrate.policy import Policy
@@ -128,17 +133,7 @@ async def plan_on_lab(
     config: DemoConfig, calc_time_s: int = 1
 ) -> tuple[Predicted, DemoEnvironment]:
     """Boot the test guest on lab host A with ``config``'s workload and forecast it."""
-    guest = await asyncio.to_thread(ensure_guest)
-    accel = await choose_accelerator(guest)
-    environment = DemoEnvironment(
-        accelerator=accel.accelerator.value,
-        accelerator_reason=accel.reason,
-        cpu_model=config.cpu_model or accel.cpu_model,
-        kernel=guest.kernel_version,
-        guest_key=guest.key,
-        workload=config.workload.text,
-        bandwidth_mbit=config.bandwidth_mbit,
-    )
+    guest, accel, environment = await prepare_guest(config)
     with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
         spec = guest_spec(config, guest, accel, lab.next_guest_address())
         tap = lab.add_tap(lab.host_a)

@@ -147,16 +147,8 @@ async def wait_workload_started(vm: QemuProcess, workload: Workload, timeout: fl
         await vm.console.wait_for(r"^MEMDIRTY pass=", timeout)
 
 
-async def run_demo(
-    config: DemoConfig, events: EventBus | None = None, hooks: DemoHooks | None = None
-) -> DemoResult:
-    """Run the demo; the result carries the report also when the migration failed.
-
-    Raises :class:`~migrate.errors.LivemigError` subclasses for set-up failures.
-    """
-    strategy_for(config.strategy)
-    events = events or EventBus()
-    hooks = hooks or DemoHooks()
+async def prepare_guest(config: DemoConfig) -> tuple[GuestImage, AccelChoice, DemoEnvironment]:
+    """The built test guest, the accelerator a probe allows, and what to report of both."""
     guest = await asyncio.to_thread(ensure_guest)
     accel = await choose_accelerator(guest)
     environment = DemoEnvironment(
@@ -168,6 +160,20 @@ async def run_demo(
         workload=config.workload.text,
         bandwidth_mbit=config.bandwidth_mbit,
     )
+    return guest, accel, environment
+
+
+async def run_demo(
+    config: DemoConfig, events: EventBus | None = None, hooks: DemoHooks | None = None
+) -> DemoResult:
+    """Run the demo; the result carries the report also when the migration failed.
+
+    Raises :class:`~migrate.errors.LivemigError` subclasses for set-up failures.
+    """
+    strategy_for(config.strategy)
+    events = events or EventBus()
+    hooks = hooks or DemoHooks()
+    guest, accel, environment = await prepare_guest(config)
     with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
         address = lab.next_guest_address()
         guest_ip = address.split("/")[0]
