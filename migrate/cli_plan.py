@@ -162,7 +162,8 @@ def render_plan(predicted: Predicted, policy: Policy) -> str:
         f"plan for policy {policy.name} (measured in {p.measure_time_ms:.0f} ms)",
         f"  RAM:         {p.ram_bytes / MIB:.0f} MiB"
         + (f", {p.nonzero_ram_bytes / MIB:.0f} MiB non-zero" if p.nonzero_ram_bytes else ""),
-        f"  dirty rate:  {p.dirty_rate_bytes_per_s / MIB:.1f} MiB/s ({p.dirty_rate_method})",
+        f"  dirty rate:  {p.dirty_rate_bytes_per_s / MIB:.1f} MiB/s ({p.dirty_rate_method})"
+        + (f", rewriting ~{p.working_set_bytes / MIB:.1f} MiB" if p.working_set_bytes else ""),
         f"  bandwidth:   {p.bandwidth_bytes_per_s / MIB:.1f} MiB/s ({p.bandwidth_source})",
     ]
     if p.compression_ratios:

@@ -24,7 +24,13 @@ def _forecast_lines(report: MigrationReport) -> list[str]:
     lines = [
         f"  forecast:           {f.setting}: {_ms(f.total_time_ms)}, downtime "
         f"{_ms(f.downtime_ms)}{'' if f.converges else ' (does not converge)'}",
-        f"    from:             dirty {p.dirty_rate_bytes_per_s / (1 << 20):.1f} MiB/s, "
+        f"    from:             dirty {p.dirty_rate_bytes_per_s / (1 << 20):.1f} MiB/s"
+        + (
+            f" (~{p.working_set_bytes / (1 << 20):.1f} MiB rewritten)"
+            if p.working_set_bytes
+            else ""
+        )
+        + ", "
         f"bandwidth {p.bandwidth_bytes_per_s / (1 << 20):.1f} MiB/s ({p.bandwidth_source})",
     ]
     if m is not None:

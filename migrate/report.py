@@ -184,8 +184,10 @@ class Forecast:
 class Predicted:
     """What was measured and forecast before anything moved.
 
-    ``dirty_rate_bytes_per_s`` comes from ``dirty_rate_method`` (QEMU's
-    ``calc-dirty-rate``); ``bandwidth_bytes_per_s`` from ``bandwidth_source``
+    ``dirty_rate_bytes_per_s`` comes from ``dirty_rate_method`` (a sample of the
+    guest's RAM read three times, or QEMU's ``calc-dirty-rate``), and
+    ``working_set_bytes`` (when the sample shows one) is how much the guest keeps
+    rewriting; ``bandwidth_bytes_per_s`` from ``bandwidth_source``
     (operator, link cap, policy cap or an assumption). ``nonzero_ram_bytes`` and
     ``compression_ratios`` (raw / compressed bytes per method) come from sampling
     the guest's RAM file when it is mappable. ``policy_forecast`` is the forecast for
@@ -207,6 +209,7 @@ class Predicted:
     compression_speed_bytes_per_s: float | None = None
     policy_forecast: Forecast | None = None
     measure_time_ms: float = 0.0
+    working_set_bytes: int | None = None
 
 
 @dataclass(frozen=True)
