@@ -234,19 +234,6 @@ def sample_from(
     )
 
 
-def sample_ram(
-    path: Path, pages: int = 2048, seed: int = 1, before: npt.NDArray[np.uint64] | None = None
-) -> tuple[RamSample, npt.NDArray[np.uint64]]:
-    """Sample ``pages`` pages of a RAM file (blocking: call it in a thread).
-
-    ``before`` is an earlier copy of the same sample (same ``pages`` and ``seed``);
-    with it the xbzrle ratio of the changed pages is estimated too. Returns the
-    sample and the copy of the pages it read. Raises :class:`RamMappingError`.
-    """
-    copy = read_sample(path, pages, seed)
-    return sample_from(copy, before), copy
-
-
 async def measure(
     source: QmpSession, ram_path: Path | None, calc_time_s: int = 1,
     sample_pages: int | None = None,

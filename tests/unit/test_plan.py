@@ -24,7 +24,8 @@ from migrate.plan import (
     measure,
     measure_dirty_rate,
     measured_from,
-    sample_ram,
+    read_sample,
+    sample_from,
     with_policy,
     xbzrle_size,
 )
@@ -93,9 +94,10 @@ def _ram_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_sample_ram_counts_zero_pages_and_compression(tmp_path: Path) -> None:
+def test_a_ram_sample_counts_zero_pages_and_compression(tmp_path: Path) -> None:
     path = _ram_file(tmp_path)
-    sample, copy = sample_ram(path, pages=2048, seed=3)
+    copy = read_sample(path, pages=2048, seed=3)
+    sample = sample_from(copy)
     assert sample.pages == 2048 and copy.shape == (2048, 512)
     assert 0.18 < sample.zero_fraction < 0.32
     # A third of the non-zero pages is random, two thirds compress very well.
@@ -106,7 +108,7 @@ def test_sample_ram_counts_zero_pages_and_compression(tmp_path: Path) -> None:
     ram[2048:2100, 5] += np.uint64(1)
     ram.flush()
     del ram
-    again, _ = sample_ram(path, pages=2048, seed=3, before=copy)
+    again = sample_from(read_sample(path, pages=2048, seed=3), before=copy)
     assert again.changed_fraction is not None and 0 < again.changed_fraction < 0.05
     assert again.xbzrle_ratio is not None and again.xbzrle_ratio > 50
 
