@@ -255,15 +255,19 @@ async def measure(
     copies: list[tuple[float, npt.NDArray[np.uint64]]] = []
 
     async def read() -> None:
-        assert ram_path is not None
-        copy = await asyncio.to_thread(read_sample, ram_path, pages)
-        copies.append((time.monotonic(), copy))
-
-    if ram_path is not None:
+        # A copy of the sample; once the file fails, no sample at all.
+        nonlocal ram_path
+        if ram_path is None:
+            return
         try:
-            await read()
+            copy = await asyncio.to_thread(read_sample, ram_path, pages)
         except RamMappingError:
             ram_path = None
+            copies.clear()
+            return
+        copies.append((time.monotonic(), copy))
+
+    await read()
     status = await source.status()
     working_set = None
     if status == "running":
@@ -274,11 +278,10 @@ async def measure(
         rate, method = await qemu
     else:
         rate, method = 0.0, f"VM {status}: nothing dirties its memory"
+    await read()
     sample = None
-    if ram_path is not None:
-        await read()
-        before = copies[0][1]
-        sample = await asyncio.to_thread(sample_from, copies[-1][1], before)
+    if len(copies) >= 2:
+        sample = await asyncio.to_thread(sample_from, copies[-1][1], copies[0][1])
     if len(copies) == 3:
         (t0, c0), (_, c1), (t2, c2) = copies
         own, working_set = dirty_rate_and_working_set(c0, c1, c2, t2 - t0, ram_bytes)

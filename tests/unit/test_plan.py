@@ -94,6 +94,30 @@ def _ram_file(tmp_path: Path) -> Path:
     return path
 
 
+def test_measure_takes_the_rate_from_the_ram_sample_when_it_has_one(tmp_path: Path) -> None:
+    path = _ram_file(tmp_path)  # nothing writes it: the sample sees no dirty page
+    m = asyncio.run(measure(_session(FakeQmp(rate_mibps=12)), path, sample_pages=1024))
+    assert m.sample is not None and m.sample.pages == 1024
+    assert m.dirty_rate_bytes_per_s == 0 and m.working_set_bytes is None
+    assert m.dirty_rate_method.startswith("RAM sample (1024 pages, two ")
+    assert "said 12 MiB/s" in m.dirty_rate_method
+
+
+def test_measure_falls_back_to_qemu_when_the_ram_file_goes(tmp_path: Path) -> None:
+    path = _ram_file(tmp_path)
+
+    class Vanishing(FakeQmp):
+        async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+            if command == "calc-dirty-rate":
+                path.unlink()
+            return await super().execute(command, arguments)
+
+    m = asyncio.run(measure(_session(Vanishing(rate_mibps=12)), path))
+    assert m.sample is None and m.working_set_bytes is None
+    assert m.dirty_rate_bytes_per_s == 12 * MIB
+    assert m.dirty_rate_method.startswith("calc-dirty-rate page-sampling")
+
+
 def test_a_ram_sample_counts_zero_pages_and_compression(tmp_path: Path) -> None:
     path = _ram_file(tmp_path)
     copy = read_sample(path, pages=2048, seed=3)
