@@ -7,11 +7,13 @@ migrate`` command, for QEMUs launched by someone else).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 
 from migrate.errors import ConfigError, MigrationError, QemuError
-from migrate.events import EventBus, Planned
+from migrate.events import EventBus, Finished, MigrationEvent, Planned
 from migrate.native import NativeStrategy
 from migrate.pagestream.strategy import PagestreamStrategy
 from migrate.plan import BandwidthHint, measured_from, plan_migration
@@ -35,6 +37,23 @@ def strategy_for(name: str) -> Strategy:
         ) from None
 
 
+class _StrategyEvents(EventBus):
+    """The bus a strategy emits on: everything goes to the caller's bus except
+    :class:`Finished`, which the engine emits itself once the report is whole
+    (preflight, forecast and measured figures added)."""
+
+    def __init__(self, outer: EventBus) -> None:
+        super().__init__(outer.migration_id)
+        self.outer = outer
+        self.report: MigrationReport | None = None
+
+    def emit(self, event: MigrationEvent) -> None:
+        if isinstance(event, Finished):
+            self.report = event.report
+        else:
+            self.outer.emit(event)
+
+
 async def run_migration(
     request: MigrationRequest,
     source: QmpSession,
@@ -47,10 +66,12 @@ async def run_migration(
     Raises :class:`~migrate.errors.PreflightError` if a check refuses the move.
     Returns the report of a completed migration; raises
     :class:`~migrate.errors.MigrationError` (with ``.report``) otherwise, the VM
-    left running on the source.
+    left running on the source. Once the strategy has started, ``events`` ends
+    with :class:`Finished` carrying the same report, whatever the outcome.
     """
     strategy = strategy_for(request.strategy)
     events = events or EventBus()
+    events.bind(request.migration_id)
     checks = await run_preflight(
         source, target, request.source_host, request.target_host, request.cpu_model
     )
@@ -63,13 +84,21 @@ async def run_migration(
         controller = controller_for(request.policy, predicted)
     elif predicted is not None and isinstance(controller, PredictionAware):
         controller.use_prediction(predicted)
+    relay = _StrategyEvents(events)
     try:
-        report = await strategy.run(request, source, target, controller, events)
+        report = await strategy.run(request, source, target, controller, relay)
     except MigrationError as exc:
         if exc.report is not None:
             exc.report = _with_plan(exc.report, checks.checks, predicted)
+            events.emit(Finished(exc.report))
         raise
-    return _with_plan(report, checks.checks, predicted)
+    except BaseException:
+        if relay.report is not None:  # cancelled: the strategy rolled back and reported
+            events.emit(Finished(_with_plan(relay.report, checks.checks, predicted)))
+        raise
+    report = _with_plan(report, checks.checks, predicted)
+    events.emit(Finished(report))
+    return report
 
 
 def _with_plan(
@@ -97,6 +126,26 @@ async def _predict(
     return predicted
 
 
+@contextlib.asynccontextmanager
+async def open_sessions(
+    request: MigrationRequest, connect_timeout: float = 5.0
+) -> AsyncIterator[tuple[QmpSession, QmpSession]]:
+    """QMP sessions to the request's source and target, closed on exit."""
+    if request.source.qmp_socket is None or request.target.qmp_socket is None:
+        raise ConfigError("both endpoints need a QMP socket path")
+    if request.source.qmp_socket.resolve() == request.target.qmp_socket.resolve():
+        raise ConfigError(f"source and target are the same QEMU ({request.source.qmp_socket})")
+    source = await QmpSession.connect(request.source.qmp_socket, "source", connect_timeout)
+    try:
+        target = await QmpSession.connect(request.target.qmp_socket, "target", connect_timeout)
+        try:
+            yield source, target
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+
+
 async def migrate(
     request: MigrationRequest,
     controller: Controller | None = None,
@@ -104,17 +153,6 @@ async def migrate(
     connect_timeout: float = 5.0,
 ) -> MigrationReport:
     """Like :func:`run_migration`, opening QMP sessions from the request's endpoints."""
-    if request.source.qmp_socket is None or request.target.qmp_socket is None:
-        raise ConfigError("both endpoints need a QMP socket path")
-    if request.source.qmp_socket.resolve() == request.target.qmp_socket.resolve():
-        raise ConfigError(f"source and target are the same QEMU ({request.source.qmp_socket})")
     strategy_for(request.strategy)
-    source = await QmpSession.connect(request.source.qmp_socket, "source", connect_timeout)
-    try:
-        target = await QmpSession.connect(request.target.qmp_socket, "target", connect_timeout)
-        try:
-            return await run_migration(request, source, target, controller, events)
-        finally:
-            await target.close()
-    finally:
-        await source.close()
+    async with open_sessions(request, connect_timeout) as (source, target):
+        return await run_migration(request, source, target, controller, events)

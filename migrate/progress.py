@@ -26,12 +26,15 @@ from rich.table import Column
 from migrate.codec import to_dict
 from migrate.controller import BandwidthEstimator, remaining_time_ms
 from migrate.events import (
+    EVENT_KINDS,
+    EVENT_SCHEMA_VERSION,
     DecisionMade,
     Finished,
     MigrationEvent,
     Notice,
     PhaseChanged,
     Planned,
+    event_time,
 )
 from migrate.events import (
     Progress as ProgressEvent,
@@ -235,22 +238,34 @@ def _kind(event: MigrationEvent) -> str:
 
 
 def event_record(event: MigrationEvent, view: ProgressView | None = None) -> dict[str, Any]:
-    """One event as a JSON-ready object: ``{"event": kind, ...}``."""
+    """One event as a JSON-ready object (docs/schema/events.json).
+
+    Every record carries ``schema_version``, ``migration_id``, ``seq`` (1, 2, ... in
+    emission order), ``event`` (its kind) and ``time``; then the kind's own fields.
+    """
+    record: dict[str, Any] = {
+        "schema_version": EVENT_SCHEMA_VERSION,
+        "migration_id": event.migration_id,
+        "seq": event.seq,
+        "event": EVENT_KINDS[type(event)],
+        "time": event_time(event),
+    }
     if isinstance(event, ProgressEvent):
-        record: dict[str, Any] = {"event": "progress", "sample": to_dict(event.sample)}
+        record["sample"] = to_dict(event.sample)
         if view is not None:
             record["view"] = to_dict(view)
-        return record
-    if isinstance(event, Planned):
-        return {"event": "planned", "time": event.time, "predicted": to_dict(event.predicted)}
-    if isinstance(event, PhaseChanged):
-        return {"event": "phase", "time": event.time, "previous": event.previous.value,
-                "phase": event.phase.value}  # fmt: skip
-    if isinstance(event, DecisionMade):
-        return {"event": "decision", **to_dict(event.decision)}
-    if isinstance(event, Notice):
-        return {"event": "notice", "time": event.time, "message": event.message}
-    return {"event": "finished", "time": time.time(), "report": event.report.to_dict()}
+    elif isinstance(event, Planned):
+        record["predicted"] = to_dict(event.predicted)
+    elif isinstance(event, PhaseChanged):
+        record["previous"] = event.previous.value
+        record["phase"] = event.phase.value
+    elif isinstance(event, DecisionMade):
+        record["decision"] = to_dict(event.decision)
+    elif isinstance(event, Notice):
+        record["message"] = event.message
+    else:
+        record["report"] = event.report.to_dict()
+    return record
 
 
 class JsonLines:
@@ -265,16 +280,35 @@ class JsonLines:
         self.stream = stream
         self.state = ProgressState()
         self.final_by_caller = final_by_caller
+        self._last: MigrationEvent | None = None
+        self._held: Finished | None = None
 
     def handle(self, event: MigrationEvent) -> None:
         view = self.state.update(event)
+        self._last = event
         if isinstance(event, Finished) and self.final_by_caller:
+            self._held = event
             return
         self._write(event_record(event, view))
 
     def finish(self, report: dict[str, Any]) -> None:
-        """Write the closing ``finished`` line carrying ``report``."""
-        self._write({"event": "finished", "time": time.time(), "report": report})
+        """Write the closing ``finished`` line carrying ``report``.
+
+        It keeps the engine's ``finished`` event's sequence number when there was
+        one (else the next after the last event written).
+        """
+        if self._held is not None:
+            record = event_record(self._held)
+        else:
+            record = {
+                "schema_version": EVENT_SCHEMA_VERSION,
+                "migration_id": str(report.get("migration_id", "")),
+                "seq": (self._last.seq if self._last is not None else 0) + 1,
+                "event": "finished",
+                "time": time.time(),
+            }
+        record["report"] = report
+        self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
         self.stream.write(json.dumps(record) + "\n")

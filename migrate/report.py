@@ -7,12 +7,22 @@ seconds, the clock QMP stamps events with).
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from migrate.codec import from_dict, to_dict
 from migrate.phase import Phase
+
+#: Version of the report's JSON form (docs/schema/report.json); bump it with any
+#: change a reader would notice (a field renamed, removed or retyped).
+REPORT_SCHEMA_VERSION = 1
+
+
+def new_migration_id() -> str:
+    """A fresh migration id (random, 32 hex digits)."""
+    return uuid.uuid4().hex
 
 
 class Status(StrEnum):
@@ -284,7 +294,8 @@ class MigrationReport:
     ``total_time_ms`` is ours (``migrate`` issued → VM running on the target);
     ``guest_downtime_ms`` is the longest probe reply gap (None without a probe).
     ``predicted`` is the forecast made before the start, ``measured`` the same
-    quantities as they turned out.
+    quantities as they turned out. ``migration_id`` is the request's id (also on
+    every event); ``schema_version`` the version of this JSON form.
     """
 
     status: Status
@@ -317,6 +328,8 @@ class MigrationReport:
     stream: StreamStats | None = None
     predicted: Predicted | None = None
     measured: Measured | None = None
+    migration_id: str = ""
+    schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = to_dict(self)

@@ -29,6 +29,7 @@ from migrate.report import (
     Sample,
     Status,
     Timeline,
+    new_migration_id,
     offset_ms,
 )
 
@@ -82,7 +83,8 @@ class MigrationRequest:
     ``predict`` measures the VM and forecasts the migration before it starts
     (:mod:`migrate.plan`; about a second more before ``migrate``; the CLI and the
     demo ask for it); ``link_mbit`` is the migration link's speed when known (the
-    forecast's bandwidth; otherwise a stated assumption).
+    forecast's bandwidth; otherwise a stated assumption). ``migration_id`` names
+    this migration in its report and events.
     """
 
     source: HostEndpoint
@@ -102,6 +104,7 @@ class MigrationRequest:
     hooks: MigrationHooks = field(default_factory=MigrationHooks)
     predict: bool = False
     link_mbit: float | None = None
+    migration_id: str = field(default_factory=new_migration_id)
 
     @property
     def migration_uri(self) -> str:
@@ -473,5 +476,6 @@ class StrategyRun:
             samples=tuple(self.samples),
             decisions=tuple(self.decisions),
             error=error,
+            migration_id=self.request.migration_id,
             **figures,
         )

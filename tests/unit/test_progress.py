@@ -149,7 +149,9 @@ def test_json_lines_one_object_per_event_and_the_report_last() -> None:
     kinds = [r["event"] for r in records]
     assert kinds == ["phase", "progress", "progress", "progress", "decision", "finished"]
     assert records[1]["view"]["percent"] == 0.0 and "sample" in records[1]
-    assert records[4]["reason"] == "because"
+    assert records[4]["decision"]["reason"] == "because"
+    assert [r["seq"] for r in records[:-1]] == [0] * 5  # not through a bus: unstamped
+    assert all(r["schema_version"] == 1 for r in records)
     assert records[-1]["report"] == {"status": "aborted", "extra": 1}
     assert event_record(Finished(_report()))["report"]["status"] == "completed"
 
