@@ -143,16 +143,19 @@ class Migration:
         (:class:`~migrate.errors.ConfigError`), or QEMU could not be reached.
         """
         task = self._require_task()
-        with contextlib.suppress(MigrationError, asyncio.CancelledError):
+        try:
             await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                raise  # the waiter was cancelled, not the migration
+        except Exception:
+            if self._report is None:
+                raise  # refused or unreachable: no report to give
         if self._report is not None:
             return self._report
         if task.cancelled():
             raise MigrationError(f"migration {self.id} was cancelled before it started")
-        exc = task.exception()
-        if exc is None:  # pragma: no cover - a completed run always leaves a report
-            return task.result()
-        raise exc
+        return task.result()
 
     def abort(self, reason: str) -> None:
         """Abort: the VM stays on (goes back to) the source. Too late after switchover."""

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from migrate.api import Migration
 from migrate.cli import EXIT_INTERRUPTED, EXIT_MIGRATION, EXIT_OK, print_json
 from migrate.demo import DemoConfig, Workload, run_demo
-from migrate.engine import STRATEGIES, migrate
-from migrate.errors import ConfigError, MigrationError
+from migrate.engine import STRATEGIES
+from migrate.errors import ConfigError, LivemigError, MigrationError
 from migrate.events import EventBus, Finished, MigrationEvent
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
@@ -265,13 +268,46 @@ def _migrate(args: argparse.Namespace) -> int:
         link_mbit=args.link_mbit,
     )
     out = _Output(args, "migrate")
+    migration = Migration(request, events=out.bus, abort_grace_s=ABORT_GRACE_S)
+    signalled: list[int] = []
     try:
-        report = out.run(migrate(request, events=out.bus))
+        report = out.run(_follow(migration, signalled))
     except KeyboardInterrupt:
         return out.interrupted()
-    except MigrationError as exc:
-        if exc.report is None:
+    code = out.emit(report)
+    if signalled:
+        name = signal.Signals(signalled[0]).name
+        sys.stderr.write(f"livemig: {name}: migration {report.status}\n")
+        return 128 + signalled[0]
+    if report.status != "completed":
+        raise MigrationError(f"migration {report.status}: {report.error or 'no reason given'}")
+    return code
+
+
+#: How long an abort (Ctrl-C, SIGTERM, SIGHUP) may wait for the strategy's next
+#: sample before the migration task is cancelled (both roll back the same way).
+ABORT_GRACE_S = 2.0
+
+
+async def _follow(migration: Migration, signalled: list[int]) -> MigrationReport:
+    """Run ``migration`` to its end; SIGTERM/SIGHUP and Ctrl-C abort it."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        signalled.append(signum)
+        migration.abort(f"{signal.Signals(signum).name} received")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await migration.start()
+        try:
+            return await migration.wait()
+        except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels this task
+            migration.abort("cancelled by the operator")
+            with contextlib.suppress(LivemigError):
+                await migration.wait()
             raise
-        out.emit(exc.report)
-        raise
-    return out.emit(report)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
