@@ -24,7 +24,8 @@ QEMU does); ``migrate_cancel`` cancels, and the source restarts if completion ha
 stopped it; a target whose incoming migration fails exits (QEMU does, unless told
 otherwise); a dead side breaks the other side's migration; ``quit`` kills the VM
 (further commands raise :class:`~migrate.errors.QemuError` "connection lost").
-With ``precopy_polls=None`` pre-copy never converges.
+With ``precopy_polls=None`` pre-copy never converges, unless the downtime-limit is
+raised to at least ``SWITCH_ANYWAY_MS`` (then it switches over at the next poll).
 
 Scripting: per-command rules, the latest rule for a command deciding::
 
@@ -131,6 +132,10 @@ DEFAULT_PARAMETERS: dict[str, Any] = {
 
 
 # -- what a rule does with one call ---------------------------------------------------
+
+
+#: A downtime-limit from which the fake switches over at once (1000 s).
+SWITCH_ANYWAY_MS = 1_000_000
 
 
 class Action:
@@ -843,7 +848,10 @@ class FakeQmp(QmpSession):
                 await self.set_migration("active")
             return
         self._polls += 1
-        if self.precopy_polls is not None and self._polls >= self.precopy_polls:
+        # QEMU switches over once the rest fits the downtime-limit; a limit in the
+        # thousands of seconds (the operator's "switch over now") always fits.
+        forced = int(self.parameters.get("downtime-limit", 300)) >= SWITCH_ANYWAY_MS
+        if forced or (self.precopy_polls is not None and self._polls >= self.precopy_polls):
             self._was_running = self.runstate == "running"
             await self.set_runstate("finish-migrate")
             if self.capabilities["pause-before-switchover"]:
