@@ -46,9 +46,13 @@ from dirtytrack.model import (
     required_throttle,
 )
 from dirtytrack.ram import PAGE_SIZE, RamMapping
-from migrate.controller import DEFAULT_DEVICE_STATE_BYTES, QEMU_DEFAULT_BANDWIDTH
+from migrate.control.base import (
+    DEFAULT_DEVICE_STATE_BYTES,
+    QEMU_DEFAULT_BANDWIDTH,
+    UNLIMITED_BANDWIDTH,
+)
 from migrate.errors import QemuError
-from migrate.policy import UNLIMITED_BANDWIDTH, Policy
+from migrate.policy import Policy
 from migrate.qmp import QmpSession
 from migrate.report import Forecast, Measured, MigrationReport, Predicted, Sample
 
