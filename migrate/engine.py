@@ -12,12 +12,12 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
+from migrate.control.base import Controller, PredictionAware
 from migrate.errors import ConfigError, MigrationError, QemuError
 from migrate.events import EventBus, Finished, MigrationEvent, Planned
 from migrate.native import NativeStrategy
 from migrate.pagestream.strategy import PagestreamStrategy
 from migrate.plan import BandwidthHint, measured_from, plan_migration
-from migrate.policy import Controller, PredictionAware
 from migrate.preflight import run_preflight
 from migrate.presets import controller_for
 from migrate.qmp import QmpSession

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from dirtytrack.ram import PAGE_SIZE, RamMapping
+from migrate.control.base import ControlContext, Controller
 from migrate.errors import MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Progress
 from migrate.integrity import IntegrityResult, RamComparison
 from migrate.phase import Phase
-from migrate.policy import ControlContext, Controller
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (
     Decision,

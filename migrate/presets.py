@@ -7,7 +7,7 @@ naming the algorithm that steers it).
 
 - ``livemig`` — start at downtime-limit 20 ms (measured best here for light
   workloads), hard maximum 300 ms, no throttle, no post-copy; the adaptive
-  :class:`~migrate.controller.LivemigController` raises the limit from the measured
+  :class:`~migrate.control.livemig.LivemigController` raises the limit from the measured
   remaining set and bandwidth, picks compression from the plan, and aborts with the
   reason when pre-copy cannot meet the limits.
 - ``qemu-default`` — what QEMU does when nobody steers: downtime-limit 300 ms,
@@ -17,13 +17,13 @@ naming the algorithm that steers it).
   ``set_migration_caps`` (PVE/QemuServer.pm): auto-converge + xbzrle, cache 10 % of
   RAM rounded up to a power of two, downtime from 100 ms doubling after more than
   5 polls whose remaining rose or was 0, never aborts
-  (:class:`~migrate.controller.ProxmoxController`).
+  (:class:`~migrate.control.proxmox.ProxmoxController`).
 - ``nova`` — nova/virt/libvirt/migration.py ``downtime_steps`` and ``update_downtime``
   with driver.py's monitor: 500 ms over 10 steps every 75 s/GiB, completion timeout
-  800 s/GiB then abort (:class:`~migrate.controller.NovaController`).
+  800 s/GiB then abort (:class:`~migrate.control.nova.NovaController`).
 - ``ovirt-minimal-downtime`` — ovirt-engine's "Minimal downtime" migration policy as
   vdsm's ``MonitorThread`` applies it: 100 ms, then 150, 200, 300, 400, 500 ms by
-  iteration, then abort; auto-converge on (:class:`~migrate.controller.OvirtController`).
+  iteration, then abort; auto-converge on (:class:`~migrate.control.ovirt.OvirtController`).
 
 The peers leave ``announce-initial`` at QEMU's default (they do not tune it).
 """
@@ -32,16 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from migrate.controller import (
-    QEMU_DEFAULT_BANDWIDTH,
-    QEMU_MAX_DOWNTIME_MS,
-    LivemigController,
-    NovaController,
-    OvirtController,
-    ProxmoxController,
-)
+from migrate.control.base import QEMU_DEFAULT_BANDWIDTH, QEMU_MAX_DOWNTIME_MS, Controller
+from migrate.control.livemig import LivemigController
+from migrate.control.nova import NovaController
+from migrate.control.ovirt import OvirtController
+from migrate.control.proxmox import ProxmoxController
+from migrate.control.static import StaticController
 from migrate.errors import ConfigError
-from migrate.policy import Controller, Policy, StaticController
+from migrate.policy import Policy
 from migrate.report import Predicted
 
 PRESET_NAMES: tuple[str, ...] = (

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Column
 
 from migrate.codec import to_dict
-from migrate.controller import BandwidthEstimator, remaining_time_ms
+from migrate.control.estimate import BandwidthEstimator, remaining_time_ms
 from migrate.events import (
     EVENT_KINDS,
     EVENT_SCHEMA_VERSION,

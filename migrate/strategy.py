@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from migrate.control.base import Controller
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged
 from migrate.integrity import IntegrityResult, RamComparison
 from migrate.phase import Phase, PhaseTracker
-from migrate.policy import Controller, Policy
+from migrate.policy import Policy
 from migrate.preflight import HostFacts
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (

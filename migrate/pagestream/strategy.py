@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from dirtytrack.ram import PAGE_SIZE
 from dirtytrack.trackers import TrackerKind
+from migrate.control.base import UNLIMITED_BANDWIDTH, ControlContext, Controller
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError, StreamError
 from migrate.events import DecisionMade, EventBus, Progress
 from migrate.integrity import IntegrityResult, RamComparison
@@ -47,7 +48,6 @@ from migrate.pagestream.planner import (
 from migrate.pagestream.receiver import FaultPlan
 from migrate.pagestream.tuning import level_label
 from migrate.phase import Phase
-from migrate.policy import UNLIMITED_BANDWIDTH, ControlContext, Controller
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (
     Decision,

@@ -19,14 +19,16 @@ from migrate.plan import (
     RamSample,
     allowed,
     bandwidth_known,
-    dirty_rate_and_working_set,
     forecast,
     measure,
-    measure_dirty_rate,
     measured_from,
+    with_policy,
+)
+from migrate.plan.measuring import (
+    dirty_rate_and_working_set,
+    measure_dirty_rate,
     read_sample,
     sample_from,
-    with_policy,
     xbzrle_size,
 )
 from migrate.presets import preset

@@ -6,17 +6,13 @@ import dataclasses
 
 import pytest
 
-from migrate.controller import (
-    LivemigController,
-    NovaController,
-    OvirtController,
-    ProxmoxController,
-    nova_data_gb,
-    nova_downtime_steps,
-    round_powerof2,
-)
+from migrate.control.base import UNLIMITED_BANDWIDTH, ControlContext, round_powerof2
+from migrate.control.livemig import LivemigController
+from migrate.control.nova import NovaController, nova_data_gb, nova_downtime_steps
+from migrate.control.ovirt import OvirtController
+from migrate.control.proxmox import ProxmoxController
+from migrate.control.static import StaticController
 from migrate.errors import ConfigError
-from migrate.policy import UNLIMITED_BANDWIDTH, ControlContext, StaticController
 from migrate.presets import PRESET_NAMES, controller_for, preset
 from migrate.report import Decision, Sample
 

@@ -1,396 +1,48 @@
-"""Controllers: the adaptive ``livemig`` controller and the peers' fixed schedules.
+"""The adaptive ``livemig`` controller: it measures and decides.
 
-Every controller is pure logic (see :class:`~migrate.policy.Controller`): it reads
-samples and returns :class:`~migrate.report.Decision` objects with their reasons;
-the strategy carries them out and emits each as an event.
+Like every controller it is pure logic (see :class:`~migrate.control.base.Controller`):
+it reads samples and returns :class:`~migrate.report.Decision` objects with their
+reasons; the strategy carries them out and emits each as an event.
 
-:class:`LivemigController` measures and decides. Before the start it takes the
-forecast (:class:`~migrate.report.Predicted`, made by :mod:`migrate.plan`) to pick
-what can only be chosen then: compression (xbzrle or multifd+zstd, if the model
-says it pays at the measured bandwidth), auto-converge (if the policy allows any
-throttle), post-copy (if allowed). While pre-copy runs it estimates bandwidth from
-the bytes sent between samples and the dirty rate from QEMU's per-round count,
-records the remaining set at the start of every round, and when that set stops
-shrinking (a stall) or the model says the time budget will not hold, it climbs a
-ladder: raise ``downtime-limit`` to what the measured remaining set needs at the
-measured bandwidth (never above the policy's hard maximum), throttle the guest (up
-to the policy's maximum, watching whether the dirty rate really falls), switch to
-post-copy (if allowed), and abort with the reason when nothing is left.
-
-The peers reproduce what their projects do, at their own poll intervals:
-:class:`ProxmoxController`, :class:`NovaController`, :class:`OvirtController`
-(qemu-default is :class:`~migrate.policy.StaticController`).
+Before the start it takes the forecast (:class:`~migrate.report.Predicted`, made by
+:mod:`migrate.plan`) to pick what can only be chosen then: compression (xbzrle or
+multifd+zstd, if the model says it pays at the measured bandwidth), auto-converge
+(if the policy allows any throttle), post-copy (if allowed). While pre-copy runs it
+estimates bandwidth from the bytes sent between samples and the dirty rate from
+QEMU's per-round count, records the remaining set at the start of every round, and
+when that set stops shrinking (a stall) or the model says the time budget will not
+hold, it climbs a ladder: raise ``downtime-limit`` to what the measured remaining
+set needs at the measured bandwidth (never above the policy's hard maximum),
+throttle the guest (up to the policy's maximum, watching whether the dirty rate
+really falls), switch to post-copy (if allowed), and abort with the reason when
+nothing is left.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 from dirtytrack.model import PrecopyScenario, min_downtime_limit, predict, required_throttle
-from migrate.policy import UNLIMITED_BANDWIDTH, ControlContext, Policy, StaticController
+from migrate.control.base import (
+    DEFAULT_DEVICE_STATE_BYTES,
+    ControlContext,
+    abort,
+    fmt_mib,
+    round_powerof2,
+    set_capabilities,
+    set_parameters,
+    start_postcopy,
+)
+from migrate.control.estimate import (
+    BandwidthEstimator,
+    LiveEstimate,
+    RoundStart,
+    remaining_time_ms,
+)
+from migrate.control.static import StaticController
+from migrate.policy import Policy
 from migrate.report import Decision, Forecast, Predicted, Sample
-
-MIB = 1 << 20
-GIB = 1 << 30
-
-#: QEMU's largest downtime-limit (MAX_MIGRATE_DOWNTIME, migration/migration.c): 2000 s.
-QEMU_MAX_DOWNTIME_MS = 2_000_000
-#: QEMU's default max-bandwidth (MAX_THROTTLE, migration/migration.c): 128 MiB/s.
-QEMU_DEFAULT_BANDWIDTH = 128 * MIB
-#: Device state of the test guest (~600 KB measured with the pagestream prototype).
-DEFAULT_DEVICE_STATE_BYTES = 600_000
-
-
-def set_parameters(now: float, reason: str, side: str = "source", **params: object) -> Decision:
-    """A ``migrate-set-parameters`` decision; parameter names with ``_`` become ``-``."""
-    arguments = {name.replace("_", "-"): value for name, value in params.items()}
-    return Decision(now, "set-parameters", reason, "migrate-set-parameters", arguments, side)
-
-
-def set_capabilities(now: float, reason: str, capabilities: dict[str, bool]) -> Decision:
-    """A ``migrate-set-capabilities`` decision for both sides (before ``migrate`` only)."""
-    caps = [{"capability": name, "state": state} for name, state in capabilities.items()]
-    return Decision(
-        now, "set-capabilities", reason, "migrate-set-capabilities", {"capabilities": caps}, "both"
-    )
-
-
-def abort(now: float, reason: str) -> Decision:
-    return Decision(now, "abort", reason)
-
-
-def start_postcopy(now: float, reason: str) -> Decision:
-    return Decision(now, "postcopy", reason, "migrate-start-postcopy")
-
-
-def _mib(value: float) -> str:
-    return f"{value / MIB:.1f} MiB"
-
-
-# -- peers ------------------------------------------------------------------------------
-
-
-def round_powerof2(value: int) -> int:
-    """Proxmox's ``round_powerof2`` (PVE/QemuMigrate.pm): the next power of two >= value.
-
-    ``2 << int(log2(value - 1))``, and 1 below 2, as written there.
-    """
-    if value < 2:
-        return 1
-    return 2 << int(math.log(value - 1) / math.log(2))
-
-
-class ProxmoxController:
-    """Proxmox VE's live migration, from qemu-server ``PVE/QemuMigrate.pm`` ``phase2``.
-
-    Before ``migrate``: capabilities ``auto-converge`` and ``xbzrle`` on
-    (``PVE::QemuServer::set_migration_caps``; in the policy), ``max-bandwidth``
-    16 GiB/s when no limit is configured ("always set migrate speed"),
-    ``downtime-limit`` 100 ms (``migrate_downtime`` default 0.1 s) and
-    ``xbzrle-cache-size`` = 10 % of the VM's memory rounded up to a power of two.
-    Then it polls ``query-migrate`` every second (every 100 ms once the remaining
-    bytes drop below the average transferred per poll); whenever the transferred
-    counter moved and the remaining bytes rose or were 0, a counter goes up, and
-    after more than 5 such polls the downtime limit doubles (counter reset). It
-    never aborts on its own.
-    """
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self._downtime_ms = policy.downtime_limit_ms
-        self._next_poll_ms = 1000.0
-        self._sleep_ms = 1000.0
-        self._polls = 0
-        self._last_transferred = 0
-        self._last_remaining: int | None = None
-        self._counter = 0
-
-    def start(self, context: ControlContext) -> list[Decision]:
-        now = time.time()
-        cache = round_powerof2(int(context.ram_bytes / 10))
-        bandwidth = self.policy.max_bandwidth_bytes_per_s or 16 * GIB
-        return [
-            set_parameters(
-                now,
-                f"proxmox: downtime {self._downtime_ms:.0f} ms, speed limit "
-                f"{bandwidth / MIB:.0f} MiB/s, xbzrle cache 10% of RAM rounded up to a "
-                f"power of two ({_mib(cache)})",
-                max_bandwidth=bandwidth,
-                downtime_limit=int(self._downtime_ms),
-                xbzrle_cache_size=cache,
-            )
-        ]
-
-    def on_sample(self, sample: Sample) -> list[Decision]:
-        if sample.elapsed_ms < self._next_poll_ms:
-            return []
-        self._polls += 1
-        average = self._last_transferred / self._polls if self._last_transferred else 0.0
-        decisions: list[Decision] = []
-        if sample.status == "setup":
-            self._next_poll_ms = sample.elapsed_ms + 1000 + self._sleep_ms
-            return []
-        if sample.status == "active":
-            transferred, remaining = sample.ram_transferred_bytes, sample.ram_remaining_bytes
-            if transferred != self._last_transferred:
-                if average and remaining < average:
-                    self._sleep_ms = 100.0
-                if (self._last_remaining and remaining > self._last_remaining) or remaining == 0:
-                    self._counter += 1
-                self._last_remaining = remaining
-                if self._counter > 5:
-                    self._counter = 0
-                    self._downtime_ms *= 2
-                    decisions.append(
-                        set_parameters(
-                            sample.time,
-                            "proxmox: remaining rose (or was 0) on more than 5 polls: "
-                            f"auto-increased downtime to {self._downtime_ms:.0f} ms",
-                            downtime_limit=int(min(self._downtime_ms, QEMU_MAX_DOWNTIME_MS)),
-                        )
-                    )
-            self._last_transferred = transferred
-        self._next_poll_ms = sample.elapsed_ms + self._sleep_ms
-        return decisions
-
-
-def nova_downtime_steps(data_gb: float, downtime_ms: int = 500, steps: int = 10,
-                        delay_s: int = 75) -> list[tuple[int, int]]:  # fmt: skip
-    """Nova's ``downtime_steps`` (nova/virt/libvirt/migration.py): (after s, limit ms).
-
-    Linear from ``downtime/steps`` to ``downtime`` in ``steps`` steps, one every
-    ``delay_s * data_gb`` seconds (``live_migration_downtime``, ``_steps``,
-    ``_delay`` defaults 500 ms, 10, 75 s/GiB).
-    """
-    delay = int(delay_s * data_gb)
-    base = downtime_ms / steps
-    offset = (downtime_ms - base) / steps
-    return [(int(delay * i), int(base + offset * i)) for i in range(steps + 1)]
-
-
-def nova_data_gb(ram_bytes: int, disk_bytes: Sequence[int] = ()) -> float:
-    """Nova's ``_live_migration_data_gb`` (nova/virt/libvirt/driver.py): RAM, at least 2
-    GiB, plus each migrated disk, each at least 2 GiB."""
-    ram_gb = max(ram_bytes / GIB, 2.0)
-    return ram_gb + sum(max(size / GIB, 2.0) for size in disk_bytes)
-
-
-class NovaController:
-    """OpenStack Nova's libvirt driver, ``_live_migration_monitor`` with its defaults.
-
-    Polls every 0.5 s; on each poll ``update_downtime`` applies the last of
-    :func:`nova_downtime_steps` whose time has passed (50 ms at once, 95 ms after
-    75 s/GiB, ... 500 ms), and past ``live_migration_completion_timeout`` (800 s per
-    GiB of :func:`nova_data_gb`) the ``abort`` timeout action cancels the migration.
-    No capabilities (auto-converge and post-copy are off by default); libvirt's
-    default bandwidth is unlimited. Before the first poll QEMU's 300 ms applies.
-    """
-
-    poll_ms = 500.0
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self._steps: list[tuple[int, int]] = []
-        self._timeout_s = 0.0
-        self._current: int | None = None
-        self._next_poll_ms = 0.0
-
-    def start(self, context: ControlContext) -> list[Decision]:
-        data_gb = nova_data_gb(context.ram_bytes)
-        self._steps = nova_downtime_steps(data_gb)
-        self._timeout_s = 800 * data_gb
-        bandwidth = self.policy.max_bandwidth_bytes_per_s or UNLIMITED_BANDWIDTH
-        return [
-            set_parameters(
-                time.time(),
-                "nova: libvirt's default bandwidth (unlimited); downtime steps "
-                + ", ".join(f"{ms} ms@{s} s" for s, ms in self._steps)
-                + f"; completion timeout {self._timeout_s:.0f} s (800 s/GiB of {data_gb:g} GiB)",
-                max_bandwidth=bandwidth,
-            )
-        ]
-
-    def on_sample(self, sample: Sample) -> list[Decision]:
-        if sample.elapsed_ms < self._next_poll_ms or sample.status not in ("active", "setup"):
-            return []
-        self._next_poll_ms = sample.elapsed_ms + self.poll_ms
-        elapsed_s = sample.elapsed_ms / 1e3
-        if self._timeout_s and elapsed_s > self._timeout_s:
-            return [
-                abort(
-                    sample.time,
-                    f"nova: live migration not completed after {self._timeout_s:.0f} s "
-                    "(live_migration_completion_timeout, action abort)",
-                )
-            ]
-        current = None
-        for after_s, limit_ms in self._steps:
-            if elapsed_s > after_s:
-                current = (after_s, limit_ms)
-        if current is None or current[1] == self._current:
-            return []
-        self._current = current[1]
-        return [
-            set_parameters(
-                sample.time,
-                f"nova: increasing downtime to {current[1]} ms after {current[0]} s elapsed",
-                downtime_limit=current[1],
-            )
-        ]
-
-
-#: oVirt's "Minimal downtime" migration policy (ovirt-engine's MigrationPolicies
-#: default): initial downtime 100 ms, then (stalling limit, action) in order.
-OVIRT_MINIMAL_DOWNTIME: tuple[tuple[int, int | None], ...] = (
-    (1, 150), (2, 200), (3, 300), (4, 400), (6, 500), (-1, None),
-)  # fmt: skip
-
-
-class OvirtController:
-    """oVirt's "Minimal downtime" policy as vdsm runs it (lib/vdsm/virt/migration.py).
-
-    The engine sends the convergence schedule (initial ``setDowntime`` 100 ms;
-    stalling limits 1→150, 2→200, 3→300, 4→400, 6→500 ms; last item ``abort``,
-    limit -1) with auto-converge on and compression off. vdsm's ``MonitorThread``
-    wakes every ``migration_monitor_interval`` (10 s); when libvirt's memory
-    iteration (QEMU's ``dirty-sync-count``) grew since its last look, it counts
-    iterations since its first look and runs the schedule's head action if its limit
-    is below that count, one action per look.
-    """
-
-    poll_ms = 10_000.0
-
-    def __init__(self, policy: Policy,
-                 schedule: Sequence[tuple[int, int | None]] = OVIRT_MINIMAL_DOWNTIME) -> None:  # fmt: skip
-        self.policy = policy
-        self._schedule = list(schedule)
-        self._next_poll_ms = self.poll_ms
-        self._initial: int | None = None
-        self._last: int | None = None
-
-    def start(self, context: ControlContext) -> list[Decision]:
-        static = StaticController(self.policy).start(context)
-        return [
-            Decision(
-                d.time,
-                d.action,
-                f"ovirt: initial action: {d.reason}",
-                d.command,
-                d.arguments,
-                d.side,
-            )
-            for d in static
-        ]
-
-    def on_sample(self, sample: Sample) -> list[Decision]:
-        if sample.elapsed_ms < self._next_poll_ms or not self._schedule:
-            return []
-        self._next_poll_ms = sample.elapsed_ms + self.poll_ms
-        if sample.status not in ("active", "setup"):
-            return []
-        iteration = sample.dirty_sync_count
-        if self._initial is None:
-            self._initial = self._last = iteration
-            return []
-        assert self._last is not None
-        if iteration <= self._last:
-            return []
-        self._last = iteration
-        current = iteration - self._initial
-        limit, downtime = self._schedule[0]
-        if not limit < current:
-            return []
-        self._schedule.pop(0)
-        if downtime is None:
-            self._schedule.clear()
-            return [abort(sample.time, f"ovirt: still stalling after {current} iterations: abort")]
-        return [
-            set_parameters(
-                sample.time,
-                f"ovirt: stalling for {current} iterations (limit {limit}): downtime {downtime} ms",
-                downtime_limit=downtime,
-            )
-        ]
-
-
-# -- livemig ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoundStart:
-    """The remaining set when a pre-copy round began (QEMU's dirty sync).
-
-    ``dirty_rate_bytes_per_s`` is QEMU's ``dirty-pages-rate`` as of that sync:
-    distinct pages dirtied during the previous round over its duration.
-    """
-
-    sync: int
-    elapsed_ms: float
-    remaining_bytes: int
-    dirty_rate_bytes_per_s: float
-    throttle_pct: int = 0
-
-
-@dataclass(frozen=True)
-class LiveEstimate:
-    """The controller's current view, from live samples (bytes, bytes/s, ms).
-
-    ``bandwidth_bytes_per_s`` is raw page bytes per second (what QEMU counts as
-    transferred; with multifd+zstd that is before compression).
-    """
-
-    bandwidth_bytes_per_s: float | None
-    dirty_rate_bytes_per_s: float | None
-    working_set_bytes: int | None
-    remaining_bytes: int
-    eta_ms: float | None
-    rounds: int
-
-
-class BandwidthEstimator:
-    """Transferred bytes per second over the last ``window_ms`` of active samples.
-
-    A window of seconds, not single sample gaps, because multifd and tbf send in
-    bursts: 100 ms slices of one steady stream were seen to vary by 4x here.
-    """
-
-    def __init__(self, window_ms: float = 2000.0, min_span_ms: float = 400.0) -> None:
-        self.window_ms = window_ms
-        self.min_span_ms = min_span_ms
-        self._points: deque[tuple[float, int]] = deque()
-        self._rate: float | None = None
-
-    def add(self, sample: Sample) -> None:
-        if sample.status != "active":
-            self._points.clear()
-            return
-        self._points.append((sample.elapsed_ms, sample.ram_transferred_bytes))
-        while self._points and self._points[0][0] < sample.elapsed_ms - self.window_ms:
-            self._points.popleft()
-        first, last = self._points[0], self._points[-1]
-        span = last[0] - first[0]
-        if span >= self.min_span_ms and last[1] > first[1]:
-            self._rate = (last[1] - first[1]) / (span / 1e3)
-
-    @property
-    def bytes_per_s(self) -> float | None:
-        """The latest estimate (kept across pauses), None before the first."""
-        return self._rate
-
-
-def remaining_time_ms(remaining: float, dirty_rate: float, bandwidth: float) -> float | None:
-    """Time to send ``remaining`` bytes while the guest dirties ``dirty_rate``: R / (B - r).
-
-    The geometric series of pre-copy rounds sums to that; ``None`` when the dirty
-    rate reaches the bandwidth (no end in sight).
-    """
-    if bandwidth <= 0 or dirty_rate >= bandwidth:
-        return None
-    return remaining / (bandwidth - dirty_rate) * 1e3
 
 
 class LivemigController:
@@ -526,7 +178,7 @@ class LivemigController:
         against = f" against {verdict(plain[0])} without" if plain else ""
         return chosen.compression, (
             f"{chosen.compression} pays: ratio {ratio:.2f} at "
-            f"{_mib(predicted.bandwidth_bytes_per_s)}/s ({predicted.bandwidth_source}), "
+            f"{fmt_mib(predicted.bandwidth_bytes_per_s)}/s ({predicted.bandwidth_source}), "
             f"forecast {verdict(chosen)}{against}"
         )
 
@@ -620,8 +272,8 @@ class LivemigController:
             else f"will not fit {self.limit_ms:.0f} ms"
         )  # fmt: skip
         why = (
-            f"round {len(self.rounds)}: remaining {_mib(current.remaining_bytes)} {state} "
-            f"(dirty rate {_mib(rate)}/s, bandwidth {_mib(bandwidth)}/s)"
+            f"round {len(self.rounds)}: remaining {fmt_mib(current.remaining_bytes)} {state} "
+            f"(dirty rate {fmt_mib(rate)}/s, bandwidth {fmt_mib(bandwidth)}/s)"
         )
         return self._escalate(sample, current, rate, bandwidth, why)
 

@@ -1,19 +1,11 @@
-"""Prediction before anything moves: measure the VM, forecast each way of migrating.
+"""Forecast each way of migrating from a measurement (pure: no QMP, no file I/O).
 
-:func:`measure` asks the source QEMU for the dirty rate (``calc-dirty-rate`` in
-``page-sampling`` mode, the one QEMU 7.2 supports under TCG: the ``dirty-bitmap``
-mode kills the VM there) and, when the guest's RAM is in a file this process can
-map, samples pages from it: the share of zero pages (sent as flags, not data), how
-well the rest compresses with zstd and how fast, and how many bytes xbzrle would
-send for the sampled pages that changed during the dirty-rate window.
-
-:func:`forecast` runs :mod:`dirtytrack.model` on that measurement for a set of
-settings (downtime limits, compression, throttle, post-copy), marks which of them
-the policy allows, and recommends one: the allowed setting that converges with the
-least downtime, then the least total time. :func:`plan_migration` does both.
-:func:`measured_from` turns a finished report's samples into the same terms
-(:class:`~migrate.report.Measured`), so a report can show predicted against
-measured.
+:func:`forecast` runs :mod:`dirtytrack.model` on a :class:`Measurement` (made by
+:mod:`migrate.plan.measuring`) for a set of settings (downtime limits, compression,
+throttle, post-copy), marks which of them the policy allows (:func:`allowed`), and
+recommends one: the allowed setting that converges with the least downtime, then
+the least total time. :func:`policy_forecast` is the forecast for how a policy
+would run; :func:`with_policy` judges the same forecasts for another policy.
 
 Bandwidth cannot be measured before the stream exists without owning both hosts;
 it comes from a :class:`BandwidthHint` (the operator, the lab's link cap, the
@@ -23,21 +15,11 @@ controller replaces it with what the first round shows.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import itertools
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
-import zstandard
-
-from dirtytrack.errors import RamMappingError
 from dirtytrack.model import (
     PrecopyScenario,
     Prediction,
@@ -45,12 +27,13 @@ from dirtytrack.model import (
     predict_postcopy,
     required_throttle,
 )
-from dirtytrack.ram import PAGE_SIZE, RamMapping
-from migrate.controller import DEFAULT_DEVICE_STATE_BYTES, QEMU_DEFAULT_BANDWIDTH
-from migrate.errors import QemuError
-from migrate.policy import UNLIMITED_BANDWIDTH, Policy
-from migrate.qmp import QmpSession
-from migrate.report import Forecast, Measured, MigrationReport, Predicted, Sample
+from migrate.control.base import (
+    DEFAULT_DEVICE_STATE_BYTES,
+    QEMU_DEFAULT_BANDWIDTH,
+    UNLIMITED_BANDWIDTH,
+)
+from migrate.policy import Policy
+from migrate.report import Forecast, Predicted
 
 MIB = 1 << 20
 #: TCP/IPv4 payload per 1514-byte Ethernet frame at MTU 1500 (1448 bytes with
@@ -59,10 +42,6 @@ TCP_PAYLOAD_SHARE = 1448 / 1514
 #: Switchover work after QEMU's downtime: RAM verify (~8-13 ms per 128-256 MiB
 #: here) and ``cont``.
 DEFAULT_RESUME_OVERHEAD_MS = 15.0
-#: calc-dirty-rate's largest sample (pages per GiB): 512 pages of a 128 MiB guest.
-SAMPLE_PAGES_PER_GIB = 4096
-#: QEMU's xbzrle encoding: a page goes plain once the encoding would not be shorter.
-XBZRLE_HEADER = 3
 
 
 @dataclass(frozen=True)
@@ -130,206 +109,6 @@ class Measurement:
         if self.sample is None:
             return None
         return int(self.ram_bytes * (1.0 - self.sample.zero_fraction))
-
-
-async def measure_dirty_rate(
-    source: QmpSession, ram_bytes: int, calc_time_s: int = 1, timeout_s: float = 10.0
-) -> tuple[float, str]:
-    """Dirty rate in bytes/s from ``calc-dirty-rate`` page-sampling, and how it was got.
-
-    Never uses ``dirty-bitmap`` mode (it segfaults QEMU 7.2 under TCG). Raises
-    :class:`QemuError` if QEMU refuses or does not finish within ``timeout_s``.
-    """
-    await source.execute(
-        "calc-dirty-rate",
-        {"calc-time": calc_time_s, "sample-pages": SAMPLE_PAGES_PER_GIB, "mode": "page-sampling"},
-    )
-    deadline = time.monotonic() + calc_time_s + timeout_s
-    while True:
-        result = await source.execute("query-dirty-rate")
-        if result.get("status") == "measured":
-            break
-        if time.monotonic() > deadline:
-            raise QemuError("calc-dirty-rate did not finish", command="query-dirty-rate")
-        await asyncio.sleep(0.05)
-    method = (
-        f"calc-dirty-rate page-sampling over {calc_time_s} s "
-        f"({qemu_sample_pages(ram_bytes)} pages sampled)"
-    )
-    return float(result.get("dirty-rate", 0)) * MIB, method
-
-
-def _pick_pages(page_count: int, count: int, seed: int) -> npt.NDArray[np.intp]:
-    rng = np.random.default_rng(seed)
-    count = min(count, page_count)
-    return np.sort(rng.choice(page_count, size=count, replace=False)).astype(np.intp)
-
-
-def read_pages(ram: RamMapping, pages: npt.NDArray[np.intp]) -> npt.NDArray[np.uint64]:
-    """A copy of the chosen pages (rows of 512 words)."""
-    return np.array(ram.pages()[pages])
-
-
-def xbzrle_size(old: npt.NDArray[np.uint64], new: npt.NDArray[np.uint64]) -> int:
-    """Bytes QEMU's xbzrle would send for ``new`` encoded against ``old`` (one page).
-
-    The encoding alternates unchanged-run and changed-run lengths (ULEB128) with the
-    changed bytes; this counts runs of differing bytes, a close upper bound.
-    Returns a page's size plus header when the encoding would not be shorter.
-    """
-    diff = old.view(np.uint8) != new.view(np.uint8)
-    changed = int(diff.sum())
-    if changed == 0:
-        return 0
-    # Run boundaries; every run's length is a ULEB128 (1 byte below 128, else 2).
-    bounds = np.flatnonzero(np.diff(diff.astype(np.int8))) + 1
-    lengths = np.diff(np.concatenate(([0], bounds, [len(diff)])))
-    size = changed + int(np.where(lengths < 128, 1, 2).sum())
-    return size if size < PAGE_SIZE else PAGE_SIZE + XBZRLE_HEADER
-
-
-def read_sample(path: Path, pages: int = 2048, seed: int = 1) -> npt.NDArray[np.uint64]:
-    """A copy of ``pages`` pages of a RAM file, the same pages for the same arguments.
-
-    Blocking: call it in a thread. Raises :class:`RamMappingError`.
-    """
-    with RamMapping(path) as ram:
-        return read_pages(ram, _pick_pages(ram.page_count, pages, seed))
-
-
-def sample_from(
-    copy: npt.NDArray[np.uint64], before: npt.NDArray[np.uint64] | None = None
-) -> RamSample:
-    """What the sampled pages ``copy`` show (``before``: an earlier copy of them).
-
-    With ``before`` the xbzrle ratio of the changed pages is estimated too.
-    """
-    nonzero = copy[np.any(copy != 0, axis=1)]
-    zero_fraction = 1.0 - len(nonzero) / max(1, len(copy))
-    raw = nonzero.tobytes()
-    start = time.perf_counter()
-    packed = zstandard.ZstdCompressor(level=1).compress(raw) if raw else b""
-    spent = time.perf_counter() - start
-    zstd_ratio = len(raw) / len(packed) if packed else 1.0
-    speed = len(raw) / spent if raw and spent > 0 else 0.0
-    xbzrle_ratio = changed_fraction = changed_ratio = None
-    if before is not None and before.shape == copy.shape:
-        changed = np.flatnonzero(np.any(before != copy, axis=1))
-        changed_fraction = len(changed) / max(1, len(copy))
-        if len(changed):
-            encoded = sum(xbzrle_size(before[i], copy[i]) for i in changed)
-            xbzrle_ratio = len(changed) * PAGE_SIZE / max(1, encoded)
-            hot = copy[changed].tobytes()
-            changed_ratio = max(
-                1.0, len(hot) / len(zstandard.ZstdCompressor(level=1).compress(hot))
-            )
-    return RamSample(
-        pages=len(copy),
-        zero_fraction=zero_fraction,
-        zstd_ratio=max(1.0, zstd_ratio),
-        zstd_bytes_per_s=speed,
-        xbzrle_ratio=xbzrle_ratio,
-        changed_fraction=changed_fraction,
-        zstd_changed_ratio=changed_ratio,
-    )
-
-
-async def measure(
-    source: QmpSession, ram_path: Path | None, calc_time_s: int = 1,
-    sample_pages: int | None = None,
-) -> Measurement:  # fmt: skip
-    """Measure the running source VM (takes ``calc_time_s`` seconds).
-
-    QEMU's ``calc-dirty-rate`` runs for ``calc_time_s``. When ``ram_path`` is
-    mappable, a sample of its pages (``sample_pages``, by default at least as many
-    as QEMU samples) is read at the start, the middle and the end of that window:
-    zero pages and compression come from it, xbzrle is judged on the pages that
-    changed, and the dirty rate and writable working set come from the two halves
-    (:func:`dirty_rate_and_working_set`) instead of QEMU's rounded figure. Raises
-    :class:`QemuError` if the dirty-rate measurement fails.
-    """
-    started = time.monotonic()
-    size = await source.execute("query-memory-size-summary")
-    ram_bytes = int(size["base-memory"])
-    pages = sample_pages or max(2048, qemu_sample_pages(ram_bytes))
-    copies: list[tuple[float, npt.NDArray[np.uint64]]] = []
-
-    async def read() -> None:
-        # A copy of the sample; once the file fails, no sample at all.
-        nonlocal ram_path
-        if ram_path is None:
-            return
-        try:
-            copy = await asyncio.to_thread(read_sample, ram_path, pages)
-        except RamMappingError:
-            ram_path = None
-            copies.clear()
-            return
-        copies.append((time.monotonic(), copy))
-
-    await read()
-    status = await source.status()
-    working_set = None
-    if status == "running":
-        qemu = asyncio.create_task(measure_dirty_rate(source, ram_bytes, calc_time_s))
-        if ram_path is not None:
-            await asyncio.sleep(calc_time_s / 2)
-            await read()
-        rate, method = await qemu
-    else:
-        rate, method = 0.0, f"VM {status}: nothing dirties its memory"
-    await read()
-    sample = None
-    if len(copies) >= 2:
-        sample = await asyncio.to_thread(sample_from, copies[-1][1], copies[0][1])
-    if len(copies) == 3:
-        (t0, c0), (_, c1), (t2, c2) = copies
-        own, working_set = dirty_rate_and_working_set(c0, c1, c2, t2 - t0, ram_bytes)
-        method = (
-            f"RAM sample ({pages} pages, two {(t2 - t0) / 2:.1f} s windows); "
-            f"{method} said {rate / MIB:g} MiB/s"
-        )
-        rate = own
-    return Measurement(
-        ram_bytes=ram_bytes,
-        dirty_rate_bytes_per_s=rate,
-        dirty_rate_method=method,
-        sample=sample,
-        measure_time_ms=(time.monotonic() - started) * 1e3,
-        working_set_bytes=working_set,
-    )
-
-
-def dirty_rate_and_working_set(
-    first: npt.NDArray[np.uint64], middle: npt.NDArray[np.uint64], last: npt.NDArray[np.uint64],
-    window_s: float, ram_bytes: int,
-) -> tuple[float, int | None]:  # fmt: skip
-    """Dirty rate (bytes/s) and writable working set (bytes) from three reads of a sample.
-
-    ``first``, ``middle`` and ``last`` are the same sampled pages at the start, the
-    middle and the end of ``window_s``. The rate is the pages changed per half-window
-    (QEMU's page-sampling method without its rounding to whole MB/s, which reads a
-    128 MiB guest's few dirty samples as 0, 1, 2 or 3 MiB/s). The working set is the
-    capture-recapture (Chapman) estimate from the pages changed in both halves: a
-    guest that rewrites the same hot pages dirties far fewer distinct pages in a
-    10 s round than ten times its 1 s rate. ``None`` when no page changed in both
-    halves (no sign of a bound).
-    """
-    a = np.any(first != middle, axis=1)
-    b = np.any(middle != last, axis=1)
-    n_a, n_b, both = int(a.sum()), int(b.sum()), int((a & b).sum())
-    page_bytes = ram_bytes / max(1, len(first))
-    rate = (n_a + n_b) * page_bytes / window_s if window_s > 0 else 0.0
-    if both == 0:
-        return rate, None
-    estimate = (n_a + 1) * (n_b + 1) / (both + 1) - 1
-    pages = min(len(first), max(estimate, n_a, n_b))
-    return rate, int(pages * page_bytes)
-
-
-def qemu_sample_pages(ram_bytes: int) -> int:
-    """How many pages ``calc-dirty-rate`` samples of ``ram_bytes`` of guest RAM."""
-    return min(max(1, ram_bytes * SAMPLE_PAGES_PER_GIB // (1 << 30)), ram_bytes // PAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -548,64 +327,6 @@ def policy_forecast(
         f for f in results if f.compression == "none" and not f.postcopy and not f.throttle_pct
     ]
     return min(plain, key=lambda f: abs(f.downtime_limit_ms - start)) if plain else None
-
-
-async def plan_migration(
-    source: QmpSession,
-    policy: Policy,
-    bandwidth: BandwidthHint,
-    ram_path: Path | None = None,
-    calc_time_s: int = 1,
-) -> Predicted:
-    """:func:`measure` then :func:`forecast`."""
-    m = await measure(source, ram_path, calc_time_s)
-    return forecast(m, bandwidth, policy)
-
-
-def _median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def measured_from(report: MigrationReport, predicted: Predicted | None) -> Measured:
-    """The report's outcome in the prediction's terms (see :class:`Measured`)."""
-    samples = [s for s in report.samples if s.status == "active"]
-    rates = _payload_rates(samples)
-    dirty = [s.dirty_rate_bytes_per_s for s in samples if s.dirty_sync_count >= 2]
-    limits = [
-        float(d.arguments["downtime-limit"])
-        for d in report.decisions
-        if d.command == "migrate-set-parameters" and "downtime-limit" in d.arguments
-    ]
-    throttles = [s.cpu_throttle_pct for s in report.samples]
-    forecast_ = predicted.policy_forecast if predicted is not None else None
-    total_error = downtime_error = None
-    if forecast_ is not None and forecast_.total_time_ms > 0:
-        total_error = (report.total_time_ms - forecast_.total_time_ms) / forecast_.total_time_ms
-        total_error *= 100
-    if forecast_ is not None and report.downtime_ms is not None and forecast_.downtime_ms > 0:
-        downtime_error = (report.downtime_ms - forecast_.downtime_ms) / forecast_.downtime_ms * 100
-    return Measured(
-        rounds=report.precopy_rounds,
-        total_time_ms=report.total_time_ms,
-        bandwidth_bytes_per_s=_median(rates),
-        dirty_rate_bytes_per_s=_median(dirty),
-        downtime_ms=report.downtime_ms,
-        final_downtime_limit_ms=limits[-1] if limits else None,
-        max_throttle_pct=max(throttles, default=0),
-        postcopy=any(s.status.startswith("postcopy") for s in report.samples),
-        total_time_error_pct=total_error,
-        downtime_error_pct=downtime_error,
-    )
-
-
-def _payload_rates(samples: Sequence[Sample]) -> list[float]:
-    rates = []
-    for a, b in itertools.pairwise(samples):
-        span = (b.elapsed_ms - a.elapsed_ms) / 1e3
-        sent = b.ram_transferred_bytes - a.ram_transferred_bytes
-        if span >= 0.05 and sent > 0:
-            rates.append(sent / span)
-    return rates
 
 
 def with_policy(predicted: Predicted, policy: Policy) -> Predicted:

@@ -8,8 +8,10 @@ from collections.abc import Iterable, Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migrate.controller import BandwidthEstimator, LivemigController, remaining_time_ms
-from migrate.policy import ControlContext, Policy
+from migrate.control.base import ControlContext
+from migrate.control.estimate import BandwidthEstimator, remaining_time_ms
+from migrate.control.livemig import LivemigController
+from migrate.policy import Policy
 from migrate.presets import preset
 from migrate.report import Decision, Forecast, Predicted, Sample
 

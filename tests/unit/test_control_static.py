@@ -1,4 +1,6 @@
-from migrate.policy import ControlContext, Policy, StaticController
+from migrate.control.base import ControlContext
+from migrate.control.static import StaticController
+from migrate.policy import Policy
 from migrate.report import Sample
 
 

@@ -1,0 +1,95 @@
+"""The controller interface, the decisions controllers build, and QEMU's constants.
+
+A :class:`Controller` is pure logic: given the policy and live samples it returns
+:class:`~migrate.report.Decision` objects; the strategy carries them out over QMP
+and emits them as events.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from migrate.policy import Policy
+from migrate.report import Decision, Predicted, Sample
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+# QEMU 7.2 rejects max-bandwidth above SIZE_MAX / 1000 bytes/s; 1 TiB/s is "no cap".
+UNLIMITED_BANDWIDTH = 1 << 40
+#: QEMU's largest downtime-limit (MAX_MIGRATE_DOWNTIME, migration/migration.c): 2000 s.
+QEMU_MAX_DOWNTIME_MS = 2_000_000
+#: QEMU's default max-bandwidth (MAX_THROTTLE, migration/migration.c): 128 MiB/s.
+QEMU_DEFAULT_BANDWIDTH = 128 * MIB
+#: Device state of the test guest (~600 KB measured with the pagestream prototype).
+DEFAULT_DEVICE_STATE_BYTES = 600_000
+
+
+@dataclass(frozen=True)
+class ControlContext:
+    """What a controller knows when the migration starts."""
+
+    ram_bytes: int
+    started_monotonic: float
+
+
+class Controller(Protocol):
+    """Decides migration settings; never talks to QEMU itself."""
+
+    policy: Policy
+
+    def start(self, context: ControlContext) -> list[Decision]:
+        """Settings to apply before ``migrate`` is issued."""
+        ...
+
+    def on_sample(self, sample: Sample) -> list[Decision]:
+        """Changes to make after a new observation (may include ``abort``)."""
+        ...
+
+
+@runtime_checkable
+class PredictionAware(Protocol):
+    """A controller that can use the forecast made before the start."""
+
+    def use_prediction(self, predicted: Predicted) -> None:
+        """Take the pre-start measurement and forecast into account (before ``start``)."""
+        ...
+
+
+def set_parameters(now: float, reason: str, side: str = "source", **params: object) -> Decision:
+    """A ``migrate-set-parameters`` decision; parameter names with ``_`` become ``-``."""
+    arguments = {name.replace("_", "-"): value for name, value in params.items()}
+    return Decision(now, "set-parameters", reason, "migrate-set-parameters", arguments, side)
+
+
+def set_capabilities(now: float, reason: str, capabilities: dict[str, bool]) -> Decision:
+    """A ``migrate-set-capabilities`` decision for both sides (before ``migrate`` only)."""
+    caps = [{"capability": name, "state": state} for name, state in capabilities.items()]
+    return Decision(
+        now, "set-capabilities", reason, "migrate-set-capabilities", {"capabilities": caps}, "both"
+    )
+
+
+def abort(now: float, reason: str) -> Decision:
+    return Decision(now, "abort", reason)
+
+
+def start_postcopy(now: float, reason: str) -> Decision:
+    return Decision(now, "postcopy", reason, "migrate-start-postcopy")
+
+
+def fmt_mib(value: float) -> str:
+    """``value`` bytes as ``"12.3 MiB"`` (for decision reasons)."""
+    return f"{value / MIB:.1f} MiB"
+
+
+def round_powerof2(value: int) -> int:
+    """Proxmox's ``round_powerof2`` (PVE/QemuMigrate.pm): the next power of two >= value.
+
+    ``2 << int(log2(value - 1))``, and 1 below 2, as written there.
+    """
+    if value < 2:
+        return 1
+    return 2 << int(math.log(value - 1) / math.log(2))
