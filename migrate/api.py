@@ -34,11 +34,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from migrate.control.base import Controller
+from migrate.control.operator import OperatorControl
 from migrate.engine import open_sessions, run_migration, strategy_for
 from migrate.errors import ConfigError, LivemigError, MigrationError
 from migrate.events import EventBus, Finished, MigrationEvent
-from migrate.operator import OperatorControl
-from migrate.policy import Controller, Policy
+from migrate.policy import Policy
 from migrate.qmp import QmpSession
 from migrate.report import MigrationReport
 from migrate.strategy import MigrationRequest

@@ -8,9 +8,9 @@ import logging
 import pytest
 
 from migrate.api import Migration, migrate_once
+from migrate.control.operator import SWITCHOVER_NOW_MS, OperatorControl
 from migrate.errors import ConfigError, PreflightError
 from migrate.events import Finished, MigrationEvent, Progress
-from migrate.operator import SWITCHOVER_NOW_MS, OperatorControl
 from migrate.policy import Policy
 from migrate.report import Sample, Status
 from tests.fakes import fake_pair

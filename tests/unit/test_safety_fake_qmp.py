@@ -28,11 +28,13 @@ import pytest
 import cpumodel.qemu
 from cpumodel.host import HostCpu
 from cpumodel.models import ModelCatalog
+from migrate.control.base import Controller
+from migrate.control.static import StaticController
 from migrate.engine import run_migration
 from migrate.errors import LivemigError, MigrationAborted, MigrationError
 from migrate.events import EventBus, Finished, MigrationEvent
 from migrate.phase import Phase
-from migrate.policy import Controller, Policy, StaticController
+from migrate.policy import Policy
 from migrate.preflight import HostFacts
 from migrate.report import Decision, MigrationReport, Sample, Status
 from migrate.strategy import HostEndpoint, MigrationHooks, MigrationRequest

@@ -13,13 +13,20 @@ import threading
 import time
 from collections.abc import Callable
 
-from migrate.policy import UNLIMITED_BANDWIDTH, ControlContext, Controller, Policy, PredictionAware
+from migrate.control.base import (
+    QEMU_MAX_DOWNTIME_MS,
+    UNLIMITED_BANDWIDTH,
+    ControlContext,
+    Controller,
+    PredictionAware,
+)
+from migrate.policy import Policy
 from migrate.presets import controller_for
 from migrate.report import Decision, Predicted, Sample
 
-#: QEMU's largest downtime-limit (MAX_MIGRATE_DOWNTIME, migration/migration.c): 2000 s.
-#: Setting it makes QEMU switch over at its next iteration, whatever is left.
-SWITCHOVER_NOW_MS = 2_000_000
+#: QEMU's largest downtime-limit: setting it makes QEMU switch over at its next
+#: iteration, whatever is left.
+SWITCHOVER_NOW_MS = QEMU_MAX_DOWNTIME_MS
 
 
 class OperatorControl:
