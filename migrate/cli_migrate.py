@@ -34,7 +34,7 @@ from migrate.presets import PRESET_NAMES, preset
 from migrate.progress import JsonLines, ProgressBar
 from migrate.render import render_report
 from migrate.report import MigrationReport
-from migrate.strategy import HostEndpoint, MigrationRequest
+from migrate.request import HostEndpoint, MigrationRequest
 
 _URI_RE = re.compile(
     r"^(tcp:(?P<host>[^:\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)|unix:(?P<path>/\S+))$"

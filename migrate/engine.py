@@ -22,7 +22,8 @@ from migrate.preflight import run_preflight
 from migrate.presets import controller_for
 from migrate.qmp import QmpSession
 from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
-from migrate.strategy import MigrationRequest, Strategy, ram_backing_file
+from migrate.request import MigrationRequest
+from migrate.strategy import Strategy, ram_backing_file
 
 STRATEGIES: dict[str, type[Strategy]] = {"native": NativeStrategy, "pagestream": PagestreamStrategy}
 

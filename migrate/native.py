@@ -1,20 +1,20 @@
 """The ``native`` strategy: QEMU's own migration stream, steered by our controller.
 
-Pre-copy ends in the switchover tail of :mod:`migrate.strategy` (verify, then
-resume the target). A controller may instead switch to post-copy (``postcopy``
-decision, only if the policy allows it): QEMU stops the source and sends the device
-state; the target, started with ``-S``, loads it and stays paused. Before it runs,
-the pages it already holds are compared with the stopped source and stale ones
-repaired (QEMU 7.2 under TCG misses dirty pages, see :mod:`migrate.integrity`);
-pages it does not hold yet are holes in its RAM file, skipped here, and arrive
-from the stopped source on demand once it runs. From ``cont`` on there is no way
-back, and the RAM as a whole is never compared (the target runs while it fills).
+Pre-copy ends in the switchover tail of :mod:`migrate.safety` (verify, then
+resume the target), in :class:`~migrate.strategy.StrategyRun`'s template. A
+controller may instead switch to post-copy (``postcopy`` decision, only if the
+policy allows it): QEMU stops the source and sends the device state; the target,
+started with ``-S``, loads it and stays paused. Before it runs, the pages it
+already holds are compared with the stopped source and stale ones repaired (QEMU
+7.2 under TCG misses dirty pages, see :mod:`migrate.integrity`); pages it does not
+hold yet are holes in its RAM file, skipped here, and arrive from the stopped
+source on demand once it runs. From ``cont`` on there is no way back, and the
+RAM as a whole is never compared (the target runs while it fills).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from dirtytrack.ram import PAGE_SIZE, RamMapping
-from migrate.control.base import ControlContext, Controller
-from migrate.errors import MigrationAborted, MigrationError, QemuError
-from migrate.events import DecisionMade, EventBus, Progress
+from migrate.control.base import Controller
+from migrate.errors import MigrationError
+from migrate.events import EventBus, Progress
 from migrate.integrity import IntegrityResult, RamComparison
 from migrate.phase import Phase
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
@@ -36,17 +36,14 @@ from migrate.report import (
     MigrationReport,
     Sample,
 )
+from migrate.request import MigrationRequest
+from migrate.safety import finish_on_target, resume_postcopy_target
 from migrate.strategy import (
-    MigrationRequest,
     StartState,
     StrategyRun,
-    apply_decision,
     check_start,
-    finish_on_target,
     qemu_figure,
     ram_backing_file,
-    set_capabilities,
-    start_incoming,
 )
 
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -89,42 +86,31 @@ class _NativeRun(StrategyRun):
         self.ram_files: tuple[Path, Path] | None = None
         self.postcopy = False
 
-    async def _migrate(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
-        request, source, target = self.request, self.source, self.target
-        if request.offline and self.start.was_running:
-            await source.execute("stop")
-        await set_capabilities(
-            (source, target), {"events": True, **dict(request.policy.capabilities)}
-        )
-        context = ControlContext(ram_bytes=self.start.ram_bytes, started_monotonic=self.t0)
-        for decision in self.controller.start(context):
-            await self._apply(decision, src_log)
-        if request.verify:
-            src_ram, tgt_ram = await ram_backing_file(source), await ram_backing_file(target)
+    async def _setup(self) -> None:
+        if self.request.verify:
+            src_ram = await ram_backing_file(self.source)
+            tgt_ram = await ram_backing_file(self.target)
             if src_ram is not None and tgt_ram is not None:
                 self.ram_files = (src_ram, tgt_ram)
                 self.comparison = RamComparison(src_ram, tgt_ram)
                 self.comparison.prepare()
-        await start_incoming(target, request.migration_uri)
-        if self.comparison is not None:
-            await self.comparison.ready()
-        self.started_at, self.t0 = time.time(), time.monotonic()
-        await source.execute("migrate", {"uri": request.migration_uri})
-        self.phase.advance(Phase.PRECOPY)
+
+    async def _transfer(self, src_log: EventRecorder) -> None:
+        """QEMU's pre-copy, followed to its end (QEMU switches over by itself)."""
+        await self.source.execute("migrate", {"uri": self.request.migration_uri})
         info = await self._follow(src_log)
         if info.get("status") != "completed":
             reason = info.get("error-desc") or f"QEMU reported status {info.get('status')}"
             raise MigrationError(str(reason))
+
+    async def _switchover(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
         if self.postcopy:
             await self._postcopy_finish(tgt_log)
-        else:
-            self.phase.advance(Phase.SWITCHOVER)
-            await finish_on_target(
-                self.switchover, target, tgt_log, self.comparison, request.hooks, request.repair
-            )
-        self.phase.advance(Phase.COMPLETED)
-        if request.quit_source:
-            await _quit(source)
+            return
+        request = self.request
+        await finish_on_target(
+            self.switchover, self.target, tgt_log, self.comparison, request.hooks, request.repair
+        )
 
     async def _follow(self, src_log: EventRecorder) -> dict[str, Any]:
         """Sample ``query-migrate`` until a terminal status, reacting to events at once."""
@@ -154,19 +140,15 @@ class _NativeRun(StrategyRun):
             if terminal is None:
                 await src_log.wait_any(self.request.sample_interval_s, since=seen)
 
-    async def _apply(self, decision: Decision, src_log: EventRecorder) -> None:
-        self.decisions.append(decision)
-        if decision.action == "abort":
-            self.events.emit(DecisionMade(decision))
-            raise MigrationAborted(decision.reason)
-        await apply_decision(decision, self.source, self.target, self.events)
+    async def _carry_out(self, decision: Decision, src_log: EventRecorder) -> None:
+        await super()._carry_out(decision, src_log)
         if decision.action == "postcopy":
             self.postcopy = True
             self.phase.advance(Phase.POSTCOPY)
             await self._postcopy_resume(src_log)
 
     async def _postcopy_resume(self, src_log: EventRecorder, timeout: float = 30.0) -> None:
-        """Wait until the target has the device state, check what it holds, resume it.
+        """Wait until the target has the device state, then check and resume it.
 
         Raises :class:`MigrationError` if the target does not get there, and
         :class:`MigrationAborted` if stale pages may not be repaired (before
@@ -182,25 +164,10 @@ class _NativeRun(StrategyRun):
             await asyncio.sleep(0.005)
         if status not in ("paused", "running"):
             raise MigrationError(f"the target is {status!r} after the post-copy switch")
-        if self.request.hooks.before_target_resume is not None:
-            await self.request.hooks.before_target_resume()
-        sw = self.switchover
-        if self.ram_files is not None:
-            check = await asyncio.to_thread(
-                compare_present_pages, *self.ram_files, repair=self.request.repair
-            )
-            sw.verified = time.time()
-            sw.integrity = check.result()
-            if check.differing and not self.request.repair:
-                raise MigrationAborted(f"integrity check failed: {sw.integrity.detail}")
-        else:
-            sw.integrity = IntegrityResult(
-                Integrity.UNCHECKED, "post-copy: RAM not mappable on both sides"
-            )
-        if status == "paused":
-            await self.target.execute("cont")
-        sw.resumed = True
-        sw.target_resume = time.time()
+        present = _PresentPagesCheck(self.ram_files) if self.ram_files is not None else None
+        await resume_postcopy_target(
+            self.switchover, self.target, status, present, self.request.hooks, self.request.repair
+        )
 
     async def _postcopy_finish(self, tgt_log: EventRecorder, timeout: float = 120.0) -> None:
         """Wait for the target to have every page (post-copy's end)."""
@@ -230,10 +197,15 @@ class _NativeRun(StrategyRun):
         )
 
 
-async def _quit(session: QmpSession) -> None:
-    # QEMU closes the QMP socket while answering quit; a lost session here is success.
-    with contextlib.suppress(QemuError):
-        await session.execute("quit")
+@dataclass(frozen=True)
+class _PresentPagesCheck:
+    """:func:`compare_present_pages` as the post-copy target's RAM check."""
+
+    ram_files: tuple[Path, Path]
+
+    async def compare(self, repair: bool = False) -> IntegrityResult:
+        check = await asyncio.to_thread(compare_present_pages, *self.ram_files, repair=repair)
+        return check.result()
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""What every strategy shares: the request, start conditions, switchover tail, rollback.
+"""What every strategy shares: the start conditions and one template for a migration.
 
-The safety rule lives here, once: the target is resumed only after the source has
-stopped and integrity holds; any failure before that stops the target and resumes
-the source (if it was running), so exactly one copy of the VM runs at every moment.
+:class:`StrategyRun` is that template: set-up → transfer → switchover → outcome,
+the same for every strategy, which fills in the hooks. The safety rule it relies
+on (who may resume a target or a source) lives in :mod:`migrate.safety`; the
+request in :mod:`migrate.request`.
 """
 
 from __future__ import annotations
@@ -10,108 +11,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from migrate.control.base import Controller
+from migrate.control.base import ControlContext, Controller
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged
-from migrate.integrity import IntegrityResult, RamComparison
+from migrate.integrity import RamComparison
 from migrate.phase import Phase, PhaseTracker
-from migrate.policy import Policy
-from migrate.preflight import HostFacts
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (
     Decision,
-    Integrity,
     MigrationReport,
     Sample,
     Status,
     Timeline,
-    new_migration_id,
     offset_ms,
 )
 
-ACTIVE_STATUSES = frozenset(
-    {"setup", "active", "pre-switchover", "device", "postcopy-active", "postcopy-paused",
-     "postcopy-recover", "wait-unplug", "cancelling"}
-)  # fmt: skip
+# The request's types are re-exported: this module was their home before migrate.request.
+from migrate.request import HostEndpoint as HostEndpoint
+from migrate.request import MigrationHooks as MigrationHooks
+from migrate.request import MigrationRequest as MigrationRequest
+from migrate.safety import ACTIVE_STATUSES, Switchover, rollback
+
 SOURCE_START_STATUSES = frozenset({"running", "paused"})
-ANNOUNCE_NOW = {"initial": 0, "max": 100, "rounds": 3, "step": 50}
-
-
-@dataclass(frozen=True)
-class HostEndpoint:
-    """How to reach one side: its QMP socket and (target) the migration listen URI.
-
-    ``netns`` is the network namespace the host's migration address lives in (the
-    lab's hosts); helpers that must reach that address (pagestream's agents) run
-    there. None: this machine's own namespace.
-    """
-
-    name: str
-    qmp_socket: Path | None = None
-    migration_uri: str | None = None
-    netns: str | None = None
-
-
-@dataclass(frozen=True)
-class MigrationHooks:
-    """Points where an embedding program (or a fault-injection test) may act.
-
-    ``before_target_resume`` runs once the target has loaded the VM, paused, before
-    the integrity check and ``cont``.
-    """
-
-    before_target_resume: Callable[[], Awaitable[None]] | None = None
-
-
-@dataclass(frozen=True)
-class MigrationRequest:
-    """One migration to perform.
-
-    ``offline`` stops a running VM first and starts it on the target afterwards.
-    ``verify`` compares source and target RAM before the target resumes (needs both
-    RAMs in files this process can map, and a target started with ``-S``).
-    ``repair`` copies pages that differ from the stopped source into the paused
-    target (then re-verifies) instead of aborting; see :mod:`migrate.integrity`.
-    ``quit_source`` ends the source QEMU once the VM runs on the target.
-    ``force`` overrides forceable preflight refusals (CPU, target memory);
-    ``cpu_model`` is the VM's ``-cpu`` string when known (QMP shows only the model
-    name); ``source_host``/``target_host`` describe the hosts for preflight.
-    ``predict`` measures the VM and forecasts the migration before it starts
-    (:mod:`migrate.plan`; about a second more before ``migrate``; the CLI and the
-    demo ask for it); ``link_mbit`` is the migration link's speed when known (the
-    forecast's bandwidth; otherwise a stated assumption). ``migration_id`` names
-    this migration in its report and events.
-    """
-
-    source: HostEndpoint
-    target: HostEndpoint
-    strategy: str = "native"
-    policy: Policy = field(default_factory=Policy)
-    offline: bool = False
-    verify: bool = True
-    repair: bool = True
-    quit_source: bool = True
-    force: bool = False
-    cpu_model: str | None = None
-    source_host: HostFacts = field(default_factory=HostFacts)
-    target_host: HostFacts = field(default_factory=HostFacts)
-    sample_interval_s: float = 0.1
-    vm: str = "vm"
-    hooks: MigrationHooks = field(default_factory=MigrationHooks)
-    predict: bool = False
-    link_mbit: float | None = None
-    migration_id: str = field(default_factory=new_migration_id)
-
-    @property
-    def migration_uri(self) -> str:
-        if not self.target.migration_uri:
-            raise ConfigError("the target needs a migration URI (e.g. tcp:198.19.0.2:4444)")
-        return self.target.migration_uri
 
 
 class Strategy(Protocol):
@@ -219,110 +144,6 @@ async def apply_decision(
         await session.execute(decision.command, decision.arguments or None)
 
 
-class RamVerifier(Protocol):
-    """Compares the stopped source's RAM with the paused target's (e.g. RamComparison)."""
-
-    async def compare(self, repair: bool = False) -> IntegrityResult: ...
-
-
-@dataclass
-class Switchover:
-    """Timestamps and results of the switchover tail."""
-
-    target_completed: float | None = None
-    verified: float | None = None
-    target_resume: float | None = None
-    resumed: bool = False
-    integrity: IntegrityResult = field(
-        default_factory=lambda: IntegrityResult(Integrity.UNCHECKED, "not compared")
-    )
-
-
-async def finish_on_target(
-    result: Switchover,
-    target: QmpSession,
-    target_events: EventRecorder,
-    comparison: RamVerifier | None,
-    hooks: MigrationHooks,
-    repair: bool,
-    timeout: float = 30.0,
-) -> None:
-    """Wait for the target to load the VM, verify its RAM, then resume it.
-
-    Fills ``result`` as it goes; ``result.resumed`` turns true the moment the VM
-    runs on the target, after which nothing may roll the migration back.
-    Raises :class:`MigrationError` if the target fails to load, and
-    :class:`MigrationAborted` if its RAM differs from the source's.
-    """
-    done = await target_events.wait_for(
-        "MIGRATION", migration_status_is("completed", "failed"), timeout=timeout
-    )
-    if done is None or done.data.get("status") != "completed":
-        raise MigrationError("the target did not finish loading the VM")
-    result.target_completed = done.timestamp
-    if hooks.before_target_resume is not None:
-        await hooks.before_target_resume()
-    status = await target.status()
-    if status == "running":
-        result.integrity = IntegrityResult(
-            Integrity.UNCHECKED, "target resumed on its own (not started with -S): RAM not compared"
-        )
-    elif comparison is not None:
-        result.integrity = await comparison.compare(repair=repair)
-        result.verified = time.time()
-        if result.integrity.integrity is Integrity.FAILED:
-            raise MigrationAborted(f"integrity check failed: {result.integrity.detail}")
-    elif result.integrity.integrity is Integrity.UNCHECKED:
-        result.integrity = IntegrityResult(Integrity.UNCHECKED, "RAM not mappable on both sides")
-    if status == "paused":
-        await target.execute("cont")
-    result.resumed = True
-    resume = await target_events.wait_for("RESUME", timeout=10.0)
-    result.target_resume = resume.timestamp if resume else time.time()
-
-
-async def rollback(
-    source: QmpSession, target: QmpSession, start: StartState, events: EventBus
-) -> list[str]:
-    """Put the VM back on the source: cancel, stop the target, resume the source.
-
-    Best effort at every step (each step's failure is recorded, the next still
-    runs); returns what was done, for the report.
-    """
-    notes: list[str] = []
-    with contextlib.suppress(QemuError):
-        info = await source.execute("query-migrate")
-        if info.get("status") in ACTIVE_STATUSES - {"cancelling"}:
-            await source.execute("migrate_cancel")
-            notes.append("cancelled the outgoing migration")
-        deadline = time.monotonic() + 10
-        while (await source.execute("query-migrate")).get("status") in ACTIVE_STATUSES:
-            if time.monotonic() > deadline:
-                notes.append("source migration did not stop within 10 s")
-                break
-            await asyncio.sleep(0.05)
-    # Stop the target before the source runs again: never two running copies.
-    try:
-        await asyncio.wait_for(target.execute("quit"), 5)
-        notes.append("stopped the target QEMU")
-    except (QemuError, TimeoutError):
-        notes.append("target QEMU already gone")
-    if start.was_running:
-        try:
-            if await source.status() != "running":
-                await source.execute("cont")
-                notes.append("resumed the VM on the source")
-            # The target may have announced the guest's MAC already: point the
-            # switches back at the source.
-            await source.execute("announce-self", ANNOUNCE_NOW)
-        except QemuError as exc:
-            notes.append(f"could not resume the source: {exc}")
-            events.notice(f"could not resume the source: {exc}")
-    for note in notes:
-        events.notice(note)
-    return notes
-
-
 def failure_phase(exc: BaseException) -> Phase:
     aborted = isinstance(exc, MigrationAborted | asyncio.CancelledError | KeyboardInterrupt)
     return Phase.ABORTED if aborted else Phase.FAILED
@@ -340,13 +161,25 @@ def qemu_figure(value: object) -> float | None:
 
 
 class StrategyRun:
-    """One migration's shared state and its outcome handling, for every strategy.
+    """One migration's shared state, its fixed sequence and its outcome, for every strategy.
 
-    The safety rule's outcome side lives here, once: on any failure or cancellation
-    before the target resumed, the data plane is stopped, the migration rolled back
-    (:func:`rollback`) and the error raised with the report; after the target
-    resumed nothing rolls back. Subclasses implement :meth:`_migrate` and
-    :meth:`_report`, and may stop their own data plane in :meth:`_stop_data_plane`.
+    :meth:`_migrate` is the template; a strategy fills in the hooks::
+
+        set-up      stop an offline VM, capabilities (:meth:`_capabilities`,
+                    :meth:`_source_capabilities`), the controller's start decisions,
+                    the strategy's own set-up (:meth:`_setup`), the target listens
+        transfer    PRECOPY: move RAM until ready to switch over (:meth:`_transfer`)
+        switchover  SWITCHOVER: stop, last pages, device state, then the target
+                    completed, verified and resumed (:meth:`_switchover`, through
+                    :func:`~migrate.safety.finish_on_target`)
+        outcome     COMPLETED and the source QEMU quit; or, in :meth:`execute`, rollback
+
+    Controller decisions go through :meth:`_apply` (abort is handled here) to
+    :meth:`_carry_out`. The outcome side of the safety rule lives here, once: on
+    any failure or cancellation before the target resumed, the data plane is
+    stopped (:meth:`_stop_data_plane`), the migration rolled back
+    (:func:`~migrate.safety.rollback`) and the error raised with the report
+    (:meth:`_report`); after the target resumed nothing rolls back.
     """
 
     def __init__(
@@ -372,6 +205,8 @@ class StrategyRun:
         self.final_info: dict[str, Any] = {}
         self.switchover = Switchover()
         self.comparison: RamComparison | None = None
+        self.running = start.was_running  # the VM runs on the source
+        self.setup_ms: float | None = None
 
     async def execute(self) -> MigrationReport:
         """Run :meth:`_migrate`; the report, or :class:`MigrationError` carrying it."""
@@ -387,7 +222,7 @@ class StrategyRun:
                     self.events.emit(Finished(self._report(src_log, tgt_log, error=describe(exc))))
                     raise
                 notes = await asyncio.shield(
-                    rollback(self.source, self.target, self.start, self.events)
+                    rollback(self.source, self.target, self.start.was_running, self.events)
                 )
                 self.phase.advance(failure_phase(exc))
                 report = self._report(
@@ -412,8 +247,79 @@ class StrategyRun:
         self.events.emit(Finished(report))
         return report
 
+    # --- the template -------------------------------------------------------------------
+
     async def _migrate(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
+        await self._set_up(src_log)
+        self.phase.advance(Phase.PRECOPY)
+        await self._transfer(src_log)
+        if self.phase.phase is not Phase.POSTCOPY:
+            # After a post-copy switch the VM already runs on the target: no switchover.
+            self.phase.advance(Phase.SWITCHOVER)
+        await self._switchover(src_log, tgt_log)
+        self.phase.advance(Phase.COMPLETED)
+        self._on_completed()
+        if self.request.quit_source:
+            # QEMU closes the QMP socket while answering quit; a lost session is success.
+            with contextlib.suppress(QemuError):
+                await self.source.execute("quit")
+
+    async def _set_up(self, src_log: EventRecorder) -> None:
+        request, source, target = self.request, self.source, self.target
+        began = time.monotonic()
+        if request.offline and self.running:
+            await source.execute("stop")
+            self.running = False
+        # Before migrate/migrate-incoming, on both sides.
+        await set_capabilities((source, target), {"events": True, **self._capabilities()})
+        if source_only := self._source_capabilities():
+            await set_capabilities((source,), source_only)
+        context = ControlContext(ram_bytes=self.start.ram_bytes, started_monotonic=self.t0)
+        for decision in self.controller.start(context):
+            await self._apply(decision, src_log)
+        await self._setup()
+        # The target listens now, outside the downtime.
+        await start_incoming(target, request.migration_uri)
+        if self.comparison is not None:
+            await self.comparison.ready()
+        self.setup_ms = (time.monotonic() - began) * 1e3
+        self.started_at, self.t0 = time.time(), time.monotonic()
+
+    async def _apply(self, decision: Decision, src_log: EventRecorder) -> None:
+        """Record a controller decision; abort, or have the strategy carry it out."""
+        self.decisions.append(decision)
+        if decision.action == "abort":
+            self.events.emit(DecisionMade(decision))
+            raise MigrationAborted(decision.reason)
+        await self._carry_out(decision, src_log)
+
+    # --- the hooks ----------------------------------------------------------------------
+
+    def _capabilities(self) -> dict[str, bool]:
+        """Migration capabilities for both QEMUs besides ``events``: the policy's."""
+        return dict(self.request.policy.capabilities)
+
+    def _source_capabilities(self) -> dict[str, bool]:
+        """Capabilities for the source QEMU only; none by default."""
+        return {}
+
+    async def _setup(self) -> None:
+        """The strategy's own set-up before the target listens (RAM comparison, helpers)."""
+
+    async def _transfer(self, src_log: EventRecorder) -> None:
+        """Pre-copy until ready to switch over (post-copy may resume the target here)."""
         raise NotImplementedError
+
+    async def _switchover(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
+        """From the source's stop until the VM runs on the target (or post-copy's end)."""
+        raise NotImplementedError
+
+    async def _carry_out(self, decision: Decision, src_log: EventRecorder) -> None:
+        """Carry out a controller decision (not an abort) over QMP."""
+        await apply_decision(decision, self.source, self.target, self.events)
+
+    def _on_completed(self) -> None:
+        """Once the phase is COMPLETED, before the source quits; nothing by default."""
 
     async def _stop_data_plane(self) -> None:
         """Stop anything that still moves pages (idempotent); nothing by default."""
@@ -422,6 +328,8 @@ class StrategyRun:
         self, src_log: EventRecorder, tgt_log: EventRecorder, error: str | None = None
     ) -> MigrationReport:
         raise NotImplementedError
+
+    # --- the report ---------------------------------------------------------------------
 
     def _timeline(self, src_log: EventRecorder) -> Timeline:
         """The switchover as QEMU's events and our own marks saw it."""

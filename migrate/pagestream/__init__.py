@@ -2,7 +2,11 @@
 
 Modules::
 
-    strategy   PagestreamStrategy (the ``pagestream`` strategy), PagestreamOptions
+    strategy   PagestreamStrategy (the ``pagestream`` strategy)
+    options    PagestreamOptions, stream_host (where the page stream goes)
+    run        PagestreamRun: set-up, pre-copy sweeps, switchover (StrategyRun's hooks)
+    verifier   StreamVerifier: the stream digest (and engine comparison) before cont
+    totals     StreamTotals: the rounds added up, the report's StreamStats
     control    AgentProcess: starts an agent (in a network namespace), JSON-lines channel
     agent      python -m migrate.pagestream.agent --role sender|receiver
     sender     PageSender: tracker scan, capture, zstd pool, socket (in the source agent)

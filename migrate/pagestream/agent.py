@@ -32,7 +32,7 @@ from typing import Any, TextIO
 from dirtytrack.errors import DirtyTrackError
 from dirtytrack.trackers import TrackerKind
 from migrate.errors import ConfigError, StreamError
-from migrate.pagestream.receiver import FaultPlan, PageReceiver, ReceiverConfig
+from migrate.pagestream.receiver import PageReceiver, ReceiverConfig
 from migrate.pagestream.sender import PageSender, SenderConfig, find_mapping_pid
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -166,8 +166,9 @@ class SenderAgent:
 
 
 class ReceiverAgent:
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, receiver_type: type[PageReceiver] = PageReceiver) -> None:
         self.channel = channel
+        self.receiver_type = receiver_type
         self.receiver: PageReceiver | None = None
         self.thread: threading.Thread | None = None
 
@@ -177,20 +178,18 @@ class ReceiverAgent:
     def listen(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.receiver is not None:
             raise StreamError("receiver already listening", side="receiver", kind="config")
-        fault = FaultPlan(**(args.get("fault") or {}))
         config = ReceiverConfig(
             ram_path=Path(args["ram_path"]),
             host=str(args["host"]),
             port=int(args.get("port", 0)),
             session=_session(args),
-            fault=fault,
             **(
                 {"accept_timeout_s": float(args["accept_timeout_s"])}
                 if "accept_timeout_s" in args
                 else {}
             ),
         )
-        self.receiver = PageReceiver.bind(config, self.channel.event)
+        self.receiver = self.receiver_type.bind(config, self.channel.event)
         self.thread = threading.Thread(target=self._serve, name="receiver", daemon=True)
         self.thread.start()
         return {"port": self.receiver.port, "page_count": self.receiver.ram.page_count}
@@ -221,11 +220,20 @@ class ReceiverAgent:
 # --- the control loop -------------------------------------------------------------
 
 
-def serve(role: str, stdin: TextIO, stdout: TextIO) -> int:
-    """Answer commands from ``stdin`` until it ends. Returns the exit code."""
+def serve(
+    role: str,
+    stdin: TextIO,
+    stdout: TextIO,
+    receiver_type: type[PageReceiver] = PageReceiver,
+) -> int:
+    """Answer commands from ``stdin`` until it ends. Returns the exit code.
+
+    ``receiver_type`` is the receiver a ``listen`` binds (a subclass may observe
+    or extend it; the stream and its checks are :class:`PageReceiver`'s).
+    """
     channel = Channel(stdout)
     agent: SenderAgent | ReceiverAgent = (
-        SenderAgent(channel) if role == "sender" else ReceiverAgent(channel)
+        SenderAgent(channel) if role == "sender" else ReceiverAgent(channel, receiver_type)
     )
     handlers = agent.handlers()
     try:
@@ -250,11 +258,13 @@ def serve(role: str, stdin: TextIO, stdout: TextIO) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, receiver_type: type[PageReceiver] = PageReceiver
+) -> int:
     parser = argparse.ArgumentParser(prog="python -m migrate.pagestream.agent")
     parser.add_argument("--role", choices=["sender", "receiver"], required=True)
     args = parser.parse_args(argv)
-    return serve(args.role, sys.stdin, sys.stdout)
+    return serve(args.role, sys.stdin, sys.stdout, receiver_type)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from typing import Any, Final
 
 from migrate.errors import ConfigError, StreamError
 
+#: The module an agent runs as (``python -m``), unless told otherwise.
+AGENT_MODULE: Final = "migrate.pagestream.agent"
 _PR_SET_PDEATHSIG: Final = 1
 _STDERR_TAIL_LINES: Final = 30
 # A stream's control lines are small, but a scan result or error may carry lists.
@@ -42,9 +44,14 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def agent_argv(role: AgentRole, netns: str | None, python: str = sys.executable) -> list[str]:
+def agent_argv(
+    role: AgentRole,
+    netns: str | None,
+    python: str = sys.executable,
+    module: str = AGENT_MODULE,
+) -> list[str]:
     """The command line of an agent, wrapped in ``ip netns exec`` when ``netns`` is set."""
-    argv = [python, "-m", "migrate.pagestream.agent", "--role", role.value]
+    argv = [python, "-m", module, "--role", role.value]
     return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
@@ -55,14 +62,20 @@ class AgentProcess:
     error as :class:`StreamError` or :class:`ConfigError`); :meth:`wait_event`
     waits for an unsolicited event, raising if the agent reports ``failed`` or
     exits first. ``log_path`` keeps the agent's stderr (else only its tail is kept,
-    for error messages).
+    for error messages). ``module`` is what runs as the agent (``python -m``).
     """
 
-    def __init__(self, role: AgentRole, netns: str | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        role: AgentRole,
+        netns: str | None = None,
+        log_path: Path | None = None,
+        module: str = AGENT_MODULE,
+    ):
         self.role = role
         self.netns = netns
         self.log_path = log_path
-        self.argv = agent_argv(role, netns)
+        self.argv = agent_argv(role, netns, module=module)
         self.events: list[dict[str, Any]] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._ids = itertools.count(1)

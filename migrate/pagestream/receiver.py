@@ -9,7 +9,6 @@ agent turns each call into a JSON event for the engine):
 ``connected`` the sender is in (HELLO checked: session and RAM size)
 ``round``     a round's pages are all applied (counts checked against END_ROUND)
 ``applied``   the final round is applied: QEMU may load device state now
-``fault``     (tests only) the page a :class:`FaultPlan` corrupted
 ``verified``  target RAM digest against the sender's digest at stop time
 """
 
@@ -19,7 +18,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -39,18 +38,6 @@ Emit = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
-class FaultPlan:
-    """Faults a test asks the receiver to inject; the default injects none.
-
-    ``corrupt_final_page`` flips bits in one page the stream wrote (the last data
-    page applied), after the final round and before ``applied``: what a bad write
-    or a memory error on the target would leave behind. The digest must catch it.
-    """
-
-    corrupt_final_page: bool = False
-
-
-@dataclass(frozen=True)
 class ReceiverConfig:
     ram_path: Path
     host: str
@@ -58,7 +45,6 @@ class ReceiverConfig:
     port: int = 0
     accept_timeout_s: float = 60.0
     io_timeout_s: float = 120.0
-    fault: FaultPlan = field(default_factory=FaultPlan)
 
 
 @dataclass
@@ -87,7 +73,6 @@ class PageReceiver:
         self.listener = listener
         self.emit = emit
         self._conn: socket.socket | None = None
-        self._last_data_page: int | None = None
         self.verified: bool | None = None
 
     @classmethod
@@ -214,7 +199,6 @@ class PageReceiver:
                 )
                 current = _Round()
                 if message.final:
-                    self._inject_faults()
                     self.emit("applied", {"round": message.round, "time": time.time()})
                     began = time.monotonic()
                     own_digest = ram_digest(self.ram.buffer())
@@ -239,8 +223,6 @@ class PageReceiver:
         else:
             numbers = extents.page_numbers()
             pages[numbers] = 0 if batch.rows is None else batch.rows
-        if batch.rows is not None:
-            self._last_data_page = int(extents.starts[-1] + extents.counts[-1]) - 1
 
     def _check_round(self, end: RoundEnd, got: _Round) -> None:
         if (end.pages, end.data_pages, end.zero_pages) != (
@@ -254,14 +236,6 @@ class PageReceiver:
                 f"{got.zero_pages})",
                 side="receiver",
             )
-
-    def _inject_faults(self) -> None:
-        if not self.config.fault.corrupt_final_page:
-            return
-        page = self._last_data_page if self._last_data_page is not None else 0
-        words = self.ram.pages()
-        words[page, 100] ^= np.uint64(0xDEADBEEF)
-        self.emit("fault", {"page": page, "what": "flipped bits in word 100 after apply"})
 
     def _verify(self, ours: RamDigest, theirs: RamDigest) -> None:
         chunks = ours.differing_chunks(theirs)

@@ -124,7 +124,7 @@ def test_corrupted_target_page_aborts_and_keeps_vm_on_source(vms: VmFactory) -> 
                 assert pair.target.ram_path is not None
                 corrupted.append(_corrupt(pair.target.ram_path, "any"))
 
-            from migrate.strategy import MigrationHooks
+            from migrate.request import MigrationHooks
 
             request = pair.request(hooks=MigrationHooks(before_target_resume=corrupt), repair=False)
             with pytest.raises(MigrationAborted) as info:

@@ -21,27 +21,40 @@ import pytest
 from migrate.demo import DemoConfig, Workload, run_demo
 from migrate.engine import run_migration
 from migrate.errors import MigrationAborted, MigrationError
-from migrate.events import EventBus, Notice
-from migrate.pagestream.receiver import FaultPlan
-from migrate.pagestream.strategy import PagestreamOptions, PagestreamStrategy
+from migrate.events import EventBus
+from migrate.pagestream.control import AGENT_MODULE
+from migrate.pagestream.options import PagestreamOptions
+from migrate.pagestream.strategy import PagestreamStrategy
 from migrate.policy import Policy
 from migrate.presets import controller_for
 from migrate.qemu import QemuProcess
 from migrate.qmp import EventRecorder, migration_status_is
 from migrate.report import Integrity, MigrationReport, Status
-from migrate.strategy import HostEndpoint, MigrationRequest
+from migrate.request import HostEndpoint, MigrationRequest
 from migrate.vmspec import RamBackendKind
+from tests.doubles import faulty_receiver_agent
 from tests.integration.conftest import Pair, VmFactory, guest_answers
 
 MIGRATION_PORT = 4444
+
+
+AGENT_MODULES = (AGENT_MODULE, faulty_receiver_agent.MODULE)
 
 
 def agents_alive() -> list[int]:
     return [
         child.pid
         for child in psutil.Process().children(recursive=True)
-        if "migrate.pagestream.agent" in " ".join(child.cmdline())
+        if any(module in " ".join(child.cmdline()) for module in AGENT_MODULES)
     ]
+
+
+@pytest.fixture
+def faulty_receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PagestreamOptions:
+    """Options whose agents are the faulty-receiver double (it flips a page after the
+    final round), logging to ``tmp_path`` (the double names the page there)."""
+    monkeypatch.setenv("PYTHONPATH", faulty_receiver_agent.pythonpath_with_repo())
+    return PagestreamOptions(agent_module=faulty_receiver_agent.MODULE, log_dir=tmp_path)
 
 
 def _demo(tmp_path: Path, **kwargs: object) -> DemoConfig:
@@ -160,27 +173,28 @@ def _request(pair: Pair, **kwargs: object) -> MigrationRequest:
     )
 
 
-def test_corrupted_page_in_the_receiver_keeps_the_vm_on_the_source(vms: VmFactory) -> None:
+def test_corrupted_page_in_the_receiver_keeps_the_vm_on_the_source(
+    vms: VmFactory, faulty_receiver: PagestreamOptions
+) -> None:
     async def scenario() -> None:
         async with vms.pair("openssl") as pair:
-            bus = EventBus()
-            notices: list[str] = []
-            bus.add_callback(lambda e: notices.append(e.message) if isinstance(e, Notice) else None)
-            strategy = PagestreamStrategy(
-                PagestreamOptions(receiver_fault=FaultPlan(corrupt_final_page=True))
-            )
+            strategy = PagestreamStrategy(faulty_receiver)
             request = _request(pair)
             with pytest.raises(MigrationAborted) as info:
                 await strategy.run(
                     request, pair.source.qmp, pair.target.qmp,
-                    controller_for(request.policy), bus,
+                    controller_for(request.policy), EventBus(),
                 )  # fmt: skip
             report = info.value.report
             assert report is not None and report.status is Status.ABORTED
             assert report.integrity is Integrity.FAILED
             assert report.stream is not None and report.stream.digest == "mismatch"
-            fault = next(n for n in notices if "fault injection" in n)
-            page = fault.split("page ")[1].split(":")[0]
+            assert faulty_receiver.log_dir is not None
+            pages = faulty_receiver_agent.corrupted_pages(
+                faulty_receiver.log_dir / "pagestream-receiver.log"
+            )
+            assert len(pages) == 1, pages
+            page = pages[0]
             # The stream's digest names the chunk; the engine's comparison the page.
             assert "pagestream digest mismatch" in report.integrity_detail
             assert f"differ: {page}" in report.integrity_detail, report.integrity_detail
@@ -196,7 +210,9 @@ def test_corrupted_page_in_the_receiver_keeps_the_vm_on_the_source(vms: VmFactor
     asyncio.run(scenario())
 
 
-def test_target_without_dash_s_never_runs_unchecked(vms: VmFactory) -> None:
+def test_target_without_dash_s_never_runs_unchecked(
+    vms: VmFactory, faulty_receiver: PagestreamOptions
+) -> None:
     """The engine stops the VM itself, so the runstate QEMU sends is "paused": even a
     target started without -S waits for the checks, and a bad page keeps it stopped."""
 
@@ -211,9 +227,7 @@ def test_target_without_dash_s_never_runs_unchecked(vms: VmFactory) -> None:
             )  # fmt: skip
             async with target, EventRecorder(target.qmp) as target_events:
                 pair = Pair(vms.lab, spec, source, target, ip)
-                strategy = PagestreamStrategy(
-                    PagestreamOptions(receiver_fault=FaultPlan(corrupt_final_page=True))
-                )
+                strategy = PagestreamStrategy(faulty_receiver)
                 request = _request(pair)
                 with pytest.raises(MigrationAborted):
                     await strategy.run(

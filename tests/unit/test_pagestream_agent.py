@@ -19,6 +19,7 @@ import pytest
 from dirtytrack.ram import WORDS_PER_PAGE
 from migrate.errors import ConfigError, StreamError
 from migrate.pagestream.control import AgentProcess, AgentRole, agent_argv
+from tests.doubles import faulty_receiver_agent
 
 PAGES = 1024
 SESSION = base64.b64encode(b"fedcba9876543210").decode()
@@ -38,6 +39,8 @@ def test_agent_argv_wraps_in_a_namespace() -> None:
     assert plain == ["/py", "-m", "migrate.pagestream.agent", "--role", "sender"]
     wrapped = agent_argv(AgentRole.RECEIVER, "ns-b", python="/py")
     assert wrapped[:4] == ["ip", "netns", "exec", "ns-b"] and wrapped[-1] == "receiver"
+    other = agent_argv(AgentRole.RECEIVER, None, python="/py", module="site.agent")
+    assert other == ["/py", "-m", "site.agent", "--role", "receiver"]
 
 
 def test_sender_and_receiver_agents_move_ram(tmp_path: Path) -> None:
@@ -81,6 +84,53 @@ def test_sender_and_receiver_agents_move_ram(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert source.read_bytes() == target.read_bytes()
+
+
+def test_another_agent_module_runs_as_the_receiver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The faulty-receiver double, run as the receiver agent: the digest catches its page."""
+    monkeypatch.setenv("PYTHONPATH", faulty_receiver_agent.pythonpath_with_repo())
+    source = ram_file(tmp_path / "src.ram", seed=1)
+    target = ram_file(tmp_path / "dst.ram", seed=None)
+    log = tmp_path / "rx.log"
+
+    async def scenario() -> None:
+        async with (
+            AgentProcess(
+                AgentRole.RECEIVER, log_path=log, module=faulty_receiver_agent.MODULE
+            ) as receiver,
+            AgentProcess(AgentRole.SENDER) as sender,
+        ):
+            assert faulty_receiver_agent.MODULE in receiver.argv
+            listen = await receiver.call(
+                "listen",
+                {"ram_path": str(target), "host": "127.0.0.1", "session": SESSION},
+                timeout=30,
+            )
+            await sender.call(
+                "open",
+                {
+                    "ram_path": str(source),
+                    "host": "127.0.0.1",
+                    "port": listen["port"],
+                    "session": SESSION,
+                    "tracker": ["shadow-diff"],
+                },
+                timeout=30,
+            )
+            await sender.call("sweep")
+            await sender.call("final", timeout=30)
+            fault = await receiver.wait_event("fault", 10)
+            verified = await receiver.wait_event("verified", 10)
+            assert verified["ok"] is False and verified["differing_chunks"] == 1
+            named = verified["named"][0]
+            assert named["first_page"] <= fault["page"] <= named["last_page"]
+            await receiver.wait_event("done", 10)
+        assert faulty_receiver_agent.corrupted_pages(log) == [fault["page"]]
+
+    asyncio.run(scenario())
+    assert source.read_bytes() != target.read_bytes()
 
 
 def test_agent_errors_come_back_typed(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ import pytest
 
 from migrate.engine import STRATEGIES, strategy_for
 from migrate.errors import ConfigError
-from migrate.pagestream.strategy import PagestreamOptions, PagestreamStrategy, stream_host
+from migrate.pagestream.options import PagestreamOptions, stream_host
+from migrate.pagestream.strategy import PagestreamStrategy
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,9 @@ import pytest
 from dirtytrack.ram import WORDS_PER_PAGE, RamMapping
 from dirtytrack.trackers import TrackerKind
 from migrate.errors import StreamError
-from migrate.pagestream.receiver import FaultPlan, PageReceiver, ReceiverConfig
+from migrate.pagestream.receiver import PageReceiver, ReceiverConfig
 from migrate.pagestream.sender import SWEEP_PAGES, PageSender, SenderConfig, find_mapping_pid
+from tests.doubles.faulty_receiver_agent import CorruptingReceiver
 
 PAGES = 2048  # 8 MiB
 SESSION = b"0123456789abcdef"
@@ -77,20 +78,19 @@ class Rig:
 
 def start_receiver(
     tmp_path: Path,
-    fault: FaultPlan | None = None,
+    receiver_type: type[PageReceiver] = PageReceiver,
     target_pages: int = PAGES,
     source_pages: int = PAGES,
 ) -> Rig:
     source = ram_file(tmp_path / "source.ram", source_pages)
     target = ram_file(tmp_path / "target.ram", target_pages, seed=None)
     events = Events()
-    receiver = PageReceiver.bind(
+    receiver = receiver_type.bind(
         ReceiverConfig(
             ram_path=target,
             host="127.0.0.1",
             session=SESSION,
             accept_timeout_s=10,
-            fault=fault or FaultPlan(),
         ),
         events,
     )
@@ -207,7 +207,7 @@ def test_writes_racing_the_sender_are_caught_by_later_rounds(rig: Rig) -> None:
 
 
 def test_corrupted_page_in_the_receiver_fails_the_digest(tmp_path: Path) -> None:
-    rig = start_receiver(tmp_path, FaultPlan(corrupt_final_page=True))
+    rig = start_receiver(tmp_path, CorruptingReceiver)
     try:
         with rig.sender() as sender:
             sender.sweep(final=True)

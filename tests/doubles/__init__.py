@@ -1,0 +1,1 @@
+"""Test doubles of engine parts (run in-process, or as the process they replace)."""
