@@ -60,6 +60,8 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
         hints = get_type_hints(tp)
         kwargs = {}
         for f in dataclasses.fields(tp):
+            if not f.init:
+                continue  # derived in __post_init__: written for readers, not read back
             if f.name in data:
                 kwargs[f.name] = _decode(hints[f.name], data[f.name], f"{where}.{f.name}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

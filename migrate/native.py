@@ -25,6 +25,7 @@ import numpy as np
 
 from dirtytrack.ram import PAGE_SIZE, RamMapping
 from migrate.control.base import Controller
+from migrate.control.intents import StartPostcopy
 from migrate.errors import MigrationError
 from migrate.events import EventBus, Progress
 from migrate.integrity import IntegrityResult, RamComparison
@@ -140,9 +141,8 @@ class _NativeRun(StrategyRun):
             if terminal is None:
                 await src_log.wait_any(self.request.sample_interval_s, since=seen)
 
-    async def _carry_out(self, decision: Decision, src_log: EventRecorder) -> None:
-        await super()._carry_out(decision, src_log)
-        if decision.action == "postcopy":
+    async def _after(self, decision: Decision, src_log: EventRecorder) -> None:
+        if decision.has(StartPostcopy):
             self.postcopy = True
             self.phase.advance(Phase.POSTCOPY)
             await self._postcopy_resume(src_log)

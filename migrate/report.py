@@ -8,11 +8,12 @@ seconds, the clock QMP stamps events with).
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
 from migrate.codec import from_dict, to_dict
+from migrate.control.intents import Intent, action_of, qemu_command
 from migrate.phase import Phase
 
 #: Version of the report's JSON form (docs/schema/report.json); bump it with any
@@ -104,20 +105,54 @@ class Sample:
         )
 
 
+class Outcome(StrEnum):
+    """What became of a decision: ``proposed`` by a controller and not carried out
+    yet, ``applied``, ``partial`` (some of its intents rejected), ``rejected`` by
+    the strategy (it has no such lever; why in ``outcome_detail``), or ``failed``
+    (QEMU refused it)."""
+
+    PROPOSED = "proposed"
+    APPLIED = "applied"
+    PARTIAL = "partial"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class Decision:
-    """Something the controller did (or asks the strategy to do), and why.
+    """Something a controller or the operator decided, why, and what came of it.
 
-    ``command``/``arguments`` is the QMP command carrying it out, if any, and
-    ``side`` the QEMU it goes to (``source`` or ``target``).
+    ``intents`` say what is wanted, typed (:mod:`migrate.control.intents`);
+    ``action``, ``command``, ``arguments`` and ``side`` are derived from them:
+    a short name, and the QMP command carrying them in QEMU's own stream (what the
+    ``native`` strategy sends; ``command`` is None for intents QEMU has no command
+    for, such as an abort).
     """
 
     time: float
-    action: str
     reason: str
-    command: str | None = None
-    arguments: dict[str, Any] = field(default_factory=dict)
-    side: str = "source"
+    intents: tuple[Intent, ...]
+    outcome: Outcome = Outcome.PROPOSED
+    outcome_detail: str = ""
+    action: str = field(init=False, default="")
+    command: str | None = field(init=False, default=None)
+    arguments: dict[str, Any] = field(init=False, default_factory=dict)
+    side: str = field(init=False, default="source")
+
+    def __post_init__(self) -> None:
+        command, arguments, side = qemu_command(self.intents)
+        object.__setattr__(self, "action", action_of(self.intents))
+        object.__setattr__(self, "command", command)
+        object.__setattr__(self, "arguments", arguments)
+        object.__setattr__(self, "side", side)
+
+    def has(self, kind: type[Intent]) -> bool:
+        """Whether one of the intents is of ``kind``."""
+        return any(isinstance(i, kind) for i in self.intents)
+
+    def settled(self, outcome: Outcome, detail: str = "") -> Decision:
+        """This decision with its outcome."""
+        return replace(self, outcome=outcome, outcome_detail=detail)
 
 
 def offset_ms(origin: float, t: float | None) -> float | None:

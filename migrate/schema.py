@@ -84,6 +84,12 @@ class _Builder:
         self.defs[name] = self.object_of(cls)
         return name
 
+    def _field(self, f: dataclasses.Field[Any], tp: Any) -> dict[str, Any]:
+        # A ``kind`` tag with a fixed default tells union members apart.
+        if f.name == "kind" and isinstance(f.default, str):
+            return {"const": f.default}
+        return self.of(tp)
+
     def object_of(self, cls: type, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         hints = get_type_hints(cls)
         fields = dataclasses.fields(cls)
@@ -91,7 +97,7 @@ class _Builder:
         doc = (cls.__doc__ or "").strip().split("\n\n")[0]
         if doc and not doc.startswith(cls.__name__ + "("):
             schema["description"] = " ".join(doc.split())
-        schema["properties"] = {f.name: self.of(hints[f.name]) for f in fields}
+        schema["properties"] = {f.name: self._field(f, hints[f.name]) for f in fields}
         schema["properties"].update(extra or {})
         schema["required"] = [f.name for f in fields]
         schema["additionalProperties"] = False

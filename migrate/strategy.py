@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from migrate.control.base import ControlContext, Controller
+from migrate.control.intents import Abort
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged
 from migrate.integrity import RamComparison
@@ -24,6 +25,7 @@ from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (
     Decision,
     MigrationReport,
+    Outcome,
     Sample,
     Status,
     Timeline,
@@ -129,14 +131,11 @@ async def start_incoming(target: QmpSession, uri: str) -> None:
             raise
 
 
-async def apply_decision(
-    decision: Decision, source: QmpSession, target: QmpSession, events: EventBus
-) -> None:
-    """Carry out a controller decision over QMP and report it.
+async def send_to_qemu(decision: Decision, source: QmpSession, target: QmpSession) -> None:
+    """Send a decision's QMP command (QEMU's rendering of its intents) to its side(s).
 
     ``decision.side`` is ``source``, ``target`` or ``both`` (capabilities).
     """
-    events.emit(DecisionMade(decision))
     if decision.command is None:
         return
     sessions = {"target": (target,), "both": (source, target)}.get(decision.side, (source,))
@@ -286,12 +285,27 @@ class StrategyRun:
         self.started_at, self.t0 = time.time(), time.monotonic()
 
     async def _apply(self, decision: Decision, src_log: EventRecorder) -> None:
-        """Record a controller decision; abort, or have the strategy carry it out."""
-        self.decisions.append(decision)
-        if decision.action == "abort":
-            self.events.emit(DecisionMade(decision))
+        """Abort, or have the strategy carry a decision out; either way record its outcome.
+
+        The decision goes into the report and out as an event with what became of
+        it (applied, rejected and why, failed); then :meth:`_after` may act on it.
+        """
+        if decision.has(Abort):
+            self._record(decision.settled(Outcome.APPLIED))
             raise MigrationAborted(decision.reason)
-        await self._carry_out(decision, src_log)
+        try:
+            outcome, detail = await self._carry_out(decision, src_log)
+        except QemuError as exc:
+            self._record(decision.settled(Outcome.FAILED, str(exc)))
+            raise
+        settled = decision.settled(outcome, detail)
+        self._record(settled)
+        if outcome is not Outcome.REJECTED:
+            await self._after(settled, src_log)
+
+    def _record(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        self.events.emit(DecisionMade(decision))
 
     # --- the hooks ----------------------------------------------------------------------
 
@@ -314,9 +328,17 @@ class StrategyRun:
         """From the source's stop until the VM runs on the target (or post-copy's end)."""
         raise NotImplementedError
 
-    async def _carry_out(self, decision: Decision, src_log: EventRecorder) -> None:
-        """Carry out a controller decision (not an abort) over QMP."""
-        await apply_decision(decision, self.source, self.target, self.events)
+    async def _carry_out(self, decision: Decision, src_log: EventRecorder) -> tuple[Outcome, str]:
+        """Carry out a decision (not an abort); its outcome and why.
+
+        By default QEMU's own stream carries it: the intents' QMP command is sent.
+        A strategy without some lever rejects those intents, saying why.
+        """
+        await send_to_qemu(decision, self.source, self.target)
+        return Outcome.APPLIED, ""
+
+    async def _after(self, decision: Decision, src_log: EventRecorder) -> None:
+        """Act on a decision once carried out and recorded (e.g. post-copy); nothing by default."""
 
     def _on_completed(self) -> None:
         """Once the phase is COMPLETED, before the source quits; nothing by default."""

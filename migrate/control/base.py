@@ -11,16 +11,17 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from migrate.control.intents import QEMU_MAX_DOWNTIME_MS, Abort, Intent, StartPostcopy
 from migrate.policy import Policy
 from migrate.report import Decision, Predicted, Sample
+
+__all__ = ["QEMU_MAX_DOWNTIME_MS"]  # re-exported for the controllers
 
 MIB = 1 << 20
 GIB = 1 << 30
 
 # QEMU 7.2 rejects max-bandwidth above SIZE_MAX / 1000 bytes/s; 1 TiB/s is "no cap".
 UNLIMITED_BANDWIDTH = 1 << 40
-#: QEMU's largest downtime-limit (MAX_MIGRATE_DOWNTIME, migration/migration.c): 2000 s.
-QEMU_MAX_DOWNTIME_MS = 2_000_000
 #: QEMU's default max-bandwidth (MAX_THROTTLE, migration/migration.c): 128 MiB/s.
 QEMU_DEFAULT_BANDWIDTH = 128 * MIB
 #: Device state of the test guest (~600 KB measured with the pagestream prototype).
@@ -58,26 +59,17 @@ class PredictionAware(Protocol):
         ...
 
 
-def set_parameters(now: float, reason: str, side: str = "source", **params: object) -> Decision:
-    """A ``migrate-set-parameters`` decision; parameter names with ``_`` become ``-``."""
-    arguments = {name.replace("_", "-"): value for name, value in params.items()}
-    return Decision(now, "set-parameters", reason, "migrate-set-parameters", arguments, side)
-
-
-def set_capabilities(now: float, reason: str, capabilities: dict[str, bool]) -> Decision:
-    """A ``migrate-set-capabilities`` decision for both sides (before ``migrate`` only)."""
-    caps = [{"capability": name, "state": state} for name, state in capabilities.items()]
-    return Decision(
-        now, "set-capabilities", reason, "migrate-set-capabilities", {"capabilities": caps}, "both"
-    )
+def decide(now: float, reason: str, *intents: Intent) -> Decision:
+    """A decision carrying ``intents`` (see :mod:`migrate.control.intents`)."""
+    return Decision(now, reason, intents)
 
 
 def abort(now: float, reason: str) -> Decision:
-    return Decision(now, "abort", reason)
+    return Decision(now, reason, (Abort(),))
 
 
 def start_postcopy(now: float, reason: str) -> Decision:
-    return Decision(now, "postcopy", reason, "migrate-start-postcopy")
+    return Decision(now, reason, (StartPostcopy(),))
 
 
 def fmt_mib(value: float) -> str:

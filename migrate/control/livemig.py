@@ -28,10 +28,9 @@ from migrate.control.base import (
     DEFAULT_DEVICE_STATE_BYTES,
     ControlContext,
     abort,
+    decide,
     fmt_mib,
     round_powerof2,
-    set_capabilities,
-    set_parameters,
     start_postcopy,
 )
 from migrate.control.estimate import (
@@ -39,6 +38,16 @@ from migrate.control.estimate import (
     LiveEstimate,
     RoundStart,
     remaining_time_ms,
+)
+from migrate.control.intents import (
+    ArmAutoConverge,
+    ArmPostcopy,
+    Compress,
+    Intent,
+    SetDowntimeLimit,
+    SetMultifd,
+    SetXbzrleCache,
+    Throttle,
 )
 from migrate.control.static import StaticController
 from migrate.policy import Policy
@@ -107,47 +116,39 @@ class LivemigController:
         now = time.time()
         policy = self.policy
         decisions = StaticController(policy).start(context)
-        caps: dict[str, bool] = {}
+        caps: list[Intent] = []
         reasons: list[str] = []
-        params: dict[str, object] = {}
+        params: list[Intent] = []
         choice = self._compression_choice()
         if choice is not None:
             method, why = choice
             self.compression = method
             reasons.append(why)
             if method == "xbzrle":
-                caps["xbzrle"] = True
-                params["xbzrle-cache-size"] = _xbzrle_cache(context.ram_bytes)
+                caps.append(Compress("xbzrle"))
+                params.append(SetXbzrleCache(_xbzrle_cache(context.ram_bytes)))
             else:
-                caps["multifd"] = True
+                caps.append(Compress("multifd"))
                 # Both ends must agree on the channels and the compression.
-                both = {"multifd-compression": "zstd", "multifd-channels": 2}
-                decisions.append(
-                    Decision(now, "set-parameters", why, "migrate-set-parameters", both, "both")
-                )
+                decisions.append(decide(now, why, SetMultifd(channels=2, compression="zstd")))
         if policy.max_throttle_pct > 0:
             self.auto_converge = True
-            caps["auto-converge"] = True
+            caps.append(ArmAutoConverge())
             # QEMU's own trigger may fire before this controller decides: until then
             # it may take no more than 1 %.
-            params.update(
-                {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
-            )
+            params.append(Throttle(initial_pct=1, increment_pct=1, max_pct=1))
             reasons.append(
                 f"auto-converge armed (up to {policy.max_throttle_pct}% when this controller "
                 "decides, 1% until then)"
             )
         if policy.postcopy_allowed and self.compression != "zstd":
             self.postcopy_ready = True
-            caps["postcopy-ram"] = True
+            caps.append(ArmPostcopy())
             reasons.append("post-copy allowed by the policy: postcopy-ram on both sides")
         if caps:
-            decisions.append(set_capabilities(now, "; ".join(reasons), caps))
+            decisions.append(decide(now, "; ".join(reasons), *caps))
         if params:
-            reason = "; ".join(reasons)
-            decisions.append(
-                Decision(now, "set-parameters", reason, "migrate-set-parameters", params)
-            )
+            decisions.append(decide(now, "; ".join(reasons), *params))
         return decisions
 
     def _compression_choice(self) -> tuple[str, str] | None:
@@ -313,7 +314,7 @@ class LivemigController:
             self._wait_until_round = current.sync + 1
             fits = needed_ms <= top
             decisions.append(
-                set_parameters(
+                decide(
                     sample.time,
                     f"{why}: the smallest set the next rounds reach needs {needed_ms:.0f} ms "
                     + (
@@ -321,7 +322,7 @@ class LivemigController:
                         if fits
                         else f"> policy maximum {top:g} ms; downtime-limit to {self.limit_ms:.0f} ms"
                     ),
-                    downtime_limit=math.ceil(self.limit_ms),
+                    SetDowntimeLimit(math.ceil(self.limit_ms)),
                 )
             )
             if fits:
@@ -362,13 +363,11 @@ class LivemigController:
         self._throttle_applied_round = None
         self._throttle_decided_round = current.sync
         return [
-            set_parameters(
+            decide(
                 sample.time,
                 f"{why}: throttle the guest to {target}% ({basis}; policy maximum "
                 f"{policy.max_throttle_pct}%); auto-converge applies it at a coming dirty sync",
-                cpu_throttle_initial=target,
-                cpu_throttle_increment=max(1, min(99, target - previous)),
-                max_cpu_throttle=target,
+                Throttle(target, max(1, min(99, target - previous)), target),
             )
         ]
 

@@ -10,8 +10,9 @@ from migrate.control.base import (
     UNLIMITED_BANDWIDTH,
     ControlContext,
     abort,
-    set_parameters,
+    decide,
 )
+from migrate.control.intents import CapBandwidth, SetDowntimeLimit
 from migrate.policy import Policy
 from migrate.report import Decision, Sample
 
@@ -63,12 +64,12 @@ class NovaController:
         self._timeout_s = 800 * data_gb
         bandwidth = self.policy.max_bandwidth_bytes_per_s or UNLIMITED_BANDWIDTH
         return [
-            set_parameters(
+            decide(
                 time.time(),
                 "nova: libvirt's default bandwidth (unlimited); downtime steps "
                 + ", ".join(f"{ms} ms@{s} s" for s, ms in self._steps)
                 + f"; completion timeout {self._timeout_s:.0f} s (800 s/GiB of {data_gb:g} GiB)",
-                max_bandwidth=bandwidth,
+                CapBandwidth(bandwidth),
             )
         ]
 
@@ -93,9 +94,9 @@ class NovaController:
             return []
         self._current = current[1]
         return [
-            set_parameters(
+            decide(
                 sample.time,
                 f"nova: increasing downtime to {current[1]} ms after {current[0]} s elapsed",
-                downtime_limit=current[1],
+                SetDowntimeLimit(current[1]),
             )
         ]

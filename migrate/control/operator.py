@@ -14,11 +14,20 @@ import time
 from collections.abc import Callable
 
 from migrate.control.base import (
-    QEMU_MAX_DOWNTIME_MS,
     UNLIMITED_BANDWIDTH,
     ControlContext,
     Controller,
     PredictionAware,
+    abort,
+    decide,
+)
+from migrate.control.intents import (
+    QEMU_MAX_DOWNTIME_MS,
+    CapBandwidth,
+    Intent,
+    SetDowntimeLimit,
+    StartPostcopy,
+    SwitchoverNow,
 )
 from migrate.policy import Policy
 from migrate.presets import controller_for
@@ -90,47 +99,31 @@ class OperatorControl:
             if self._aborted:
                 return
             self._aborted = True
-            self._pending.append(Decision(_now(now), "abort", f"operator: {reason}"))
+            self._pending.append(abort(_now(now), f"operator: {reason}"))
 
     def request_switchover(self, now: float | None = None) -> None:
         self._push(
-            Decision(
-                _now(now),
-                "switchover-now",
-                "operator: switch over now, whatever the downtime",
-                "migrate-set-parameters",
-                {"downtime-limit": SWITCHOVER_NOW_MS},
-            )
+            decide(_now(now), "operator: switch over now, whatever the downtime", SwitchoverNow())
         )
 
     def request_postcopy(self, now: float | None = None) -> None:
-        self._push(
-            Decision(_now(now), "postcopy", "operator: start post-copy", "migrate-start-postcopy")
-        )
+        self._push(decide(_now(now), "operator: start post-copy", StartPostcopy()))
 
     def request_policy(self, policy: Policy, now: float | None = None) -> None:
         """Adopt ``policy``; the settings QEMU holds change at the next sample."""
         old = self.policy
         self.policy = policy
-        params: dict[str, object] = {}
+        intents: list[Intent] = []
         limit = min(policy.downtime_limit_ms, policy.max_downtime_ms)
         if limit != min(old.downtime_limit_ms, old.max_downtime_ms):
-            params["downtime-limit"] = int(limit)
+            intents.append(SetDowntimeLimit(int(limit)))
         if (
             policy.max_bandwidth_bytes_per_s != old.max_bandwidth_bytes_per_s
             and policy.max_bandwidth_bytes_per_s is not None
         ):
-            params["max-bandwidth"] = policy.max_bandwidth_bytes_per_s or UNLIMITED_BANDWIDTH
-        if params:
-            self._push(
-                Decision(
-                    _now(now),
-                    "set-parameters",
-                    "operator: policy updated",
-                    "migrate-set-parameters",
-                    params,
-                )
-            )
+            intents.append(CapBandwidth(policy.max_bandwidth_bytes_per_s or UNLIMITED_BANDWIDTH))
+        if intents:
+            self._push(decide(_now(now), "operator: policy updated", *intents))
 
     def _push(self, decision: Decision) -> None:
         with self._lock:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from migrate.control.base import ControlContext, abort, set_parameters
+from migrate.control.base import ControlContext, abort, decide
+from migrate.control.intents import SetDowntimeLimit
 from migrate.control.static import StaticController
 from migrate.policy import Policy
 from migrate.report import Decision, Sample
@@ -40,17 +41,7 @@ class OvirtController:
 
     def start(self, context: ControlContext) -> list[Decision]:
         static = StaticController(self.policy).start(context)
-        return [
-            Decision(
-                d.time,
-                d.action,
-                f"ovirt: initial action: {d.reason}",
-                d.command,
-                d.arguments,
-                d.side,
-            )
-            for d in static
-        ]
+        return [Decision(d.time, f"ovirt: initial action: {d.reason}", d.intents) for d in static]
 
     def on_sample(self, sample: Sample) -> list[Decision]:
         if sample.elapsed_ms < self._next_poll_ms or not self._schedule:
@@ -75,9 +66,9 @@ class OvirtController:
             self._schedule.clear()
             return [abort(sample.time, f"ovirt: still stalling after {current} iterations: abort")]
         return [
-            set_parameters(
+            decide(
                 sample.time,
                 f"ovirt: stalling for {current} iterations (limit {limit}): downtime {downtime} ms",
-                downtime_limit=downtime,
+                SetDowntimeLimit(downtime),
             )
         ]

@@ -9,10 +9,11 @@ from migrate.control.base import (
     MIB,
     QEMU_MAX_DOWNTIME_MS,
     ControlContext,
+    decide,
     fmt_mib,
     round_powerof2,
-    set_parameters,
 )
+from migrate.control.intents import CapBandwidth, SetDowntimeLimit, SetXbzrleCache
 from migrate.policy import Policy
 from migrate.report import Decision, Sample
 
@@ -47,14 +48,14 @@ class ProxmoxController:
         cache = round_powerof2(int(context.ram_bytes / 10))
         bandwidth = self.policy.max_bandwidth_bytes_per_s or 16 * GIB
         return [
-            set_parameters(
+            decide(
                 now,
                 f"proxmox: downtime {self._downtime_ms:.0f} ms, speed limit "
                 f"{bandwidth / MIB:.0f} MiB/s, xbzrle cache 10% of RAM rounded up to a "
                 f"power of two ({fmt_mib(cache)})",
-                max_bandwidth=bandwidth,
-                downtime_limit=int(self._downtime_ms),
-                xbzrle_cache_size=cache,
+                CapBandwidth(bandwidth),
+                SetDowntimeLimit(int(self._downtime_ms)),
+                SetXbzrleCache(cache),
             )
         ]
 
@@ -79,11 +80,11 @@ class ProxmoxController:
                     self._counter = 0
                     self._downtime_ms *= 2
                     decisions.append(
-                        set_parameters(
+                        decide(
                             sample.time,
                             "proxmox: remaining rose (or was 0) on more than 5 polls: "
                             f"auto-increased downtime to {self._downtime_ms:.0f} ms",
-                            downtime_limit=int(min(self._downtime_ms, QEMU_MAX_DOWNTIME_MS)),
+                            SetDowntimeLimit(int(min(self._downtime_ms, QEMU_MAX_DOWNTIME_MS))),
                         )
                     )
             self._last_transferred = transferred

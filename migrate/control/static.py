@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from migrate.control.base import UNLIMITED_BANDWIDTH, ControlContext
+from migrate.control.base import UNLIMITED_BANDWIDTH, ControlContext, abort, decide
+from migrate.control.intents import AnnounceEarly, CapBandwidth, Intent, SetDowntimeLimit
 from migrate.policy import Policy
 from migrate.report import Decision, Sample
 
@@ -20,28 +21,18 @@ class StaticController:
         self._context = context
         now = time.time()
         limit = min(self.policy.downtime_limit_ms, self.policy.max_downtime_ms)
-        params: dict[str, object] = {"downtime-limit": int(limit)}
+        intents: list[Intent] = [SetDowntimeLimit(int(limit))]
         if self.policy.max_bandwidth_bytes_per_s is not None:
-            bandwidth = self.policy.max_bandwidth_bytes_per_s or UNLIMITED_BANDWIDTH
-            params["max-bandwidth"] = bandwidth
-        decisions = [
-            Decision(
-                time=now,
-                action="set-parameters",
-                reason=f"policy {self.policy.name}: initial settings",
-                command="migrate-set-parameters",
-                arguments=params,
+            intents.append(
+                CapBandwidth(self.policy.max_bandwidth_bytes_per_s or UNLIMITED_BANDWIDTH)
             )
-        ]
+        decisions = [decide(now, f"policy {self.policy.name}: initial settings", *intents)]
         if self.policy.announce_initial_ms is not None:
             decisions.append(
-                Decision(
-                    time=now,
-                    action="set-parameters",
-                    reason="announce the guest's new location early after switchover",
-                    command="migrate-set-parameters",
-                    arguments={"announce-initial": self.policy.announce_initial_ms},
-                    side="target",
+                decide(
+                    now,
+                    "announce the guest's new location early after switchover",
+                    AnnounceEarly(self.policy.announce_initial_ms),
                 )
             )
         return decisions
@@ -50,10 +41,9 @@ class StaticController:
         limit = self.policy.max_total_time_s
         if limit is not None and sample.elapsed_ms > limit * 1e3:
             return [
-                Decision(
-                    time=sample.time,
-                    action="abort",
-                    reason=f"total time {sample.elapsed_ms / 1e3:.1f} s exceeds the policy's {limit} s",
+                abort(
+                    sample.time,
+                    f"total time {sample.elapsed_ms / 1e3:.1f} s exceeds the policy's {limit} s",
                 )
             ]
         return []

@@ -18,26 +18,40 @@ from typing import Any, Final
 
 from dirtytrack.ram import PAGE_SIZE
 from migrate.control.base import UNLIMITED_BANDWIDTH, Controller
+from migrate.control.intents import (
+    AnnounceEarly,
+    ArmAutoConverge,
+    ArmPostcopy,
+    CapBandwidth,
+    Compress,
+    Intent,
+    SetDowntimeLimit,
+    SetMultifd,
+    SetXbzrleCache,
+    StartPostcopy,
+    Switchover,
+    SwitchoverNow,
+    Throttle,
+)
 from migrate.errors import MigrationError, StreamError
 from migrate.events import DecisionMade, EventBus, Progress
 from migrate.integrity import RamComparison
 from migrate.pagestream.control import AgentProcess, AgentRole
 from migrate.pagestream.options import PagestreamOptions
-from migrate.pagestream.planner import SwitchoverPlanner, SwitchoverVerdict
+from migrate.pagestream.planner import SwitchoverPlanner
 from migrate.pagestream.totals import StreamTotals
 from migrate.pagestream.verifier import StreamVerifier
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
-from migrate.report import Decision, MigrationReport, Sample
+from migrate.report import Decision, MigrationReport, Outcome, Sample
 from migrate.request import MigrationRequest
 from migrate.safety import finish_on_target
-from migrate.strategy import StartState, StrategyRun
+from migrate.strategy import StartState, StrategyRun, send_to_qemu
 
 #: xxh3 chunk digests of RAM, bytes/s on one core here (~9 ms per 256 MiB).
 DIGEST_BYTES_PER_S: Final = 25e9
 #: How long a sender error waits for the receiver to report the cause (seconds).
 _PEER_REPORT_S: Final = 2.0
 #: Commands that only make sense for QEMU's RAM stream, which pagestream replaces.
-_NOT_APPLICABLE: Final = frozenset({"migrate-set-capabilities", "migrate-start-postcopy"})
 
 
 class PagestreamRun(StrategyRun):
@@ -70,6 +84,7 @@ class PagestreamRun(StrategyRun):
         self.max_downtime_ms = policy.max_downtime_ms
         self.downtime_limit_ms = min(policy.downtime_limit_ms, policy.max_downtime_ms)
         self.rate_limit: float | None = None
+        self.switch_now = False
         self.rate_limit_sent: float | None = None
         # The digests before cont read all of RAM once (in parallel on both hosts).
         verify_ms = start.ram_bytes / DIGEST_BYTES_PER_S * 1e3
@@ -166,15 +181,18 @@ class PagestreamRun(StrategyRun):
             )
             for decision in self.controller.on_sample(sample):
                 await self._apply(decision, src_log)
+            if self.switch_now:
+                self._record_switch("operator asked to switch over now")
+                return
             verdict = self.planner.decide(
                 found, scan_s, self.downtime_limit_ms, self.max_downtime_ms
             )
             if verdict.switch:
-                self._record_switch(verdict)
+                self._record_switch(verdict.reason)
                 return
 
-    def _record_switch(self, verdict: SwitchoverVerdict) -> None:
-        decision = Decision(time.time(), "switchover", f"pagestream: {verdict.reason}")
+    def _record_switch(self, reason: str) -> None:
+        decision = Decision(time.time(), f"pagestream: {reason}", (Switchover(),), Outcome.APPLIED)
         self.decisions.append(decision)
         self.events.emit(DecisionMade(decision))
 
@@ -284,24 +302,57 @@ class PagestreamRun(StrategyRun):
                 raise failure from exc
             raise
 
-    async def _carry_out(self, decision: Decision, src_log: EventRecorder) -> None:
-        if decision.command in _NOT_APPLICABLE:
-            self.events.emit(DecisionMade(decision))
-            self.events.notice(
-                f"pagestream: {decision.command} not applied (guest RAM travels in "
-                "pagestream's own stream, not QEMU's)"
-            )
-            return
-        if decision.command == "migrate-set-parameters" and decision.side in ("source", "both"):
-            arguments = decision.arguments
-            if "downtime-limit" in arguments:
-                self.downtime_limit_ms = min(
-                    float(arguments["downtime-limit"]), self.max_downtime_ms
-                )
-            if "max-bandwidth" in arguments:
-                cap = float(arguments["max-bandwidth"])
-                self.rate_limit = None if cap <= 0 or cap >= UNLIMITED_BANDWIDTH else cap
-        await super()._carry_out(decision, src_log)
+    async def _carry_out(self, decision: Decision, src_log: EventRecorder) -> tuple[Outcome, str]:
+        """Carry out what pagestream has a lever for; reject the rest, saying why.
+
+        Guest RAM travels in pagestream's own stream, so QEMU's RAM-stream levers
+        (throttle via auto-converge, xbzrle/multifd compression, post-copy) do not
+        act on it: those intents are rejected, never reported as applied.
+        """
+        applied: list[str] = []
+        rejected: list[str] = []
+        # QEMU's own stream (device state, ~450 KB of ROM blocks) gets the same limits.
+        qemu_too: list[Intent] = []
+        for intent in decision.intents:
+            match intent:
+                case SetDowntimeLimit(ms=ms):
+                    self.downtime_limit_ms = min(float(ms), self.max_downtime_ms)
+                    qemu_too.append(intent)
+                    applied.append(f"switchover planner limit {self.downtime_limit_ms:g} ms")
+                case CapBandwidth(bytes_per_s=cap):
+                    self.rate_limit = None if cap <= 0 or cap >= UNLIMITED_BANDWIDTH else cap
+                    qemu_too.append(intent)
+                    applied.append("sender pacing " + ("off" if self.rate_limit is None else
+                                                       f"{cap / 2**20:.1f} MiB/s"))  # fmt: skip
+                case SwitchoverNow():
+                    self.switch_now = True
+                    applied.append("switch over after this round")
+                case AnnounceEarly():
+                    await send_to_qemu(Decision(decision.time, "", (intent,)), self.source,
+                                       self.target)  # fmt: skip
+                    applied.append("target announce timing")
+                case Throttle() | ArmAutoConverge():
+                    rejected.append(
+                        f"{intent.kind}: QEMU's auto-converge throttles only for its own RAM "
+                        "stream, which pagestream replaces"
+                    )
+                case Compress() | SetXbzrleCache() | SetMultifd():
+                    rejected.append(
+                        f"{intent.kind}: pagestream compresses its own stream (zstd, tuned)"
+                    )
+                case ArmPostcopy() | StartPostcopy():
+                    rejected.append(f"{intent.kind}: pagestream has no post-copy")
+                case _:
+                    rejected.append(f"{intent.kind}: not a pagestream lever")
+        if qemu_too:
+            await send_to_qemu(Decision(decision.time, "", tuple(qemu_too)), self.source,
+                               self.target)  # fmt: skip
+        if rejected:
+            self.events.notice("pagestream: not applied: " + "; ".join(rejected))
+        detail = "; ".join([*applied, *(f"rejected {r}" for r in rejected)])
+        if not rejected:
+            return Outcome.APPLIED, detail
+        return (Outcome.PARTIAL if applied else Outcome.REJECTED), detail
 
     def _emit_sample(
         self, status: str, dirty_pages: int, scan_s: float, dirty_rate: float | None, round_no: int

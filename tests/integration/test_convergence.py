@@ -33,7 +33,7 @@ from migrate.engine import run_migration
 from migrate.errors import MigrationAborted
 from migrate.events import EventBus, Finished, Planned, Progress
 from migrate.presets import preset
-from migrate.report import Integrity, MigrationReport, Status
+from migrate.report import Integrity, MigrationReport, Outcome, Status
 from tests.integration.conftest import Pair, VmFactory, guest_answers
 
 LINK_MBIT = 80
@@ -131,6 +131,7 @@ def test_livemig_throttles_and_finishes_within_its_limits(tmp_path: Path) -> Non
     throttles = [d for d in report.decisions if "max-cpu-throttle" in d.arguments]
     assert len(throttles) >= 2  # armed at 1 %, then at least one level chosen
     assert max(d.arguments["max-cpu-throttle"] for d in throttles) <= policy.max_throttle_pct
+    assert all(d.outcome is Outcome.APPLIED for d in throttles)  # native carries them out
     assert all(d.reason for d in report.decisions)
     assert report.measured is not None and 0 < report.measured.max_throttle_pct <= 99
     assert report.predicted is not None

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from migrate.control.intents import ArmAutoConverge, SetDowntimeLimit, Throttle
 from migrate.demo import DemoConfig, Workload, run_demo
 from migrate.engine import run_migration
 from migrate.errors import MigrationAborted, MigrationError
@@ -26,10 +27,10 @@ from migrate.pagestream.control import AGENT_MODULE
 from migrate.pagestream.options import PagestreamOptions
 from migrate.pagestream.strategy import PagestreamStrategy
 from migrate.policy import Policy
-from migrate.presets import controller_for
+from migrate.presets import controller_for, preset
 from migrate.qemu import QemuProcess
 from migrate.qmp import EventRecorder, migration_status_is
-from migrate.report import Integrity, MigrationReport, Status
+from migrate.report import Integrity, MigrationReport, Outcome, Status
 from migrate.request import HostEndpoint, MigrationRequest
 from migrate.vmspec import RamBackendKind
 from tests.doubles import faulty_receiver_agent
@@ -107,6 +108,23 @@ def test_idle_guest_moves_with_pagestream(tmp_path: Path) -> None:
     assert stream is not None
     assert stream.zero_pages_skipped > 0
     assert stream.compression_ratio > 1.0
+
+
+def test_a_throttle_allowed_by_the_policy_is_rejected_not_faked(tmp_path: Path) -> None:
+    """QEMU's auto-converge cannot slow pagestream's stream: the throttle intents are
+    reported rejected (with why), the downtime-limit and bandwidth ones applied."""
+    policy = dataclasses.replace(preset("livemig"), max_throttle_pct=50)
+    report = asyncio.run(run_demo(_demo(tmp_path, workload=Workload("dirty:8"), policy=policy)))
+    report = report.report
+    _assert_moved(report)
+    throttling = [d for d in report.decisions if d.has(Throttle) or d.has(ArmAutoConverge)]
+    assert throttling, [d.action for d in report.decisions]
+    for decision in throttling:
+        assert decision.outcome is Outcome.REJECTED, decision
+        assert "auto-converge" in decision.outcome_detail
+    limits = [d for d in report.decisions if d.has(SetDowntimeLimit)]
+    assert limits and all(d.outcome is Outcome.APPLIED for d in limits)
+    assert all(d.outcome is not Outcome.PROPOSED for d in report.decisions)
 
 
 def test_dirtying_guest_arrives_without_repair(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from bench.scenario import (
     suite_named,
 )
 from bench.stats import distribution, percentile, representative, summarize
+from migrate.control.intents import SetDowntimeLimit
 from migrate.qemu import ConsoleLine
 from migrate.report import Decision, Sample, Timeline
 
@@ -141,9 +142,7 @@ def completed_run(
             started_at=1000.0, source_stop_ms=350.0, target_resume_ms=370.0, ended_ms=380.0
         ),
         samples=samples,
-        decisions=(
-            Decision(1000.0, "set-parameters", "start", "migrate-set-parameters", {"x": 1}),
-        ),
+        decisions=(Decision(1000.0, "start", (SetDowntimeLimit(1),)),),
     )
 
 

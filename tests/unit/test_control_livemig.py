@@ -120,7 +120,7 @@ def test_recorded_stall_with_throttle_allowed_throttles_then_climbs() -> None:
     policy = dataclasses.replace(preset("livemig"), max_throttle_pct=99)
     controller = LivemigController(policy, _predicted(21))
     start = controller.start(ControlContext(ram_bytes=128 * MIB, started_monotonic=0))
-    caps = [d for d in start if d.action == "set-capabilities"]
+    caps = [d for d in start if d.command == "migrate-set-capabilities"]
     assert caps and caps[0].side == "both"
     assert {"capability": "auto-converge", "state": True} in caps[0].arguments["capabilities"]
     armed = [d for d in start if "max-cpu-throttle" in d.arguments]
@@ -215,7 +215,7 @@ def test_postcopy_instead_of_abort_when_allowed() -> None:
     policy = dataclasses.replace(preset("livemig"), postcopy_allowed=True)
     controller = LivemigController(policy, _predicted(21))
     start = controller.start(ControlContext(ram_bytes=128 * MIB, started_monotonic=0))
-    caps = next(d for d in start if d.action == "set-capabilities")
+    caps = next(d for d in start if d.command == "migrate-set-capabilities")
     assert {"capability": "postcopy-ram", "state": True} in caps.arguments["capabilities"]
     decisions = [d for _, d in _run(controller, _samples(RECORDED_STALL))]
     assert decisions[-1].action == "postcopy"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from migrate.codec import from_dict, to_dict
+from migrate.control.intents import SetDowntimeLimit
 from migrate.phase import Phase
 from migrate.plan import (
     BandwidthHint,
@@ -295,8 +296,7 @@ def _report(samples: list[Sample], total_ms: float, downtime: float | None) -> M
         policy="livemig", phase=Phase.COMPLETED, total_time_ms=total_ms, ram_bytes=128 * MIB,
         timeline=Timeline(started_at=0.0), downtime_ms=downtime, precopy_rounds=3,
         samples=tuple(samples),
-        decisions=(Decision(0, "set-parameters", "x", "migrate-set-parameters",
-                            {"downtime-limit": 20}),),
+        decisions=(Decision(0, "x", (SetDowntimeLimit(20),)),),
     )  # fmt: skip
 
 

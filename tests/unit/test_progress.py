@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+from migrate.control.intents import Abort, AnnounceEarly, SetDowntimeLimit
 from migrate.events import DecisionMade, Finished, Notice, PhaseChanged, Planned
 from migrate.events import Progress as ProgressEvent
 from migrate.phase import Phase
@@ -77,23 +78,8 @@ def test_percent_never_goes_back_though_remaining_jumps() -> None:
 
 def test_view_figures() -> None:
     state = ProgressState()
-    state.update(
-        DecisionMade(
-            Decision(0, "set-parameters", "x", "migrate-set-parameters", {"downtime-limit": 20})
-        )
-    )
-    state.update(
-        DecisionMade(
-            Decision(
-                0,
-                "set-parameters",
-                "x",
-                "migrate-set-parameters",
-                {"announce-initial": 0},
-                side="target",
-            )
-        )
-    )
+    state.update(DecisionMade(Decision(0, "x", (SetDowntimeLimit(20),))))
+    state.update(DecisionMade(Decision(0, "x", (AnnounceEarly(0),))))
     state.update(PhaseChanged(0, Phase.SETUP, Phase.PRECOPY))
     view = None
     for ms in range(0, 2000, 100):
@@ -142,7 +128,7 @@ def test_json_lines_one_object_per_event_and_the_report_last() -> None:
     lines.handle(PhaseChanged(0, Phase.SETUP, Phase.PRECOPY))
     for event in _stall_events()[:3]:
         lines.handle(event)
-    lines.handle(DecisionMade(Decision(1.0, "abort", "because")))
+    lines.handle(DecisionMade(Decision(1.0, "because", (Abort(),))))
     lines.handle(Finished(_report(Status.ABORTED)))  # held back for the caller
     lines.finish({"status": "aborted", "extra": 1})
     records = [json.loads(line) for line in stream.getvalue().splitlines()]

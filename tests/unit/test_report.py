@@ -3,11 +3,13 @@ import json
 import pytest
 
 from migrate.codec import from_dict, to_dict
+from migrate.control.intents import Abort, CapBandwidth, SetDowntimeLimit, Throttle
 from migrate.phase import Phase
 from migrate.report import (
     Decision,
     Integrity,
     MigrationReport,
+    Outcome,
     ProbeSummary,
     Sample,
     Status,
@@ -52,9 +54,9 @@ def _report() -> MigrationReport:
         probe=ProbeSummary(1.0, 800, 20, 41.5, 700.0, 741.5, 1.2, baseline_gap_ms=None),
         samples=(sample,),
         decisions=(
-            Decision(
-                1000.1, "set-parameters", "start", "migrate-set-parameters", {"downtime-limit": 20}
-            ),
+            Decision(1000.1, "start", (SetDowntimeLimit(20), CapBandwidth(1 << 30))),
+            Decision(1000.2, "stop", (Abort(),), Outcome.APPLIED),
+            Decision(1000.3, "no throttle", (Throttle(10, 5, 50),), Outcome.REJECTED, "why"),
         ),
     )
 

@@ -29,6 +29,7 @@ import cpumodel.qemu
 from cpumodel.host import HostCpu
 from cpumodel.models import ModelCatalog
 from migrate.control.base import Controller
+from migrate.control.intents import Abort
 from migrate.control.static import StaticController
 from migrate.engine import run_migration
 from migrate.errors import LivemigError, MigrationAborted, MigrationError
@@ -89,7 +90,7 @@ class AbortAt(StaticController):
     def on_sample(self, sample: Sample) -> list[Decision]:
         self.seen += 1
         if self.seen >= self.n:
-            return [Decision(sample.time, "abort", "test: abort mid pre-copy")]
+            return [Decision(sample.time, "test: abort mid pre-copy", (Abort(),))]
         return super().on_sample(sample)
 
 

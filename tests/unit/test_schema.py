@@ -9,6 +9,7 @@ import json
 import jsonschema
 import pytest
 
+from migrate.control.intents import Abort
 from migrate.events import DecisionMade, EventBus, Finished, Notice, PhaseChanged, Progress
 from migrate.phase import Phase
 from migrate.progress import JsonLines
@@ -77,7 +78,7 @@ def test_caller_written_finish_line_keeps_the_engine_sequence_number() -> None:
     lines = JsonLines(stream, final_by_caller=True)
     bus = EventBus("m")
     bus.add_callback(lines.handle)
-    bus.emit(DecisionMade(Decision(1.0, "abort", "because")))
+    bus.emit(DecisionMade(Decision(1.0, "because", (Abort(),))))
     bus.emit(Finished(_report()))
     lines.finish({**_report().to_dict(), "environment": {}})
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
