@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from migrate.demo import DemoConfig, Workload, run_demo
+from lab.demo import DemoConfig, Workload, run_demo
+from lab.qemu import QemuProcess
 from migrate.engine import run_migration
 from migrate.errors import MigrationAborted, MigrationError
 from migrate.events import EventBus, Notice
@@ -26,7 +27,6 @@ from migrate.pagestream.receiver import FaultPlan
 from migrate.pagestream.strategy import PagestreamOptions, PagestreamStrategy
 from migrate.policy import Policy
 from migrate.presets import controller_for
-from migrate.qemu import QemuProcess
 from migrate.qmp import EventRecorder, migration_status_is
 from migrate.report import Integrity, MigrationReport, Status
 from migrate.strategy import HostEndpoint, MigrationRequest

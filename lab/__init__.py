@@ -1,0 +1,10 @@
+"""livemig's test lab: what boots and watches guests around the engine, never part of it.
+
+``net`` (the network-namespace lab: hosts A and B, a client, the migration link),
+``qemu`` (QemuProcess: launches and owns a QEMU), ``guest`` (the cached test-guest
+build), ``accel`` (KVM only if a probe boot proves it), ``probe`` (ICMP downtime
+probe), ``demo`` (one migration in a fresh lab, as ``livemig demo`` runs it).
+
+The lab imports the engine (``migrate``); the engine never imports the lab. Only
+the CLI's ``demo`` and ``plan --lab`` commands load it, inside their handlers.
+"""
