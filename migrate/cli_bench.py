@@ -136,11 +136,12 @@ class _ProgressBar:
 def _run(args: argparse.Namespace) -> int:
     from bench.errors import BenchError
     from bench.policies import availability
-    from bench.report import write_report
+    from bench.report import require_plots, write_report
     from bench.runner import run_suite
     from bench.scenario import runnable, suite_named
 
     try:
+        require_plots()  # matplotlib missing: say so before the suite runs, not after
         suite = suite_named(args.suite)
         if args.repetitions is not None:
             suite = suite.with_repetitions(args.repetitions)
