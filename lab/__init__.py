@@ -5,6 +5,7 @@
 build), ``accel`` (KVM only if a probe boot proves it), ``probe`` (ICMP downtime
 probe), ``demo`` (one migration in a fresh lab, as ``livemig demo`` runs it).
 
-The lab imports the engine (``migrate``); the engine never imports the lab. Only
-the CLI's ``demo`` and ``plan --lab`` commands load it, inside their handlers.
+The lab imports the engine (``migrate``); the engine never imports the lab. The
+CLI loads it only inside the handlers of ``demo``, ``plan --lab`` and ``bench``
+(whose runs are demo runs).
 """
