@@ -26,14 +26,14 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 guest: system venv
-	@$(SUDO) $(PY) -m migrate.guest build
+	@$(SUDO) $(PY) -m lab.guest build
 
 demo: setup
 	$(SUDO) $(VENV)/bin/livemig demo --workload openssl
 
 lint: venv
-	$(VENV)/bin/ruff check migrate dirtytrack cpumodel bench tests
-	$(VENV)/bin/ruff format --check migrate dirtytrack cpumodel bench tests
+	$(VENV)/bin/ruff check migrate dirtytrack cpumodel bench lab tests
+	$(VENV)/bin/ruff format --check migrate dirtytrack cpumodel bench lab tests
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -49,7 +49,7 @@ test: setup lint typecheck
 
 # Removes labs left behind by a process that was killed (SIGKILL skips cleanup).
 lab-clean: venv
-	$(SUDO) $(PY) -m migrate.lab sweep
+	$(SUDO) $(PY) -m lab.net sweep
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

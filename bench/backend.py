@@ -1,6 +1,6 @@
 """The real backend: migrations of the test guest in the namespace lab.
 
-Each run is one :func:`migrate.demo.run_demo` (its own lab, a freshly booted
+Each run is one :func:`lab.demo.run_demo` (its own lab, a freshly booted
 source, an incoming target, the ICMP probe), observed through the demo's hooks and
 the engine's event stream: the source's RAM is scanned for non-zero pages before
 the migration task starts, CPU time is read from the start of pre-copy at every
@@ -28,13 +28,13 @@ from bench.measure import CpuMeter, count_nonzero_bytes, guest_throughput, opens
 from bench.policies import policy_named
 from bench.results import BenchEnvironment, LinkMeasurement, RunResult, RunStatus
 from bench.runner import PlannedRun
-from migrate.accel import choose_accelerator
-from migrate.demo import DemoConfig, DemoHooks, Workload, run_demo
+from lab.accel import choose_accelerator
+from lab.demo import DemoConfig, DemoHooks, Workload, run_demo
+from lab.guest import ensure_guest
+from lab.net import Lab
+from lab.qemu import QemuProcess
 from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Progress
-from migrate.guest import ensure_guest
-from migrate.lab import Lab
 from migrate.phase import Phase
-from migrate.qemu import QemuProcess
 from migrate.report import MigrationReport
 
 LINK_PROBE_PORT = 5201

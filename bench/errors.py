@@ -5,7 +5,8 @@
     BenchError                 root: anything the benchmark raises on purpose
     ├── SuiteError             an unknown suite, or a suite that contradicts itself
     ├── ResultsError           results.json missing, unreadable or of another format
-    └── LinkMeasureError       the migration link's throughput could not be measured
+    ├── LinkMeasureError       the migration link's throughput could not be measured
+    └── PlotsUnavailable       matplotlib (the ``bench`` extra) is not installed
 
 A run that fails is not an error of the benchmark: it is recorded with its status.
 """
@@ -41,3 +42,10 @@ class LinkMeasureError(BenchError):
     def __init__(self, message: str, output: str = "") -> None:
         super().__init__(message)
         self.output = output
+
+
+class PlotsUnavailable(BenchError):
+    """The plots need matplotlib, an optional dependency (``livemig[bench]``)."""
+
+    def __init__(self) -> None:
+        super().__init__("matplotlib is not installed: install livemig[bench] for plots")

@@ -20,7 +20,7 @@ import psutil
 
 from bench.results import CpuUsage, GuestThroughput, OpensslPoint
 from dirtytrack.ram import PAGE_SIZE, RamMapping
-from migrate.qemu import ConsoleLine
+from lab.qemu import ConsoleLine
 
 _OPENSSL_RE = re.compile(r"^OPENSSL \S+ bytes=\d+ kbps=(\d+(?:\.\d+)?)")
 _PAGES_PER_CHUNK = 8192  # 32 MiB of RAM per numpy reduction
@@ -85,7 +85,7 @@ def _cpu_seconds(process: psutil.Process) -> float | None:
 
 def is_network_probe(process: psutil.Process) -> bool:
     """The ICMP probe runs for the benchmark, not for the migration."""
-    return any("migrate.probe" in arg for arg in process.cmdline())
+    return any("lab.probe" in arg for arg in process.cmdline())
 
 
 class CpuMeter:

@@ -41,10 +41,10 @@ import numpy as np
 
 from bench import trackers as tracker_bench
 from dirtytrack.ram import PAGE_SIZE, RamMapping
-from migrate.demo import DemoConfig, DemoHooks, Workload, run_demo
+from lab.demo import DemoConfig, DemoHooks, Workload, run_demo
+from lab.qemu import QemuProcess
 from migrate.pagestream.protocol import FrameReader, Hello, bytes_source, encode_hello, encode_pages
 from migrate.pagestream.tuning import LEVELS, level_label
-from migrate.qemu import QemuProcess
 
 MIB: Final = 1 << 20
 GIB: Final = 1 << 30

@@ -9,9 +9,10 @@ CPU, repaired pages, the guest's OpenSSL throughput), and the physical limit
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench.errors import PlotsUnavailable
 from bench.results import BenchResults, LinkMeasurement, RunResult
 from bench.stats import ComparisonSummary, Distribution, summarize
 
@@ -223,12 +224,23 @@ def _definitions() -> list[str]:
     ]
 
 
+def require_plots() -> Callable[[BenchResults, Path], tuple[Path, ...]]:
+    """``bench.plots.write_plots``, imported here so matplotlib (the optional ``bench``
+    extra) loads only to draw. Raises :class:`PlotsUnavailable` without it."""
+    try:
+        from bench.plots import write_plots
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "matplotlib":
+            raise
+        raise PlotsUnavailable() from None
+    return write_plots
+
+
 def write_report(results: BenchResults, out_dir: Path) -> tuple[Path, ...]:
     """Write the plots and ``report.md`` of ``results`` into ``out_dir``; returns the
-    files written (report last)."""
-    from bench.plots import write_plots
-
-    plots = write_plots(results, out_dir)
+    files written (report last). Raises :class:`PlotsUnavailable` (nothing written)
+    without matplotlib."""
+    plots = require_plots()(results, out_dir)
     report = out_dir / REPORT_FILE
     report.write_text(render_report(results, plots), encoding="utf-8")
     return (*plots, report)

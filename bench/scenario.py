@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bench.errors import SuiteError
-from migrate.demo import Workload
 from migrate.errors import ConfigError
 
 # The peer presets of the convergence issue, by their names in migrate.presets.
@@ -55,6 +54,10 @@ class Scenario:
 
     def validate(self) -> None:
         """Raises :class:`SuiteError` for impossible values."""
+        # Imported here: the CLI reads SUITES to build its parser, which must not
+        # load the lab.
+        from lab.demo import Workload
+
         try:
             Workload.parse(self.workload)
         except ConfigError as exc:

@@ -13,7 +13,7 @@ import asyncio
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -26,13 +26,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from bench.errors import BenchError
-from bench.policies import availability
-from bench.report import write_report
-from bench.results import BenchResults, RunResult
-from bench.runner import Backend, PlannedRun, run_suite
-from bench.scenario import SUITES, runnable, suite_named
 from migrate.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+
+# The handlers import the benchmark (and through it the lab) when they run, so
+# building the parser for any other command loads neither.
+if TYPE_CHECKING:
+    from bench.results import RunResult
+    from bench.runner import Backend, PlannedRun
 
 
 def _positive_int(text: str) -> int:
@@ -46,6 +46,8 @@ def _positive_int(text: str) -> int:
 
 
 def register(sub: Any) -> None:
+    from bench.scenario import SUITES  # data only: the suites' names for --suite
+
     parser: argparse.ArgumentParser = sub.add_parser(
         "bench", help="benchmark suites: downtime of every strategy and peer preset",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -132,7 +134,14 @@ class _ProgressBar:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bench.errors import BenchError
+    from bench.policies import availability
+    from bench.report import require_plots, write_report
+    from bench.runner import run_suite
+    from bench.scenario import runnable, suite_named
+
     try:
+        require_plots()  # matplotlib missing: say so before the suite runs, not after
         suite = suite_named(args.suite)
         if args.repetitions is not None:
             suite = suite.with_repetitions(args.repetitions)
@@ -167,6 +176,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from bench.errors import BenchError
+    from bench.report import write_report
+    from bench.results import BenchResults
+
     try:
         results = BenchResults.load(args.dir)
         written = write_report(results, args.dir)
@@ -177,6 +190,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _list(_args: argparse.Namespace) -> int:
+    from bench.policies import availability
+    from bench.scenario import SUITES
+
     available = availability()
     for suite in SUITES.values():
         print(f"{suite.name}: {suite.description} ({suite.run_count} runs, "

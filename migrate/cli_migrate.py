@@ -24,7 +24,6 @@ from typing import Any
 
 from migrate.api import Migration
 from migrate.cli import EXIT_INTERRUPTED, EXIT_MIGRATION, EXIT_OK, print_json
-from migrate.demo import DemoConfig, Workload, run_demo
 from migrate.engine import STRATEGIES
 from migrate.errors import ConfigError, LivemigError, MigrationError
 from migrate.events import EventBus, Finished, MigrationEvent
@@ -65,9 +64,12 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
-def _workload(text: str) -> Workload:
+def _workload(text: str) -> str:
+    """``--workload``: checked here (a usage error), parsed again by ``_demo``."""
+    from lab.demo import Workload  # the lab loads only for ``demo``
+
     try:
-        return Workload.parse(text)
+        return Workload.parse(text).text
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -134,7 +136,7 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 def register(sub: Any) -> None:
     demo = sub.add_parser("demo", help="live-migrate the test guest between two lab hosts (root)")
-    demo.add_argument("--workload", type=_workload, default=Workload("openssl"),
+    demo.add_argument("--workload", type=_workload, default="openssl",
                       help="idle | openssl | dirty:MIBPS | openssl+dirty:MIBPS")  # fmt: skip
     demo.add_argument("--memory-mib", type=_positive(int), default=256)
     demo.add_argument("--dirty-mib", type=_positive(int), default=64,
@@ -220,9 +222,11 @@ class _Output:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from lab.demo import DemoConfig, Workload, run_demo
+
     config = DemoConfig(
         strategy=args.strategy,
-        workload=args.workload,
+        workload=Workload.parse(args.workload),
         memory_mib=args.memory_mib,
         dirty_mib=args.dirty_mib,
         bandwidth_mbit=args.bandwidth_mbit,

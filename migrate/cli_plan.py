@@ -27,20 +27,10 @@ from typing import Any
 
 from migrate.cli import EXIT_OK, print_json
 from migrate.codec import to_dict
-from migrate.demo import (
-    DemoConfig,
-    DemoEnvironment,
-    Workload,
-    guest_spec,
-    prepare_guest,
-    wait_workload_started,
-)
 from migrate.errors import ConfigError
-from migrate.lab import Lab
 from migrate.plan import BandwidthHint, allowed, plan_migration
 from migrate.policy import Policy
 from migrate.presets import PRESET_NAMES, preset
-from migrate.qemu import QemuProcess
 from migrate.qmp import QmpSession
 from migrate.report import Predicted
 from migrate.strategy import ram_backing_file
@@ -89,8 +79,10 @@ def _plan(args: argparse.Namespace) -> int:
     policy = preset(args.policy)
     if args.max_downtime_ms is not None:
         policy = dataclasses.replace(policy, max_downtime_ms=args.max_downtime_ms)
-    environment: DemoEnvironment | None = None
+    environment: dict[str, Any] | None = None
     if args.lab:
+        from lab.demo import DemoConfig, Workload, plan_on_lab  # the lab loads only here
+
         config = DemoConfig(
             workload=Workload.parse(args.workload),
             memory_mib=args.memory_mib,
@@ -99,7 +91,8 @@ def _plan(args: argparse.Namespace) -> int:
             policy=policy,
             log_dir=args.log_dir,
         )
-        predicted, environment = asyncio.run(plan_on_lab(config, args.calc_time_s))
+        predicted, lab_environment = asyncio.run(plan_on_lab(config, args.calc_time_s))
+        environment = dataclasses.asdict(lab_environment)
     else:
         if not args.source_qmp.exists():
             raise ConfigError(f"no QMP socket at {args.source_qmp}")
@@ -109,7 +102,7 @@ def _plan(args: argparse.Namespace) -> int:
         data: dict[str, Any] = to_dict(predicted)
         data["policy"] = policy.name
         if environment is not None:
-            data["environment"] = dataclasses.asdict(environment)
+            data["environment"] = environment
         print_json(data)
     else:
         print(render_plan(predicted, policy))
@@ -127,28 +120,6 @@ async def _plan_qmp(path: Path, policy: Policy, bandwidth: BandwidthHint,
         return await plan_migration(session, policy, bandwidth, ram, calc_time_s)
     finally:
         await session.close()
-
-
-async def plan_on_lab(
-    config: DemoConfig, calc_time_s: int = 1
-) -> tuple[Predicted, DemoEnvironment]:
-    """Boot the test guest on lab host A with ``config``'s workload and forecast it."""
-    guest, accel, environment = await prepare_guest(config)
-    with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
-        spec = guest_spec(config, guest, accel, lab.next_guest_address())
-        tap = lab.add_tap(lab.host_a)
-        vm = QemuProcess(
-            spec, role="source", netns=lab.host_a.netns, taps={"net0": tap},
-            log_dir=config.log_dir,
-        )  # fmt: skip
-        async with vm:
-            await wait_workload_started(vm, config.workload)
-            await asyncio.sleep(config.warmup_s)
-            bandwidth = BandwidthHint.for_policy(config.policy, config.bandwidth_mbit)
-            predicted = await plan_migration(
-                vm.qmp, config.policy, bandwidth, vm.ram_path, calc_time_s
-            )
-    return predicted, environment
 
 
 def _ms(value: float) -> str:

@@ -10,9 +10,7 @@ embedding program can catch one class; each carries the data an operator needs::
      │    └── QemuLaunchError   QEMU did not come up (.argv, .exit_code, .output)
      ├── MigrationError     the move itself failed (.phase, .report)
      │    └── MigrationAborted  stopped on purpose: policy, operator, integrity
-     ├── StreamError        pagestream: protocol, transport or integrity (.side, .kind)
-     ├── LabError           the network-namespace lab (.command, .output)
-     └── GuestBuildError    building the test guest failed
+     └── StreamError        pagestream: protocol, transport or integrity (.side, .kind)
 
 The lower packages have their own roots (``cpumodel.CpuModelError``,
 ``dirtytrack.DirtyTrackError``); the CLI maps all of them to one line and an exit code.
@@ -104,16 +102,3 @@ class StreamError(LivemigError):
         self.side = side
         self.kind = kind
         self.detail = detail
-
-
-class LabError(LivemigError):
-    """Creating or using the network-namespace lab failed."""
-
-    def __init__(self, message: str, command: Sequence[str] = (), output: str = "") -> None:
-        super().__init__(message)
-        self.command = tuple(command)
-        self.output = output
-
-
-class GuestBuildError(LivemigError):
-    """Building the test guest (kernel + initramfs) failed."""

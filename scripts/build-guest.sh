@@ -4,7 +4,7 @@
 #
 #   build-guest.sh OUTDIR KERNEL_PACKAGE DEB_CACHE_DIR
 #
-# Writes OUTDIR/vmlinuz and OUTDIR/initrd.img. Called by `python -m migrate.guest
+# Writes OUTDIR/vmlinuz and OUTDIR/initrd.img. Called by `python -m lab.guest
 # build`, which decides when a rebuild is due (inputs changed) and passes the
 # versioned kernel package that linux-image-cloud-amd64 currently depends on.
 set -euo pipefail

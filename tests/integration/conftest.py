@@ -20,12 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from migrate.accel import AccelChoice, choose_accelerator
-from migrate.demo import MIGRATION_PORT, DemoConfig, Workload, guest_spec, wait_workload_started
-from migrate.guest import GuestImage, ensure_guest
-from migrate.lab import Lab, lab_namespaces, remove_namespace, sweep
-from migrate.probe import NetworkProbe
-from migrate.qemu import QemuProcess
+from lab.accel import AccelChoice, choose_accelerator
+from lab.demo import MIGRATION_PORT, DemoConfig, Workload, guest_spec, wait_workload_started
+from lab.guest import GuestImage, ensure_guest
+from lab.net import Lab, lab_namespaces, remove_namespace, sweep
+from lab.probe import NetworkProbe
+from lab.qemu import QemuProcess
 from migrate.strategy import HostEndpoint, MigrationRequest
 from migrate.vmspec import VMSpec
 

@@ -11,7 +11,7 @@ from bench.report import write_report
 from bench.results import BenchResults
 from bench.runner import run_suite
 from bench.scenario import Comparison, Scenario, Suite
-from migrate.guest import GuestImage
+from lab.guest import GuestImage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from migrate.demo import DemoConfig, Workload, run_demo
+from lab.demo import DemoConfig, Workload, run_demo
 from migrate.engine import run_migration
 from migrate.errors import MigrationAborted
 from migrate.events import EventBus, Finished, Planned, Progress

@@ -6,7 +6,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from migrate.lab import lab_namespaces
+from lab.net import lab_namespaces
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "lab"
 

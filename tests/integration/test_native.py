@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from dirtytrack.ram import RamMapping
-from migrate.demo import DemoConfig, DemoHooks, Workload, run_demo
+from lab.demo import DemoConfig, DemoHooks, Workload, run_demo
+from lab.qemu import QemuProcess
 from migrate.engine import run_migration
 from migrate.errors import MigrationAborted, MigrationError
-from migrate.qemu import QemuProcess
 from migrate.report import Integrity, Status
 from tests.integration.conftest import VmFactory, guest_answers
 
@@ -311,13 +311,13 @@ def test_cli_refuses_wrong_vm_states(vms: VmFactory) -> None:
 
 
 def test_killed_owner_leaves_a_lab_that_sweep_removes() -> None:
-    code = "from migrate.lab import Lab; import time\nwith Lab() as lab:\n    print(lab.host_a.netns, flush=True); time.sleep(60)\n"
+    code = "from lab.net import Lab; import time\nwith Lab() as lab:\n    print(lab.host_a.netns, flush=True); time.sleep(60)\n"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     netns = proc.stdout.readline().strip()
     proc.kill()
     proc.wait()
-    from migrate.lab import lab_namespaces, sweep
+    from lab.net import lab_namespaces, sweep
 
     assert netns in lab_namespaces()
     removed = sweep()

@@ -18,8 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lab.demo import DemoConfig, Workload, run_demo
+from lab.qemu import QemuProcess
 from migrate.control.intents import ArmAutoConverge, SetDowntimeLimit, Throttle
-from migrate.demo import DemoConfig, Workload, run_demo
 from migrate.engine import run_migration
 from migrate.errors import MigrationAborted, MigrationError
 from migrate.events import EventBus
@@ -28,7 +29,6 @@ from migrate.pagestream.options import PagestreamOptions
 from migrate.pagestream.strategy import PagestreamStrategy
 from migrate.policy import Policy
 from migrate.presets import controller_for, preset
-from migrate.qemu import QemuProcess
 from migrate.qmp import EventRecorder, migration_status_is
 from migrate.report import Integrity, MigrationReport, Outcome, Status
 from migrate.request import HostEndpoint, MigrationRequest

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from migrate.demo import DemoConfig, Workload, run_demo
-from migrate.guest import GuestImage
+from lab.demo import DemoConfig, Workload, run_demo
+from lab.guest import GuestImage
 from migrate.presets import PRESET_NAMES, preset
 from migrate.report import Status
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cpumodel import compute_baseline, load_catalog, load_host
-from migrate.demo import DemoConfig, Workload, run_demo
+from lab.demo import DemoConfig, Workload, run_demo
 from migrate.engine import run_migration
 from migrate.errors import PreflightError
 from migrate.preflight import HostFacts
@@ -55,7 +55,7 @@ def test_preflight_refuses_avx512_guest_for_milan_and_force_overrides(vms: VmFac
                 target_host=HostFacts.from_file(MILAN),
                 cpu_model="Icelake-Server",
             )
-            from migrate.demo import MIGRATION_PORT
+            from lab.demo import MIGRATION_PORT
             from migrate.strategy import HostEndpoint, MigrationRequest
 
             request = MigrationRequest(

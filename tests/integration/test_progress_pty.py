@@ -14,7 +14,7 @@ import termios
 import time
 from pathlib import Path
 
-from migrate.guest import GuestImage
+from lab.guest import GuestImage
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _BAR = re.compile(r"\b(demo|setup|precopy|throttling|postcopy|switchover|completed)\s+(\d+\.\d)%")

@@ -36,8 +36,8 @@ from bench.scenario import (
     suite_named,
 )
 from bench.stats import distribution, percentile, representative, summarize
+from lab.qemu import ConsoleLine
 from migrate.control.intents import SetDowntimeLimit
-from migrate.qemu import ConsoleLine
 from migrate.report import Decision, Sample, Timeline
 
 MIB = 1 << 20
@@ -409,7 +409,7 @@ def test_cpu_meter_counts_helpers_as_engine_but_not_the_probe_or_the_qemus() -> 
         [sys.executable, "-c", _BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     probe = subprocess.Popen(
-        [sys.executable, "-c", _BURN, "migrate.probe"],
+        [sys.executable, "-c", _BURN, "lab.probe"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bench.errors import BenchError
+from bench.errors import BenchError, PlotsUnavailable
 from bench.report import render_report, write_report
 from bench.results import (
     BenchEnvironment,
@@ -251,3 +252,26 @@ def test_cli_bench_run_writes_results_report_and_plots(
     err = capsys.readouterr().err
     assert "openssl/livemig-native #0: completed guest downtime 45.0 ms" in err
     assert f"wrote {out / 'results.json'}" in err.replace("\n", "")
+
+
+def test_without_matplotlib_bench_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from migrate import cli_bench
+
+    recorded = _recorded(tmp_path / "recorded")
+    # What `import matplotlib` meets when the bench extra is not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "bench.plots", raising=False)
+    with pytest.raises(PlotsUnavailable):
+        write_report(BenchResults.load(recorded), recorded)
+    assert not (recorded / "report.md").exists()
+    assert main(["bench", "plot", str(recorded)]) == 1
+    line = "livemig: error: matplotlib is not installed: install livemig[bench] for plots\n"
+    assert capsys.readouterr().err == line
+    # `bench run` says it before the suite runs, not after.
+    backend = FakeBackend()
+    monkeypatch.setattr(cli_bench, "_backend", lambda: backend)
+    assert main(["bench", "run", "--suite", "smoke", "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == line
+    assert backend.calls == [] and not (tmp_path / "run").exists()

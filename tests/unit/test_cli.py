@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.demo import Workload
 from migrate.cli_migrate import parse_migration_uri
-from migrate.demo import Workload
 from migrate.errors import ConfigError
 
 

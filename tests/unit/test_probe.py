@@ -2,7 +2,7 @@ import struct
 
 import numpy as np
 
-from migrate.probe import ProbeRecord, _checksum, _echo_request
+from lab.probe import ProbeRecord, _checksum, _echo_request
 
 
 def _record(reply_times_ms: list[float], sent_ms: list[float] | None = None) -> ProbeRecord:

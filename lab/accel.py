@@ -17,9 +17,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lab.guest import GuestImage, cache_dir
+from lab.qemu import QemuProcess
 from migrate.errors import QemuError
-from migrate.guest import GuestImage, cache_dir
-from migrate.qemu import QemuProcess
 from migrate.vmspec import Accelerator, RamBackendKind, VMSpec
 
 KVM_DEVICE = Path("/dev/kvm")
@@ -103,7 +103,7 @@ async def choose_accelerator(guest: GuestImage, timeout: float = 10.0) -> AccelC
 
 
 def main() -> int:
-    from migrate.guest import ensure_guest
+    from lab.guest import ensure_guest
 
     choice = asyncio.run(choose_accelerator(ensure_guest()))
     print(f"{choice.accelerator.value} (-cpu {choice.cpu_model}): {choice.reason}")

@@ -1,6 +1,6 @@
 """Guest-visible downtime: ICMP echo probes from the client namespace.
 
-A probe process (``python -m migrate.probe``, started inside the client namespace)
+A probe process (``python -m lab.probe``, started inside the client namespace)
 sends sequence-numbered ICMP echo requests at a fixed interval (1 ms by default) and
 records each send time and each reply's kernel receive timestamp (``SO_TIMESTAMPNS``,
 CLOCK_REALTIME — the clock QMP stamps events with, so both share one timeline).
@@ -33,16 +33,12 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from migrate.errors import LivemigError
+from lab.errors import ProbeError
 
 _ICMP_ECHO_REQUEST = 8
 _ICMP_ECHO_REPLY = 0
 _PAYLOAD = struct.Struct("!QQ")  # sequence (64 bit), send time (ns)
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-
-
-class ProbeError(LivemigError):
-    """The network probe could not run or returned nothing usable."""
 
 
 # -- the probe process ------------------------------------------------------------------
@@ -263,7 +259,7 @@ class NetworkProbe:
         await self.stop()
 
     async def start(self) -> None:
-        argv = [sys.executable, "-m", "migrate.probe", self.target,
+        argv = [sys.executable, "-m", "lab.probe", self.target,
                 "--interval-ms", str(self.interval_s * 1e3), "--out", str(self._out)]  # fmt: skip
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
@@ -308,7 +304,7 @@ class NetworkProbe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m migrate.probe")
+    parser = argparse.ArgumentParser(prog="python -m lab.probe")
     parser.add_argument("target")
     parser.add_argument("--interval-ms", type=float, default=1.0)
     parser.add_argument("--out", type=Path, required=True)

@@ -13,7 +13,7 @@ the probe path stays clean. Addresses exist only inside these namespaces.
 
 A :class:`Lab` owns everything it creates and removes it on ``__exit__`` (processes
 still inside its namespaces are killed first). Namespace names carry the owner's
-PID, so ``python -m migrate.lab sweep`` can remove labs whose owner was killed.
+PID, so ``python -m lab.net sweep`` can remove labs whose owner was killed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from migrate.errors import LabError
+from lab.errors import LabError
 
 NAME_PREFIX = "livemig"
 GUEST_NETWORK = ipaddress.ip_network("198.18.0.0/24")
@@ -317,7 +317,7 @@ def hold(bandwidth_mbit: float | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m migrate.lab")
+    parser = argparse.ArgumentParser(prog="python -m lab.net")
     parser.add_argument("action", choices=["hold", "list", "sweep"])
     parser.add_argument("--all", action="store_true", help="sweep: remove live labs too")
     parser.add_argument("--bandwidth-mbit", type=float, default=None, help="hold: tbf cap")

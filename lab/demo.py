@@ -18,16 +18,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from migrate.accel import AccelChoice, choose_accelerator
+from lab.accel import AccelChoice, choose_accelerator
+from lab.guest import GuestImage, ensure_guest
+from lab.net import Lab
+from lab.probe import NetworkProbe, ProbeRecord
+from lab.qemu import QemuProcess
 from migrate.engine import run_migration, strategy_for
 from migrate.errors import ConfigError, MigrationError, QemuError
 from migrate.events import EventBus
-from migrate.guest import GuestImage, ensure_guest
-from migrate.lab import Lab
+from migrate.plan import BandwidthHint, plan_migration
 from migrate.policy import Policy
-from migrate.probe import NetworkProbe, ProbeRecord
-from migrate.qemu import QemuProcess
-from migrate.report import MigrationReport, ProbeSummary, offset_ms
+from migrate.report import MigrationReport, Predicted, ProbeSummary, offset_ms
 from migrate.strategy import HostEndpoint, MigrationHooks, MigrationRequest
 from migrate.vmspec import NicSpec, VMSpec
 
@@ -252,6 +253,29 @@ async def run_demo(
                 _with_probe(report, probe.record, probe_started), wire_bytes=wire
             )
     return DemoResult(report=report, environment=environment)
+
+
+async def plan_on_lab(
+    config: DemoConfig, calc_time_s: int = 1
+) -> tuple[Predicted, DemoEnvironment]:
+    """Boot the test guest on lab host A with ``config``'s workload and forecast it
+    (``livemig plan --lab``)."""
+    guest, accel, environment = await prepare_guest(config)
+    with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
+        spec = guest_spec(config, guest, accel, lab.next_guest_address())
+        tap = lab.add_tap(lab.host_a)
+        vm = QemuProcess(
+            spec, role="source", netns=lab.host_a.netns, taps={"net0": tap},
+            log_dir=config.log_dir,
+        )  # fmt: skip
+        async with vm:
+            await wait_workload_started(vm, config.workload)
+            await asyncio.sleep(config.warmup_s)
+            bandwidth = BandwidthHint.for_policy(config.policy, config.bandwidth_mbit)
+            predicted = await plan_migration(
+                vm.qmp, config.policy, bandwidth, vm.ram_path, calc_time_s
+            )
+    return predicted, environment
 
 
 def _engine_hooks(hooks: DemoHooks, source: QemuProcess, target: QemuProcess) -> MigrationHooks:

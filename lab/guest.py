@@ -3,7 +3,7 @@
 ``ensure_guest()`` returns a cached build, rebuilding when any input changed: the
 build script, the init, the memdirty source, the kernel package that
 ``linux-image-cloud-amd64`` currently depends on, and the busybox/openssl binaries
-copied in. ``python -m migrate.guest build`` is what ``make`` runs.
+copied in. ``python -m lab.guest build`` is what ``make`` runs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrate.errors import GuestBuildError
+from lab.errors import GuestBuildError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "scripts"
@@ -122,7 +122,7 @@ def ensure_guest(rebuild: bool = False) -> GuestImage:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m migrate.guest")
+    parser = argparse.ArgumentParser(prog="python -m lab.guest")
     parser.add_argument("action", choices=["build", "path"])
     parser.add_argument("--rebuild", action="store_true")
     args = parser.parse_args(argv)
