@@ -23,8 +23,9 @@ from lab.guest import GuestImage, ensure_guest
 from lab.net import Lab
 from lab.probe import NetworkProbe, ProbeRecord
 from lab.qemu import QemuProcess
-from migrate.engine import run_migration, strategy_for
-from migrate.errors import ConfigError, MigrationError, QemuError
+from migrate.api import Migration
+from migrate.engine import strategy_for
+from migrate.errors import ConfigError, QemuError
 from migrate.events import EventBus
 from migrate.plan import BandwidthHint, plan_migration
 from migrate.policy import Policy
@@ -232,17 +233,11 @@ async def run_demo(
                 console_mark = len(target.console.lines)
                 if hooks.before_migration is not None:
                     await hooks.before_migration(source, target)
-                started = asyncio.create_task(
-                    run_migration(request, source.qmp, target.qmp, events=events)
-                )
+                migration = Migration(request, source=source.qmp, target=target.qmp, events=events)
+                await migration.start()
                 if hooks.after_migration_started is not None:
                     await hooks.after_migration_started(source, target)
-                try:
-                    report = await started
-                except MigrationError as exc:
-                    if exc.report is None:
-                        raise
-                    report = exc.report
+                report = await migration.run()
                 await asyncio.sleep(config.settle_s)
                 wire = lab.migration_link_stats(lab.host_a).tx_bytes - link_before
                 if report.status == "completed":

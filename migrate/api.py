@@ -158,6 +158,23 @@ class Migration:
             raise MigrationError(f"migration {self.id} was cancelled before it started")
         return task.result()
 
+    async def run(self, cancel_reason: str = "cancelled by the operator") -> MigrationReport:
+        """Start (if not yet) and wait for the report; cancelling the caller aborts it.
+
+        Unlike :meth:`wait`, a cancellation of the awaiting task becomes an abort
+        (``cancel_reason``): the migration rolls back, then ``CancelledError`` is
+        raised on.
+        """
+        if self._task is None:
+            await self.start()
+        try:
+            return await self.wait()
+        except asyncio.CancelledError:
+            self.abort(cancel_reason)
+            with contextlib.suppress(LivemigError):
+                await self.wait()
+            raise
+
     def abort(self, reason: str) -> None:
         """Abort: the VM stays on (goes back to) the source. Too late after switchover."""
         task = self._require_task()
@@ -210,16 +227,8 @@ class Migration:
 
 
 async def migrate_once(request: MigrationRequest, **kwargs: Any) -> MigrationReport:
-    """Run one migration to its end and return its report (see :class:`Migration`).
+    """Run one migration to its end and return its report (see :meth:`Migration.run`).
 
     Raises :class:`~migrate.errors.LivemigError` when there is no report.
     """
-    migration = Migration(request, **kwargs)
-    await migration.start()
-    try:
-        return await migration.wait()
-    except asyncio.CancelledError:
-        migration.abort("cancelled")
-        with contextlib.suppress(LivemigError):
-            await migration.wait()
-        raise
+    return await Migration(request, **kwargs).run()

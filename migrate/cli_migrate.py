@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import re
 import signal
@@ -25,7 +24,7 @@ from typing import Any
 from migrate.api import Migration
 from migrate.cli import EXIT_INTERRUPTED, EXIT_MIGRATION, EXIT_OK, print_json
 from migrate.engine import STRATEGIES
-from migrate.errors import ConfigError, LivemigError, MigrationError
+from migrate.errors import ConfigError, MigrationError
 from migrate.events import EventBus, Finished, MigrationEvent
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
@@ -304,14 +303,7 @@ async def _follow(migration: Migration, signalled: list[int]) -> MigrationReport
     for signum in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        await migration.start()
-        try:
-            return await migration.wait()
-        except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels this task
-            migration.abort("cancelled by the operator")
-            with contextlib.suppress(LivemigError):
-                await migration.wait()
-            raise
+        return await migration.run()  # Ctrl-C: asyncio.run cancels this task: abort
     finally:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
