@@ -73,6 +73,8 @@ async def run_migration(
     strategy = strategy_for(request.strategy)
     events = events or EventBus()
     events.bind(request.migration_id)
+    for session in (source, target):
+        session.timeout_s = request.qmp_timeout_s
     checks = await run_preflight(
         source, target, request.source_host, request.target_host, request.cpu_model
     )

@@ -38,12 +38,28 @@ class QmpEvent:
         return cls(name=str(msg["event"]), data=dict(msg.get("data") or {}), timestamp=stamp)
 
 
-class QmpSession:
-    """A connected QMP session to one QEMU. Use :meth:`connect`; close with :meth:`close`."""
+#: How long a QMP command may take to answer before the peer counts as silent (s).
+DEFAULT_COMMAND_TIMEOUT_S = 10.0
 
-    def __init__(self, client: QMPClient, address: str) -> None:
+
+class QmpTimeout(QemuError):
+    """A QMP command got no answer within its deadline: the peer's state is unknown."""
+
+
+class QmpSession:
+    """A connected QMP session to one QEMU. Use :meth:`connect`; close with :meth:`close`.
+
+    Every command has a deadline (``timeout_s``, or the ``timeout`` of one call): a
+    peer that stays silent raises :class:`QmpTimeout` naming the command and the
+    side, instead of hanging whoever waits.
+    """
+
+    def __init__(
+        self, client: QMPClient, address: str, timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S
+    ) -> None:
         self.client = client
         self.address = address
+        self.timeout_s = timeout_s
 
     @classmethod
     async def connect(cls, path: str | Path, name: str, timeout: float = 10.0) -> QmpSession:
@@ -81,11 +97,46 @@ class QmpSession:
             raise ConfigError(f"no QMP socket at {path}")
         raise QemuError(f"cannot open a QMP session on {path}: {last}") from last
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
         """Run a QMP command; return its ``return`` value.
 
-        Raises :class:`QemuError` with ``command`` and QEMU's error class/description.
+        Raises :class:`QemuError` with ``command`` and QEMU's error class/description,
+        :class:`QmpTimeout` when no answer comes within ``timeout`` (default
+        ``timeout_s``) seconds.
         """
+        limit = self.timeout_s if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(self._send(command, arguments), limit)
+        except TimeoutError:
+            raise QmpTimeout(
+                f"{command} to {self.client.name}: no answer within {limit:g} s (QEMU stuck or "
+                "unreachable)",
+                command=command,
+            ) from None
+
+    async def gone(self) -> bool | None:
+        """Whether this QEMU has provably exited: True when nothing listens on its
+        QMP socket any more, False when something still does, None when that cannot
+        be told (not a UNIX socket path)."""
+        path = Path(self.address)
+        if not path.is_absolute():
+            return None
+        if not path.exists():
+            return True
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+        except (OSError, TimeoutError):
+            return None
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return False
+
+    async def _send(self, command: str, arguments: dict[str, Any] | None) -> Any:
         try:
             return await self.client.execute(command, arguments)
         except ExecuteError as exc:
@@ -100,9 +151,11 @@ class QmpSession:
                 command=command,
             ) from exc
 
-    async def status(self) -> str:
+    async def status(self, timeout: float | None = None) -> str:
         """The VM's run state (``running``, ``paused``, ``inmigrate``, ``postmigrate``...)."""
-        result = await self.execute("query-status")
+        result = await self.execute("query-status", timeout=timeout)
+        if not isinstance(result, dict) or not isinstance(result.get("status"), str):
+            raise QemuError(f"query-status on {self.client.name}: unexpected answer {result!r:.80}")
         return str(result["status"])
 
     @contextmanager

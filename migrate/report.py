@@ -27,9 +27,13 @@ def new_migration_id() -> str:
 
 
 class Status(StrEnum):
+    """``unknown``: neither copy could be proven the only running one, so neither
+    was resumed (the report's error says both sides' state and what to do)."""
+
     COMPLETED = "completed"
     FAILED = "failed"
     ABORTED = "aborted"
+    UNKNOWN = "unknown"
 
 
 class Integrity(StrEnum):

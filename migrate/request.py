@@ -32,10 +32,12 @@ class MigrationHooks:
     """Points where an embedding program (or a fault-injection test) may act.
 
     ``before_target_resume`` runs once the target has loaded the VM, paused, before
-    the integrity check and ``cont``.
+    the integrity check and ``cont``. ``point_of_no_return`` runs right before
+    ``cont`` goes to the target (synchronously: a journal records it there).
     """
 
     before_target_resume: Callable[[], Awaitable[None]] | None = None
+    point_of_no_return: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,10 @@ class MigrationRequest:
     (:mod:`migrate.plan`; about a second more before ``migrate``; the CLI and the
     demo ask for it); ``link_mbit`` is the migration link's speed when known (the
     forecast's bandwidth; otherwise a stated assumption). ``migration_id`` names
-    this migration in its report and events.
+    this migration in its report and events. ``qmp_timeout_s`` is the deadline of
+    every QMP command (a silent QEMU is an error, never a hang);
+    ``stall_timeout_s`` how long pre-copy may make no progress (nothing sent: the
+    link is down, or QEMU stuck) before the migration is rolled back.
     """
 
     source: HostEndpoint
@@ -76,6 +81,8 @@ class MigrationRequest:
     predict: bool = False
     link_mbit: float | None = None
     migration_id: str = field(default_factory=new_migration_id)
+    qmp_timeout_s: float = 10.0
+    stall_timeout_s: float = 30.0
 
     @property
     def migration_uri(self) -> str:

@@ -11,10 +11,9 @@ of them runs when.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from migrate.errors import MigrationAborted, MigrationError, QemuError
 from migrate.events import EventBus
@@ -44,6 +43,8 @@ class Switchover:
     verified: float | None = None
     target_resume: float | None = None
     resumed: bool = False
+    cont_sent: bool = False
+    unknown: str | None = None
     integrity: IntegrityResult = field(
         default_factory=lambda: IntegrityResult(Integrity.UNCHECKED, "not compared")
     )
@@ -86,7 +87,7 @@ async def finish_on_target(
     elif result.integrity.integrity is Integrity.UNCHECKED:
         result.integrity = IntegrityResult(Integrity.UNCHECKED, "RAM not mappable on both sides")
     if status == "paused":
-        await target.execute("cont")
+        await resume_target(result, target, hooks)
     result.resumed = True
     resume = await target_events.wait_for("RESUME", timeout=10.0)
     result.target_resume = resume.timestamp if resume else time.time()
@@ -120,49 +121,233 @@ async def resume_postcopy_target(
             Integrity.UNCHECKED, "post-copy: RAM not mappable on both sides"
         )
     if status == "paused":
-        await target.execute("cont")
+        await resume_target(result, target, hooks)
     result.resumed = True
     result.target_resume = time.time()
 
 
+#: How long ``cont`` may take before the engine asks the target what became of it (s).
+CONT_TIMEOUT_S = 5.0
+#: How long rollback waits for the source's migration to stop after migrate_cancel (s).
+CANCEL_DEADLINE_S = 10.0
+#: How long the target gets to answer ``quit`` (s).
+QUIT_TIMEOUT_S = 5.0
+
+
+class OutcomeUnknown(MigrationError):
+    """``cont`` went to the target and what came of it cannot be told: the VM may run
+    there. Nothing may resume the source now (``livemig recover`` decides later)."""
+
+
+async def resume_target(result: Switchover, target: QmpSession, hooks: MigrationHooks) -> None:
+    """Send ``cont`` to the paused target: the point of no return.
+
+    ``hooks.point_of_no_return`` runs first (a journal records it). If the reply
+    does not come (lost, timed out, or this task is cancelled meanwhile), the
+    target is asked for its run state: running means the VM is there
+    (``result.resumed``; a lost reply alone is then no error); any other answer
+    means ``cont`` did not take and the error goes on (rollback may quit the
+    target); no answer sets ``result.unknown`` and raises :class:`OutcomeUnknown`.
+    """
+    if hooks.point_of_no_return is not None:
+        hooks.point_of_no_return()
+    result.cont_sent = True
+    try:
+        await target.execute("cont", timeout=min(target.timeout_s, CONT_TIMEOUT_S))
+    except BaseException as exc:
+        state = await asyncio.shield(_runstate(target))
+        if state == "running":
+            result.resumed = True
+            if isinstance(exc, QemuError):
+                return  # the reply was lost, the VM runs on the target
+            raise
+        if state is None:
+            result.unknown = (
+                f"`cont` was sent to the target and its outcome is unknown ({exc or type(exc).__name__}); "
+                "the target does not answer, so the source stays stopped"
+            )
+            raise OutcomeUnknown(result.unknown) from exc
+        raise
+    result.resumed = True
+
+
+async def _runstate(session: QmpSession) -> str | None:
+    """The run state, or None when the session cannot tell (dead, silent, cut)."""
+    try:
+        return await session.status(timeout=min(session.timeout_s, CONT_TIMEOUT_S))
+    except QemuError:
+        return None
+
+
+@dataclass
+class SettingsSnapshot:
+    """A QEMU's migration capabilities and parameters, as found before the migration."""
+
+    capabilities: dict[str, bool]
+    parameters: dict[str, Any]
+
+
+async def snapshot_settings(session: QmpSession) -> SettingsSnapshot:
+    """Read ``session``'s migration capabilities and parameters (to restore them later)."""
+    caps = await session.execute("query-migrate-capabilities")
+    params = await session.execute("query-migrate-parameters")
+    if not isinstance(caps, list) or not isinstance(params, dict):
+        raise QemuError("unexpected answer to query-migrate-capabilities/-parameters")
+    return SettingsSnapshot(
+        {str(c["capability"]): bool(c["state"]) for c in caps if isinstance(c, dict)},
+        dict(params),
+    )
+
+
+async def restore_settings(session: QmpSession, snapshot: SettingsSnapshot) -> list[str]:
+    """Put back whatever differs from ``snapshot``; notes of what was done or failed."""
+    notes: list[str] = []
+    try:
+        now = await snapshot_settings(session)
+    except QemuError as exc:
+        return [f"could not read the source's migration settings to restore them: {exc}"]
+    caps = [
+        {"capability": name, "state": state}
+        for name, state in snapshot.capabilities.items()
+        if now.capabilities.get(name) != state
+    ]
+    params = {
+        name: value
+        for name, value in snapshot.parameters.items()
+        if now.parameters.get(name) != value and name != "block-bitmap-mapping"
+    }
+    try:
+        if caps:
+            await session.execute("migrate-set-capabilities", {"capabilities": caps})
+        if params:
+            await session.execute("migrate-set-parameters", params)
+        if caps or params:
+            notes.append(
+                f"restored the source's migration settings ({len(caps)} capabilities, "
+                f"{len(params)} parameters)"
+            )
+    except QemuError as exc:
+        notes.append(f"could not restore the source's migration settings: {exc}")
+    return notes
+
+
+@dataclass
+class RollbackResult:
+    """What rollback did (``notes``) and, when it could not prove one running copy,
+    why it resumed nothing (``unknown``)."""
+
+    notes: list[str]
+    unknown: str | None = None
+
+
 async def rollback(
-    source: QmpSession, target: QmpSession, was_running: bool, events: EventBus
-) -> list[str]:
+    source: QmpSession,
+    target: QmpSession,
+    was_running: bool,
+    events: EventBus,
+    settings: SettingsSnapshot | None = None,
+    target_may_run: bool = False,
+) -> RollbackResult:
     """Put the VM back on the source: cancel, stop the target, resume the source.
 
-    ``was_running``: the VM ran on the source when the migration began. Best
-    effort at every step (each step's failure is recorded, the next still runs);
-    returns what was done, for the report.
+    The source is resumed only with proof that the target will not run the VM:
+    its ``quit`` answered, or its QMP socket has nobody listening any more. Without
+    that proof — or when ``target_may_run`` (``cont`` went out and its outcome is
+    unknown) — nothing is resumed and ``unknown`` says why. Every step has a
+    deadline; every failure is in the notes. ``settings`` are put back on the
+    source first (what the migration changed must not stick to the next one).
     """
     notes: list[str] = []
-    with contextlib.suppress(QemuError):
-        info = await source.execute("query-migrate")
-        if info.get("status") in ACTIVE_STATUSES - {"cancelling"}:
-            await source.execute("migrate_cancel")
-            notes.append("cancelled the outgoing migration")
-        deadline = time.monotonic() + 10
-        while (await source.execute("query-migrate")).get("status") in ACTIVE_STATUSES:
-            if time.monotonic() > deadline:
-                notes.append("source migration did not stop within 10 s")
-                break
-            await asyncio.sleep(0.05)
-    # Stop the target before the source runs again: never two running copies.
+    await _cancel_outgoing(source, notes)
+    if settings is not None:
+        notes += await restore_settings(source, settings)
+    if target_may_run:
+        unknown = "the target may be running the VM (`cont` sent, outcome unknown)"
+        return _finish(RollbackResult(notes, await _describe_unknown(source, target, unknown)),
+                       events)  # fmt: skip
+    target_dead = await _stop_target(target, notes)
+    if not was_running:
+        return _finish(RollbackResult(notes), events)
+    source_state = await _runstate(source)
+    if source_state == "running":
+        notes.append("the VM kept running on the source")
+        return _finish(RollbackResult(notes), events)
+    if not target_dead:
+        why = "the target could not be stopped or proven gone and the source is stopped"
+        return _finish(RollbackResult(notes, await _describe_unknown(source, target, why)), events)
     try:
-        await asyncio.wait_for(target.execute("quit"), 5)
-        notes.append("stopped the target QEMU")
-    except (QemuError, TimeoutError):
-        notes.append("target QEMU already gone")
-    if was_running:
-        try:
-            if await source.status() != "running":
-                await source.execute("cont")
-                notes.append("resumed the VM on the source")
-            # The target may have announced the guest's MAC already: point the
-            # switches back at the source.
-            await source.execute("announce-self", ANNOUNCE_NOW)
-        except QemuError as exc:
-            notes.append(f"could not resume the source: {exc}")
-            events.notice(f"could not resume the source: {exc}")
-    for note in notes:
+        await source.execute("cont")
+        notes.append("resumed the VM on the source")
+        # The target may have announced the guest's MAC already: point the
+        # switches back at the source.
+        await source.execute("announce-self", ANNOUNCE_NOW)
+    except QemuError as exc:
+        notes.append(f"could not resume the source: {exc}")
+        return _finish(RollbackResult(notes, f"could not resume the source: {exc}"), events)
+    return _finish(RollbackResult(notes), events)
+
+
+def _finish(result: RollbackResult, events: EventBus) -> RollbackResult:
+    for note in result.notes:
         events.notice(note)
-    return notes
+    if result.unknown is not None:
+        events.notice(f"outcome unknown: {result.unknown}")
+    return result
+
+
+async def _cancel_outgoing(source: QmpSession, notes: list[str]) -> None:
+    """migrate_cancel if the source migrates (or cannot say), then wait for it to stop."""
+    try:
+        info = await source.execute("query-migrate")
+        status = str(info.get("status")) if isinstance(info, dict) else "unknown"
+    except QemuError as exc:
+        notes.append(f"query-migrate on the source failed: {exc}")
+        status = "unknown"
+    if status not in ACTIVE_STATUSES - {"cancelling"} and status != "unknown":
+        return
+    try:
+        await source.execute("migrate_cancel")
+        notes.append("cancelled the outgoing migration")
+    except QemuError as exc:
+        notes.append(f"migrate_cancel failed on the source: {exc}")
+        return  # nothing to wait for
+    deadline = time.monotonic() + CANCEL_DEADLINE_S
+    while True:
+        try:
+            info = await source.execute("query-migrate")
+        except QemuError as exc:
+            notes.append(f"could not see the source's migration stop: {exc}")
+            return
+        if not isinstance(info, dict) or info.get("status") not in ACTIVE_STATUSES:
+            return
+        if time.monotonic() > deadline:
+            notes.append(
+                f"the source's migration did not stop within {CANCEL_DEADLINE_S:g} s "
+                f"(status {info.get('status')})"
+            )
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _stop_target(target: QmpSession, notes: list[str]) -> bool:
+    """Quit the target; whether it is proven gone (answered, or nothing listens)."""
+    try:
+        await target.execute("quit", timeout=min(target.timeout_s, QUIT_TIMEOUT_S))
+        notes.append("stopped the target QEMU")
+        return True
+    except QemuError as exc:
+        gone = await target.gone()
+        if gone:
+            notes.append("target QEMU already gone")
+            return True
+        notes.append(f"could not stop the target QEMU ({exc}); it may still hold the VM")
+        return False
+
+
+async def _describe_unknown(source: QmpSession, target: QmpSession, why: str) -> str:
+    src, tgt = await _runstate(source), await _runstate(target)
+    return (
+        f"{why}; neither copy was resumed (source: {src or 'no answer'}, target: "
+        f"{tgt or 'no answer'}); check both QEMUs, then resume exactly one "
+        "(`livemig recover` where a journal exists)"
+    )

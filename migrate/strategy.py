@@ -36,7 +36,13 @@ from migrate.report import (
 from migrate.request import HostEndpoint as HostEndpoint
 from migrate.request import MigrationHooks as MigrationHooks
 from migrate.request import MigrationRequest as MigrationRequest
-from migrate.safety import ACTIVE_STATUSES, Switchover, rollback
+from migrate.safety import (
+    ACTIVE_STATUSES,
+    SettingsSnapshot,
+    Switchover,
+    rollback,
+    snapshot_settings,
+)
 
 SOURCE_START_STATUSES = frozenset({"running", "paused"})
 
@@ -206,6 +212,8 @@ class StrategyRun:
         self.comparison: RamComparison | None = None
         self.running = start.was_running  # the VM runs on the source
         self.setup_ms: float | None = None
+        self.settings: SettingsSnapshot | None = None  # the source's, before we changed them
+        self.unknown: str | None = None  # why neither copy could be resumed
 
     async def execute(self) -> MigrationReport:
         """Run :meth:`_migrate`; the report, or :class:`MigrationError` carrying it."""
@@ -220,21 +228,37 @@ class StrategyRun:
                     self.phase.advance(Phase.COMPLETED)
                     self.events.emit(Finished(self._report(src_log, tgt_log, error=describe(exc))))
                     raise
-                notes = await asyncio.shield(
-                    rollback(self.source, self.target, self.start.was_running, self.events)
+                back = await asyncio.shield(
+                    rollback(
+                        self.source,
+                        self.target,
+                        self.start.was_running,
+                        self.events,
+                        self.settings,
+                        target_may_run=self.switchover.unknown is not None,
+                    )
                 )
+                self.unknown = back.unknown
                 self.phase.advance(failure_phase(exc))
+                notes = back.notes + ([back.unknown] if back.unknown else [])
                 report = self._report(
                     src_log, tgt_log, error=f"{describe(exc)} ({'; '.join(notes)})"
                 )
                 self.events.emit(Finished(report))
                 if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
                     raise
+                if back.unknown is not None:
+                    raise MigrationError(
+                        f"migration outcome unknown: {describe(exc)}; {back.unknown}",
+                        phase=report.phase,
+                        report=report,
+                    ) from exc
                 error_type = (
                     MigrationAborted if isinstance(exc, MigrationAborted) else MigrationError
                 )
+                where = "stays on" if self.start.was_running else "stays (stopped) on"
                 raise error_type(
-                    f"migration {report.status}: {describe(exc)}; the VM stays on the source",
+                    f"migration {report.status}: {describe(exc)}; the VM {where} the source",
                     phase=report.phase,
                     report=report,
                 ) from exc
@@ -266,6 +290,7 @@ class StrategyRun:
     async def _set_up(self, src_log: EventRecorder) -> None:
         request, source, target = self.request, self.source, self.target
         began = time.monotonic()
+        self.settings = await snapshot_settings(source)
         if request.offline and self.running:
             await source.execute("stop")
             self.running = False
@@ -382,6 +407,8 @@ class StrategyRun:
         status = {Phase.COMPLETED: Status.COMPLETED, Phase.ABORTED: Status.ABORTED}.get(
             self.phase.phase, Status.FAILED
         )
+        if self.unknown is not None:
+            status = Status.UNKNOWN
         total_ms = (
             timeline.target_resume_ms
             if timeline.target_resume_ms is not None

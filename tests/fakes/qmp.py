@@ -546,7 +546,14 @@ class FakeQmp(QmpSession):
 
     # -- the session ----------------------------------------------------------------------
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def gone(self) -> bool | None:
+        """Dead: provably gone; link cut: cannot tell; otherwise alive."""
+        if not self.alive:
+            return True
+        return None if not self.reachable else False
+
+    async def _send(self, command: str, arguments: dict[str, Any] | None) -> Any:
+        # QmpSession.execute wraps this with the command deadline.
         entry = self.world.record(self.name, "command", command, arguments)
         call = Call(entry.seq, command, copy.deepcopy(arguments), entry.at)
         self.calls.append(call)

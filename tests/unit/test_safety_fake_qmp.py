@@ -5,9 +5,9 @@ QEMUs are :class:`tests.fakes.FakeQmp` (no root, no QEMU, RAM not compared:
 ``verify=False``). Every test also checks the fakes' one-copy invariant: never two
 sides running at once, never the source running again after the VM ran on the target.
 
-Tests marked ``xfail(strict=True, reason="issue 11: ...")`` describe the safe behaviour
-today's engine does not have; they pass (and so fail the suite, being strict) once the
-bug is fixed: then drop the mark.
+The issue-11 cases (a lost `cont` reply, an unreachable target during rollback, a
+failed `migrate_cancel`, silent QMP peers, settings left changed) were written first
+as strict xfails against the engine that had those bugs; they pass now.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def make_request(**changes: object) -> MigrationRequest:
         policy=Policy(name="test", controller="static"),
         verify=False,
         sample_interval_s=0.005,
+        qmp_timeout_s=1.0,  # the fakes answer at once; a silent one is caught in 1 s
         source_host=host,
         target_host=host,
     )
@@ -276,12 +277,6 @@ def test_a_target_crash_mid_precopy_fails_the_migration_on_the_source() -> None:
 # -- issue 11: what the engine gets wrong today ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: point of no return: once `cont` went to the target the VM may run "
-    "there, but a lost reply followed by cancellation rolls back: the running target is "
-    "quit and the stale source resumed (the target's work is lost)",
-)
 @pytest.mark.timeout(10)
 def test_a_lost_cont_reply_then_cancellation_never_resumes_the_source() -> None:
     source, target = fake_pair()
@@ -299,11 +294,6 @@ def test_a_lost_cont_reply_then_cancellation_never_resumes_the_source() -> None:
     assert_one_copy(source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: point of no return: `cont` to the target has no deadline; a lost "
-    "reply hangs the engine forever (and cancelling it then resumes the source)",
-)
 @pytest.mark.timeout(10)
 def test_a_lost_cont_reply_ends_within_a_deadline_with_the_vm_on_the_target() -> None:
     source, target = fake_pair()
@@ -315,11 +305,6 @@ def test_a_lost_cont_reply_ends_within_a_deadline_with_the_vm_on_the_target() ->
     assert_one_copy(source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: rollback takes a failed or timed-out `quit` as 'target QEMU already "
-    "gone' and resumes the source, though the target (paused with the whole VM) may live",
-)
 @pytest.mark.timeout(15)
 @pytest.mark.parametrize("fault", ["raises", "hangs"])
 def test_an_unreachable_target_during_rollback_keeps_the_source_stopped(fault: str) -> None:
@@ -344,11 +329,6 @@ def test_an_unreachable_target_during_rollback_keeps_the_source_stopped(fault: s
     assert_one_copy(source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: rollback swallows a failed migrate_cancel (contextlib.suppress) "
-    "without a note, and skips waiting for the source's migration to stop",
-)
 def test_a_failed_migrate_cancel_is_recorded_in_the_report() -> None:
     source, target = fake_pair(precopy_polls=None)
     source.on("migrate_cancel", error="test: cancel refused")
@@ -361,11 +341,6 @@ def test_a_failed_migrate_cancel_is_recorded_in_the_report() -> None:
     assert "migrate_cancel" in (report.error or "") and "cancel refused" in (report.error or "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: no deadline on QMP commands: a peer that never answers "
-    "query-status/query-migrate hangs the engine (and its rollback) forever",
-)
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize(
     ("side", "command", "after"),
@@ -391,11 +366,6 @@ def test_a_silent_peer_gives_one_clear_error_within_a_deadline(
     assert_one_copy(source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: rollback leaves the source's migration capabilities and parameters "
-    "as the engine set them (events on, downtime-limit, max-bandwidth, ...)",
-)
 def test_rollback_restores_the_source_migration_settings() -> None:
     source, target = fake_pair()
     target.on("migrate-incoming", error="Failed to bind socket: Address already in use")
