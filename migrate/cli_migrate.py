@@ -213,7 +213,10 @@ class _Output:
         """After Ctrl-C: the report of the cancelled migration, if it had started."""
         if self.report is not None:
             self.emit(self.report)
-            where = "the VM stays on the source" if self.report.status != "completed" else ""
+            where = {
+                "completed": "the VM runs on the target",
+                "unknown": "neither copy resumed: see the report's error",
+            }.get(str(self.report.status), "the VM stays on the source")
             sys.stderr.write(f"livemig: interrupted: migration {self.report.status}; {where}\n")
         else:
             sys.stderr.write("livemig: interrupted before the migration started\n")

@@ -50,6 +50,22 @@ from migrate.strategy import (
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 
+class ProgressWatch:
+    """Tells when a counter has not grown for ``limit_s`` seconds (monotonic clock)."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._value = -1
+        self._since = time.monotonic()
+
+    def stalled(self, value: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if value > self._value:
+            self._value, self._since = value, now
+            return False
+        return now - self._since > self.limit_s
+
+
 class NativeStrategy:
     """Pre-copy with QEMU's migration stream; see :class:`~migrate.strategy.Strategy`."""
 
@@ -114,10 +130,17 @@ class _NativeRun(StrategyRun):
         )
 
     async def _follow(self, src_log: EventRecorder) -> dict[str, Any]:
-        """Sample ``query-migrate`` until a terminal status, reacting to events at once."""
+        """Sample ``query-migrate`` until a terminal status, reacting to events at once.
+
+        Raises :class:`MigrationError` when nothing moves for the request's
+        ``stall_timeout_s`` (the link is down or QEMU stuck): the caller rolls back.
+        """
         seen = 0
+        watch = ProgressWatch(self.request.stall_timeout_s)
         while True:
-            info: dict[str, Any] = await self.source.execute("query-migrate")
+            info = await self.source.execute("query-migrate")
+            if not isinstance(info, dict):
+                raise MigrationError(f"query-migrate: unexpected answer {info!r:.80}")
             sample = Sample.from_query_migrate(
                 info, time.time(), (time.monotonic() - self.t0) * 1e3
             )
@@ -126,6 +149,11 @@ class _NativeRun(StrategyRun):
             if sample.status in _TERMINAL:
                 self.final_info = info
                 return info
+            if sample.status in ("setup", "active") and watch.stalled(sample.ram_transferred_bytes):
+                raise MigrationError(
+                    f"no progress for {watch.limit_s:g} s at {sample.ram_transferred_bytes} "
+                    "bytes sent: the migration link is down or QEMU is stuck"
+                )
             precopy = self.phase.phase in (Phase.PRECOPY, Phase.THROTTLING)
             if precopy and sample.cpu_throttle_pct > 0:
                 self.phase.advance(Phase.THROTTLING)

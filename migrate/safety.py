@@ -238,6 +238,7 @@ class RollbackResult:
 
     notes: list[str]
     unknown: str | None = None
+    lost: bool = False
 
 
 async def rollback(
@@ -265,6 +266,15 @@ async def rollback(
         unknown = "the target may be running the VM (`cont` sent, outcome unknown)"
         return _finish(RollbackResult(notes, await _describe_unknown(source, target, unknown)),
                        events)  # fmt: skip
+    if await _runstate(source) is None and await source.gone():
+        # No source to go back to. A target that loaded everything holds the VM.
+        if await _runstate(target) == "paused":
+            why = "the source QEMU is gone; the target holds a complete copy, paused"
+            return _finish(RollbackResult(notes, await _describe_unknown(source, target, why)),
+                           events)  # fmt: skip
+        await _stop_target(target, notes)
+        notes.append("the source QEMU is gone: the VM is lost")
+        return _finish(RollbackResult(notes, lost=True), events)
     target_dead = await _stop_target(target, notes)
     if not was_running:
         return _finish(RollbackResult(notes), events)

@@ -239,6 +239,7 @@ class StrategyRun:
                     )
                 )
                 self.unknown = back.unknown
+                lost = back.lost
                 self.phase.advance(failure_phase(exc))
                 notes = back.notes + ([back.unknown] if back.unknown else [])
                 report = self._report(
@@ -257,8 +258,13 @@ class StrategyRun:
                     MigrationAborted if isinstance(exc, MigrationAborted) else MigrationError
                 )
                 where = "stays on" if self.start.was_running else "stays (stopped) on"
+                fate = (
+                    "the source QEMU is gone: the VM is lost"
+                    if lost
+                    else f"the VM {where} the source"
+                )
                 raise error_type(
-                    f"migration {report.status}: {describe(exc)}; the VM {where} the source",
+                    f"migration {report.status}: {describe(exc)}; {fate}",
                     phase=report.phase,
                     report=report,
                 ) from exc

@@ -375,3 +375,39 @@ def test_rollback_restores_the_source_migration_settings() -> None:
     assert source.running
     assert source.capabilities == DEFAULT_CAPABILITIES
     assert source.parameters == DEFAULT_PARAMETERS
+
+
+def test_no_progress_within_the_stall_deadline_rolls_back() -> None:
+    """A link that stops carrying anything (transferred frozen) ends the migration."""
+    source, target = fake_pair(precopy_polls=None)  # the fake's counter stops growing
+    out = asyncio.run(drive(source, target, make_request(stall_timeout_s=0.3)))
+    assert not out.hung
+    assert isinstance(out.error, MigrationError) and "no progress" in str(out.error)
+    assert source.running and not target.alive
+    assert_one_copy(source)
+
+
+def test_a_dead_source_is_reported_as_a_lost_vm_not_as_staying_on_the_source() -> None:
+    source, target = fake_pair(precopy_polls=None)
+
+    async def crash_source(task: asyncio.Task[MigrationReport]) -> None:
+        await source.wait_command("query-migrate", n=3)
+        await source.kill("segfault")
+
+    out = asyncio.run(drive(source, target, during=crash_source))
+    assert isinstance(out.error, MigrationError), out.error
+    assert "VM is lost" in str(out.error) and "stays on the source" not in str(out.error)
+    report = out.final_report
+    assert report is not None and report.status is Status.FAILED
+    assert "the VM is lost" in (report.error or "")
+    assert not target.running
+
+
+def test_progress_watch() -> None:
+    from migrate.native import ProgressWatch
+
+    watch = ProgressWatch(1.0)
+    assert not watch.stalled(10, now=0.0)
+    assert not watch.stalled(10, now=0.9)
+    assert watch.stalled(10, now=1.1)
+    assert not watch.stalled(11, now=1.2)
