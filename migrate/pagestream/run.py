@@ -33,7 +33,7 @@ from migrate.control.intents import (
     SwitchoverNow,
     Throttle,
 )
-from migrate.errors import MigrationError, StreamError
+from migrate.errors import MigrationError, QemuError, StreamError
 from migrate.events import DecisionMade, EventBus, Progress
 from migrate.integrity import RamComparison
 from migrate.pagestream.control import AgentProcess, AgentRole
@@ -171,6 +171,7 @@ class PagestreamRun(StrategyRun):
             if self.rate_limit != self.rate_limit_sent:
                 args["rate_limit_bytes_per_s"] = self.rate_limit
                 self.rate_limit_sent = self.rate_limit
+            await self._check_target()
             stats = await self._sender_call("sweep", args)
             self.totals.add_round(stats, self.ram_pages)
             found, scan_s = int(stats["pages"]), float(stats["scan_s"])
@@ -191,6 +192,19 @@ class PagestreamRun(StrategyRun):
                 self._record_switch(verdict.reason)
                 return
 
+    async def _check_target(self) -> None:
+        """Raise :class:`MigrationError` unless the target QEMU still waits for the VM.
+
+        pagestream's pages go to the target's RAM file, not to its QEMU, so a
+        target QEMU that died would otherwise go unnoticed until the switchover.
+        """
+        try:
+            status = await self.target.status(timeout=min(self.target.timeout_s, 2.0))
+        except QemuError as exc:
+            raise MigrationError(f"the target QEMU does not answer: {exc}") from exc
+        if status != "inmigrate":
+            raise MigrationError(f"the target QEMU is no longer waiting for the VM ({status})")
+
     def _record_switch(self, reason: str) -> None:
         decision = Decision(time.time(), f"pagestream: {reason}", (Switchover(),), Outcome.APPLIED)
         self.decisions.append(decision)
@@ -202,6 +216,8 @@ class PagestreamRun(StrategyRun):
         assert self.sender is not None and self.receiver is not None
         request, source = self.request, self.source
         timeout = self.options.switchover_timeout_s
+        # The target must still wait for the VM before the source stops.
+        await self._check_target()
         # Stopped by us, not by QEMU: QEMU sends the runstate it finds at completion,
         # so a target started without -S stays paused too, until the checks hold.
         if self.running:
