@@ -30,6 +30,9 @@ from dirtytrack.ram import PAGE_SIZE, RamMapping
 from migrate.report import Integrity
 
 MAX_PAGES_NAMED = 8
+#: The most stale pages a repair may copy (16 MiB): a larger difference is no lost
+#: dirty bit but a broken migration, and copying it would hide that (and cost downtime).
+MAX_REPAIR_PAGES = 4096
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,9 @@ class RamComparison:
         pages = [int(p) for p in found]
         listed = _list_pages(pages)
         total = source_digest.size // PAGE_SIZE
-        if not repair:
-            detail = f"{len(pages)} of {total} pages differ: {listed}"
+        if not repair or len(pages) > MAX_REPAIR_PAGES:
+            bound = f" (more than the {MAX_REPAIR_PAGES} a repair may copy)" if repair else ""
+            detail = f"{len(pages)} of {total} pages differ{bound}: {listed}"
             return IntegrityResult(Integrity.FAILED, detail, tuple(pages[:MAX_PAGES_NAMED]))
         await asyncio.to_thread(_copy_pages, src, dst, found)
         recheck = await self._digest(1)
@@ -160,3 +164,37 @@ def _list_pages(pages: list[int]) -> str:
 
 def _copy_pages(src: RamMapping, dst: RamMapping, pages: npt.NDArray[np.intp]) -> None:
     dst.pages()[pages] = src.pages()[pages]
+
+
+class RamComparisons:
+    """Several RAM backends compared as one (NUMA nodes, pc-dimm): the same interface
+    as :class:`RamComparison`; the verdict holds only if every backend's holds."""
+
+    def __init__(self, parts: dict[str, RamComparison]) -> None:
+        self.parts = parts
+
+    def prepare(self) -> None:
+        for part in self.parts.values():
+            part.prepare()
+
+    async def ready(self) -> None:
+        for part in self.parts.values():
+            await part.ready()
+
+    def source_stopped(self) -> None:
+        for part in self.parts.values():
+            part.source_stopped()
+
+    async def compare(self, repair: bool = False) -> IntegrityResult:
+        results = {name: await part.compare(repair) for name, part in self.parts.items()}
+        failed = [r for r in results.values() if r.integrity is Integrity.FAILED]
+        unchecked = [r for r in results.values() if r.integrity is Integrity.UNCHECKED]
+        verdict = Integrity.FAILED if failed else Integrity.UNCHECKED if unchecked else Integrity.OK
+        detail = "; ".join(f"{name}: {r.detail}" for name, r in results.items())
+        pages = tuple(p for r in results.values() for p in r.differing_pages)[:MAX_PAGES_NAMED]
+        repaired = sum(r.repaired_pages for r in results.values())
+        return IntegrityResult(verdict, detail, pages, repaired)
+
+    async def close(self) -> None:
+        for part in self.parts.values():
+            await part.close()

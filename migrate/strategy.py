@@ -19,7 +19,7 @@ from migrate.control.base import ControlContext, Controller
 from migrate.control.intents import Abort
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged
-from migrate.integrity import RamComparison
+from migrate.integrity import RamComparison, RamComparisons
 from migrate.phase import Phase, PhaseTracker
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (
@@ -101,21 +101,55 @@ async def check_start(
     )
 
 
-async def ram_backing_file(session: QmpSession) -> Path | None:
-    """The file behind the VM's main RAM if it is a shared ``memory-backend-file``."""
+async def ram_backing_files(session: QmpSession) -> dict[str, Path]:
+    """Every shared ``memory-backend-file`` of the VM: object id -> file."""
     try:
         children = await session.execute("qom-list", {"path": "/objects"})
     except QemuError:
-        return None
-    for child in children:
-        if child.get("type") != "child<memory-backend-file>":
+        return {}
+    found: dict[str, Path] = {}
+    for child in children if isinstance(children, list) else []:
+        if not isinstance(child, dict) or child.get("type") != "child<memory-backend-file>":
             continue
         path = f"/objects/{child['name']}"
         share = await session.execute("qom-get", {"path": path, "property": "share"})
         mem_path = await session.execute("qom-get", {"path": path, "property": "mem-path"})
-        if share and mem_path:
-            return Path(mem_path)
-    return None
+        if share and isinstance(mem_path, str) and mem_path:
+            found[str(child["name"])] = Path(mem_path)
+    return found
+
+
+async def ram_backing_file(session: QmpSession) -> Path | None:
+    """The file behind the VM's main RAM if it is a shared ``memory-backend-file``
+    (the first one, for VMs with one RAM backend)."""
+    files = await ram_backing_files(session)
+    return next(iter(files.values()), None)
+
+
+def refuse_shared_file(source: Path, target: Path) -> None:
+    """Raise :class:`ConfigError` if both sides use the same file (device and inode):
+    writing the target's RAM would then overwrite the running guest's."""
+    try:
+        a, b = source.stat(), target.stat()
+    except OSError:
+        return  # not on this host: nothing shared here
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        raise ConfigError(
+            f"source and target RAM are the same file ({source} and {target}, device "
+            f"{a.st_dev} inode {a.st_ino}): the target would overwrite the running guest"
+        )
+
+
+async def known_tcg_dirty_bug(session: QmpSession) -> bool:
+    """Whether ``session``'s QEMU has the TCG dirty-page bug repair exists for:
+    TCG (not KVM) and QEMU before 9.0 (fixed upstream by 03bfc2188f)."""
+    try:
+        kvm = await session.execute("query-kvm")
+        version = await session.execute("query-version")
+        major = int(version["qemu"]["major"])
+    except (QemuError, KeyError, TypeError, ValueError):
+        return False
+    return not (isinstance(kvm, dict) and kvm.get("enabled")) and major < 9
 
 
 async def set_capabilities(sessions: tuple[QmpSession, ...], capabilities: dict[str, bool]) -> None:
@@ -209,7 +243,7 @@ class StrategyRun:
         self.t0 = time.monotonic()
         self.final_info: dict[str, Any] = {}
         self.switchover = Switchover()
-        self.comparison: RamComparison | None = None
+        self.comparison: RamComparison | RamComparisons | None = None
         self.running = start.was_running  # the VM runs on the source
         self.setup_ms: float | None = None
         self.settings: SettingsSnapshot | None = None  # the source's, before we changed them

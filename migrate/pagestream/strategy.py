@@ -35,7 +35,12 @@ from migrate.pagestream.run import PagestreamRun
 from migrate.qmp import QmpSession
 from migrate.report import MigrationReport
 from migrate.request import MigrationRequest
-from migrate.strategy import check_start, ram_backing_file
+from migrate.strategy import (
+    check_start,
+    ram_backing_file,
+    ram_backing_files,
+    refuse_shared_file,
+)
 
 
 class PagestreamStrategy:
@@ -62,6 +67,13 @@ class PagestreamStrategy:
         running), the target QEMU is told to quit and both agents are ended.
         """
         start = await check_start(source, target, request)
+        for side, session in (("source", source), ("target", target)):
+            files = await ram_backing_files(session)
+            if len(files) > 1:
+                raise ConfigError(
+                    f"pagestream moves one RAM backend; the {side} VM has {len(files)} "
+                    f"({', '.join(sorted(files))}): use the native strategy"
+                )
         source_ram, target_ram = await ram_backing_file(source), await ram_backing_file(target)
         missing = [
             side for side, ram in (("source", source_ram), ("target", target_ram)) if ram is None
@@ -71,6 +83,7 @@ class PagestreamStrategy:
                 f"pagestream needs guest RAM in a shared file on both sides "
                 f"(memory-backend-file,share=on); the {' and '.join(missing)} VM has none"
             )
+        refuse_shared_file(source_ram, target_ram)
         host = stream_host(request.migration_uri)
         run = PagestreamRun(
             request, source, target, controller, events, start, self.options,

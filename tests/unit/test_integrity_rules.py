@@ -1,0 +1,85 @@
+"""Integrity rules: same RAM file refused, every backend compared, repair bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from migrate import integrity
+from migrate.errors import ConfigError
+from migrate.integrity import RamComparison, RamComparisons
+from migrate.report import Integrity
+from migrate.strategy import known_tcg_dirty_bug, refuse_shared_file
+from tests.fakes import FakeQmp
+
+PAGE = 4096
+
+
+def _ram(path: Path, pages: int, fill: int = 7) -> Path:
+    path.write_bytes(bytes([fill]) * (pages * PAGE))
+    return path
+
+
+def test_the_same_file_on_both_sides_is_refused(tmp_path: Path) -> None:
+    ram = _ram(tmp_path / "ram", 4)
+    os.link(ram, tmp_path / "alias")
+    with pytest.raises(ConfigError, match="same file"):
+        refuse_shared_file(ram, tmp_path / "alias")
+    refuse_shared_file(ram, _ram(tmp_path / "other", 4))  # distinct files are fine
+    refuse_shared_file(ram, tmp_path / "elsewhere")  # not on this host: nothing to compare
+
+
+def test_every_backend_is_compared(tmp_path: Path) -> None:
+    parts = {
+        "ram0": RamComparison(_ram(tmp_path / "s0", 64), _ram(tmp_path / "t0", 64)),
+        "ram1": RamComparison(_ram(tmp_path / "s1", 64), _ram(tmp_path / "t1", 64, fill=9)),
+    }
+    both = RamComparisons(parts)
+
+    async def go() -> None:
+        both.prepare()
+        await both.ready()
+        result = await both.compare(repair=False)
+        assert result.integrity is Integrity.FAILED
+        assert "ram0:" in result.detail and "ram1: 64 of 64 pages differ" in result.detail
+        await both.close()
+
+    asyncio.run(go())
+
+
+def test_repair_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(integrity, "MAX_REPAIR_PAGES", 8)
+    small = RamComparison(_ram(tmp_path / "s", 64), _ram(tmp_path / "t", 64))
+    big = RamComparison(_ram(tmp_path / "S", 64), _ram(tmp_path / "T", 64, fill=1))
+    with open(tmp_path / "t", "r+b") as f:  # two stale pages: repaired
+        f.seek(3 * PAGE)
+        f.write(b"\x00" * PAGE)
+        f.seek(9 * PAGE)
+        f.write(b"\x00" * PAGE)
+
+    async def go() -> None:
+        for c in (small, big):
+            c.prepare()
+            await c.ready()
+        fixed = await small.compare(repair=True)
+        assert fixed.integrity is Integrity.OK and fixed.repaired_pages == 2
+        refused = await big.compare(repair=True)
+        assert refused.integrity is Integrity.FAILED and "more than the 8" in refused.detail
+        assert refused.repaired_pages == 0
+        for c in (small, big):
+            await c.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("kvm", "major", "expected"), [(False, 7, True), (True, 7, False), (False, 9, False)]
+)
+def test_repair_only_where_the_known_bug_applies(kvm: bool, major: int, expected: bool) -> None:
+    fake = FakeQmp("source")
+    fake.on("query-kvm", {"enabled": kvm, "present": True})
+    fake.on("query-version", {"qemu": {"major": major, "minor": 2, "micro": 0}, "package": ""})
+    assert asyncio.run(known_tcg_dirty_bug(fake)) is expected
