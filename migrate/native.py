@@ -42,6 +42,7 @@ from migrate.safety import finish_on_target, resume_postcopy_target
 from migrate.strategy import (
     StartState,
     StrategyRun,
+    check_ram_space,
     check_start,
     known_tcg_dirty_bug,
     qemu_figure,
@@ -112,6 +113,8 @@ class _NativeRun(StrategyRun):
         for name, path in src_files.items():
             if name in tgt_files:
                 refuse_shared_file(path, tgt_files[name])
+        for path in tgt_files.values():
+            check_ram_space(path)
         # Repair exists for one known bug (QEMU < 9.0 under TCG loses dirty pages);
         # anywhere else a differing page is a real fault, to be named, not hidden.
         self.repair_allowed = self.request.repair and await known_tcg_dirty_bug(self.source)

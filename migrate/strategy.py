@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,24 @@ def refuse_shared_file(source: Path, target: Path) -> None:
         raise ConfigError(
             f"source and target RAM are the same file ({source} and {target}, device "
             f"{a.st_dev} inode {a.st_ino}): the target would overwrite the running guest"
+        )
+
+
+def check_ram_space(target_ram: Path) -> None:
+    """Refuse (:class:`ConfigError`, with the numbers) when the filesystem holding the
+    target's RAM file cannot take the rest of it: on a full tmpfs, QEMU (and any
+    reader of the mapping) would die of SIGBUS mid-migration instead."""
+    try:
+        st = target_ram.stat()
+        fs = os.statvfs(target_ram.parent)
+    except OSError:
+        return  # not on this host
+    needed = max(0, st.st_size - st.st_blocks * 512)
+    free = fs.f_bavail * fs.f_frsize
+    if needed > free:
+        raise ConfigError(
+            f"the target's RAM file {target_ram} needs {needed >> 20} MiB more but its "
+            f"filesystem has {free >> 20} MiB free"
         )
 
 

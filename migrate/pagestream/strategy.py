@@ -36,6 +36,7 @@ from migrate.qmp import QmpSession
 from migrate.report import MigrationReport
 from migrate.request import MigrationRequest
 from migrate.strategy import (
+    check_ram_space,
     check_start,
     ram_backing_file,
     ram_backing_files,
@@ -84,6 +85,7 @@ class PagestreamStrategy:
                 f"(memory-backend-file,share=on); the {' and '.join(missing)} VM has none"
             )
         refuse_shared_file(source_ram, target_ram)
+        check_ram_space(target_ram)
         host = stream_host(request.migration_uri)
         run = PagestreamRun(
             request, source, target, controller, events, start, self.options,

@@ -83,3 +83,22 @@ def test_repair_only_where_the_known_bug_applies(kvm: bool, major: int, expected
     fake.on("query-kvm", {"enabled": kvm, "present": True})
     fake.on("query-version", {"qemu": {"major": major, "minor": 2, "micro": 0}, "package": ""})
     assert asyncio.run(known_tcg_dirty_bug(fake)) is expected
+
+
+def test_a_target_ram_file_that_cannot_fit_is_refused_with_the_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from migrate import strategy
+
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.truncate(256 << 20)  # sparse, like a fresh incoming QEMU's
+
+    class Full:
+        f_bavail, f_frsize = 16, 1 << 20  # 16 MiB free
+
+    monkeypatch.setattr(strategy.os, "statvfs", lambda _path: Full())
+    with pytest.raises(ConfigError, match=r"needs 256 MiB more but .* has 16 MiB free"):
+        strategy.check_ram_space(ram)
+    Full.f_bavail = 512
+    strategy.check_ram_space(ram)
