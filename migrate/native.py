@@ -26,7 +26,7 @@ import numpy as np
 from dirtytrack.ram import PAGE_SIZE, RamMapping
 from migrate.control.base import Controller
 from migrate.control.intents import StartPostcopy
-from migrate.errors import MigrationError
+from migrate.errors import MigrationError, QemuError
 from migrate.events import EventBus, Progress
 from migrate.integrity import IntegrityResult, RamComparison, RamComparisons
 from migrate.phase import Phase
@@ -51,6 +51,10 @@ from migrate.strategy import (
 )
 
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
+#: How often a paused post-copy is reconnected before giving up, and how long each
+#: reconnection may take to show the migration moving again (s).
+POSTCOPY_RECOVERY_ATTEMPTS = 3
+POSTCOPY_RECOVERY_WAIT_S = 10.0
 
 
 class ProgressWatch:
@@ -106,6 +110,7 @@ class _NativeRun(StrategyRun):
         self.ram_files: tuple[Path, Path] | None = None
         self.postcopy = False
         self.repair_allowed = False
+        self.postcopy_recoveries = 0
 
     async def _setup(self) -> None:
         src_files = await ram_backing_files(self.source)
@@ -165,6 +170,9 @@ class _NativeRun(StrategyRun):
             if sample.status in _TERMINAL:
                 self.final_info = info
                 return info
+            if sample.status == "postcopy-paused":
+                await self._recover_postcopy()
+                continue
             if sample.status in ("setup", "active") and watch.stalled(sample.ram_transferred_bytes):
                 raise MigrationError(
                     f"no progress for {watch.limit_s:g} s at {sample.ram_transferred_bytes} "
@@ -211,6 +219,43 @@ class _NativeRun(StrategyRun):
         present = _PresentPagesCheck(self.ram_files) if self.ram_files is not None else None
         await resume_postcopy_target(
             self.switchover, self.target, status, present, self.request.hooks, self.repair_allowed
+        )
+
+    async def _recover_postcopy(self) -> None:
+        """The link broke in post-copy (both sides ``postcopy-paused``): reconnect them.
+
+        ``migrate-recover`` makes the target listen again, ``migrate`` with
+        ``resume`` reconnects the source; up to :data:`POSTCOPY_RECOVERY_ATTEMPTS`
+        tries, a growing pause between them. Raises :class:`MigrationError` when
+        none holds (the VM stays on the target, paused for pages the source keeps).
+        """
+        uri = self.request.migration_uri
+        failures: list[str] = []
+        for attempt in range(1, POSTCOPY_RECOVERY_ATTEMPTS + 1):
+            self.events.notice(f"post-copy paused (link lost?): recovery attempt {attempt}")
+            try:
+                target_info = await self.target.execute("query-migrate")
+                if isinstance(target_info, dict) and target_info.get("status") == "postcopy-paused":
+                    await self.target.execute("migrate-recover", {"uri": uri})
+                await self.source.execute("migrate", {"uri": uri, "resume": True})
+                deadline = time.monotonic() + POSTCOPY_RECOVERY_WAIT_S
+                while time.monotonic() < deadline:
+                    info = await self.source.execute("query-migrate")
+                    status = info.get("status") if isinstance(info, dict) else None
+                    if status in ("postcopy-active", "completed"):
+                        self.postcopy_recoveries += 1
+                        self.events.notice(f"post-copy recovered (attempt {attempt})")
+                        return
+                    if status == "postcopy-paused" and time.monotonic() > deadline - 1:
+                        break
+                    await asyncio.sleep(0.1)
+                failures.append(f"attempt {attempt}: still paused")
+            except QemuError as exc:
+                failures.append(f"attempt {attempt}: {exc}")
+            await asyncio.sleep(attempt)
+        raise MigrationError(
+            f"post-copy paused and {POSTCOPY_RECOVERY_ATTEMPTS} recovery attempts failed "
+            f"({'; '.join(failures)})"
         )
 
     async def _postcopy_finish(self, tgt_log: EventRecorder, timeout: float = 120.0) -> None:

@@ -276,6 +276,19 @@ class StrategyRun:
             except BaseException as exc:
                 # Stop the data plane before anything resumes: no page may land later.
                 await asyncio.shield(self._stop_data_plane())
+                if self.switchover.resumed and self.phase.phase is Phase.POSTCOPY:
+                    # Post-copy did not finish: the VM runs on the target, part of its
+                    # RAM still on the source. Nothing rolls back and nothing is quit.
+                    self.phase.advance(Phase.FAILED)
+                    why = (
+                        f"post-copy did not finish: {describe(exc)}; the VM is on the target "
+                        "and pages it lacks are still on the source: keep the source QEMU"
+                    )
+                    report = self._report(src_log, tgt_log, error=why)
+                    self.events.emit(Finished(report))
+                    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                        raise
+                    raise MigrationError(why, phase=report.phase, report=report) from exc
                 if self.switchover.resumed:
                     # The VM already runs on the target: rolling back would lose its work.
                     self.phase.advance(Phase.COMPLETED)
