@@ -32,8 +32,8 @@ from migrate.plan import BandwidthHint, allowed, plan_migration
 from migrate.policy import Policy
 from migrate.presets import PRESET_NAMES, preset
 from migrate.qmp import QmpSession
+from migrate.ramfiles import ram_backing_file
 from migrate.report import Predicted
-from migrate.strategy import ram_backing_file
 
 MIB = 1 << 20
 

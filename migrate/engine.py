@@ -21,9 +21,10 @@ from migrate.plan import BandwidthHint, measured_from, plan_migration
 from migrate.preflight import run_preflight
 from migrate.presets import controller_for
 from migrate.qmp import QmpSession
+from migrate.ramfiles import ram_backing_file
 from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
 from migrate.request import MigrationRequest
-from migrate.strategy import Strategy, ram_backing_file
+from migrate.strategy import Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {"native": NativeStrategy, "pagestream": PagestreamStrategy}
 

@@ -31,6 +31,12 @@ from migrate.events import EventBus, Progress
 from migrate.integrity import IntegrityResult, RamComparison, RamComparisons
 from migrate.phase import Phase
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
+from migrate.ramfiles import (
+    check_ram_space,
+    known_tcg_dirty_bug,
+    ram_backing_files,
+    refuse_shared_file,
+)
 from migrate.report import (
     Decision,
     Integrity,
@@ -39,16 +45,7 @@ from migrate.report import (
 )
 from migrate.request import MigrationRequest
 from migrate.safety import finish_on_target, resume_postcopy_target
-from migrate.strategy import (
-    StartState,
-    StrategyRun,
-    check_ram_space,
-    check_start,
-    known_tcg_dirty_bug,
-    qemu_figure,
-    ram_backing_files,
-    refuse_shared_file,
-)
+from migrate.strategy import StartState, StrategyRun, check_start, qemu_figure
 
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
 #: How often a paused post-copy is reconnected before giving up, and how long each

@@ -33,15 +33,15 @@ from migrate.events import EventBus
 from migrate.pagestream.options import PagestreamOptions, stream_host
 from migrate.pagestream.run import PagestreamRun
 from migrate.qmp import QmpSession
-from migrate.report import MigrationReport
-from migrate.request import MigrationRequest
-from migrate.strategy import (
+from migrate.ramfiles import (
     check_ram_space,
-    check_start,
     ram_backing_file,
     ram_backing_files,
     refuse_shared_file,
 )
+from migrate.report import MigrationReport
+from migrate.request import MigrationRequest
+from migrate.strategy import check_start
 
 
 class PagestreamStrategy:

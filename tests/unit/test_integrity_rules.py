@@ -11,8 +11,8 @@ import pytest
 from migrate import integrity
 from migrate.errors import ConfigError
 from migrate.integrity import RamComparison, RamComparisons
+from migrate.ramfiles import known_tcg_dirty_bug, refuse_shared_file
 from migrate.report import Integrity
-from migrate.strategy import known_tcg_dirty_bug, refuse_shared_file
 from tests.fakes import FakeQmp
 
 PAGE = 4096
@@ -88,7 +88,7 @@ def test_repair_only_where_the_known_bug_applies(kvm: bool, major: int, expected
 def test_a_target_ram_file_that_cannot_fit_is_refused_with_the_numbers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from migrate import strategy
+    from migrate import ramfiles as strategy
 
     ram = tmp_path / "ram"
     with open(ram, "wb") as f:
