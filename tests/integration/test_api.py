@@ -63,3 +63,25 @@ def test_api_doc_example_runs(
             assert await guest_answers(pair.lab, pair.guest_ip) > 10
 
     asyncio.run(scenario())
+
+
+def test_demo_events_lines_all_follow_the_schema(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.jsonschemas import validate_event_stream
+
+    result = subprocess.run(
+        [sys.executable, "-m", "migrate.cli", "demo", "--events", "--workload", "idle",
+         "--memory-mib", "128", "--log-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    validate_event_stream(records)
+    kinds = [r["event"] for r in records]
+    assert kinds[0] == "planned" and kinds[-1] == "finished" and "progress" in kinds
+    report = records[-1]["report"]
+    assert report["status"] == "completed" and report["migration_id"] == records[0]["migration_id"]
+    assert "environment" in report

@@ -35,6 +35,7 @@ from migrate.events import EventBus, Finished, Planned, Progress
 from migrate.presets import preset
 from migrate.report import Integrity, MigrationReport, Outcome, Status
 from tests.integration.conftest import Pair, VmFactory, guest_answers
+from tests.jsonschemas import validate_event_stream
 
 LINK_MBIT = 80
 WORKLOAD = "dirty:20"
@@ -216,6 +217,7 @@ def test_ctrl_c_on_livemig_migrate_aborts_and_prints_the_report(vms: VmFactory) 
                     await proc.wait()
             assert proc.returncode == 130, err.decode()
             records += [json.loads(line) for line in out.decode().splitlines()]
+            validate_event_stream(records)  # every --events line against the schema
             kinds = [r["event"] for r in records]
             assert kinds[0] == "planned" and kinds[-1] == "finished"
             report = records[-1]["report"]

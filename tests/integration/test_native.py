@@ -19,6 +19,7 @@ from migrate.engine import run_migration
 from migrate.errors import MigrationAborted, MigrationError
 from migrate.report import Integrity, Status
 from tests.integration.conftest import VmFactory, guest_answers
+from tests.jsonschemas import validate_report
 
 MEMDIRTY_MAGIC = 0x0A5954524944444C  # scripts/guest/memdirty.c
 
@@ -69,7 +70,7 @@ def test_openssl_guest_demo_cli_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1
-    report = json.loads(lines[0])
+    report = validate_report(json.loads(lines[0]))
     _assert_completed(report)
     for key in (
         "strategy",
@@ -252,7 +253,7 @@ def test_livemig_migrate_cli_on_qemus_launched_elsewhere(vms: VmFactory) -> None
             )  # fmt: skip
             out, err = await asyncio.wait_for(proc.communicate(), 120)
             assert proc.returncode == 0, err.decode()
-            report = json.loads(out)
+            report = validate_report(json.loads(out))
             assert report["status"] == "completed" and report["integrity"] == "ok"
             # The source QEMU was told to quit; the target runs the guest.
             assert await pair.source.wait_exited(10) is not None

@@ -35,6 +35,7 @@ from migrate.request import HostEndpoint, MigrationRequest
 from migrate.vmspec import RamBackendKind
 from tests.doubles import faulty_receiver_agent
 from tests.integration.conftest import Pair, VmFactory, guest_answers
+from tests.jsonschemas import validate_report
 
 MIGRATION_PORT = 4444
 
@@ -168,7 +169,7 @@ def test_openssl_guest_demo_cli_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1
-    data = json.loads(lines[0])
+    data = validate_report(json.loads(lines[0]))
     report = MigrationReport.from_dict({k: v for k, v in data.items() if k != "environment"})
     _assert_moved(report)
     assert report.guest_check == "ok: openssl running on target"
@@ -370,7 +371,7 @@ def test_livemig_migrate_cli_in_the_root_namespace(vms: VmFactory) -> None:
             )  # fmt: skip
             out, err = await asyncio.wait_for(proc.communicate(), 120)
             assert proc.returncode == 0, err.decode()
-            report = json.loads(out)
+            report = validate_report(json.loads(out))
             assert report["status"] == "completed" and report["integrity"] == "ok"
             assert report["strategy"] == "pagestream" and report["repaired_pages"] == 0
             assert await source.wait_exited(10) is not None

@@ -25,6 +25,7 @@ from lab.demo import DemoConfig, Workload, run_demo
 from lab.guest import GuestImage
 from migrate.presets import PRESET_NAMES, preset
 from migrate.report import Status
+from tests.jsonschemas import validate_report
 
 TOLERANCE = 0.30
 
@@ -96,7 +97,7 @@ def test_demo_json_for_every_preset(guest: GuestImage, tmp_path: Path, policy: s
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1
-    report = json.loads(lines[0])
+    report = validate_report(json.loads(lines[0]))
     assert report["status"] == "completed" and report["integrity"] == "ok"
     assert report["policy"] == policy
     assert report["predicted"]["policy_forecast"] is not None
