@@ -43,7 +43,7 @@ class Policy:
     downtime_limit_ms: float = 20.0
     max_downtime_ms: float = 300.0
     max_total_time_s: float | None = None
-    max_throttle_pct: int = 0
+    max_throttle_pct: int = 99
     postcopy_allowed: bool = False
     max_bandwidth_bytes_per_s: int | None = 0
     capabilities: tuple[tuple[str, bool], ...] = ()

@@ -6,7 +6,10 @@ customise one with :func:`dataclasses.replace` (its ``controller`` field keeps
 naming the algorithm that steers it).
 
 - ``livemig`` — start at downtime-limit 20 ms (measured best here for light
-  workloads), hard maximum 300 ms, no throttle, no post-copy; the adaptive
+  workloads), hard maximum 300 ms, throttle allowed up to 99 % but only when the
+  model says pre-copy cannot converge otherwise (a guest dirtying faster than the
+  link would make the migration abort; Proxmox's default, auto-converge, completes
+  there), no post-copy; the adaptive
   :class:`~migrate.control.livemig.LivemigController` raises the limit from the measured
   remaining set and bandwidth, picks compression from the plan, and aborts with the
   reason when pre-copy cannot meet the limits.
@@ -60,6 +63,7 @@ _PRESETS: dict[str, Policy] = {
         downtime_limit_ms=300.0,
         max_downtime_ms=300.0,
         max_bandwidth_bytes_per_s=QEMU_DEFAULT_BANDWIDTH,
+        max_throttle_pct=0,  # auto-converge is off unless someone turns it on
         announce_initial_ms=None,
         compression_allowed=False,
     ),
@@ -82,6 +86,7 @@ _PRESETS: dict[str, Policy] = {
         max_downtime_ms=500.0,
         max_total_time_s=None,  # 800 s/GiB, computed from the RAM by the controller
         max_bandwidth_bytes_per_s=0,
+        max_throttle_pct=0,  # live_migration_permit_auto_converge defaults to False
         announce_initial_ms=None,
         compression_allowed=False,
     ),

@@ -288,9 +288,25 @@ def _candidates(results: Sequence[Forecast], policy: Policy, known: bool) -> lis
     # and was large when measured (400 Mbit/s link, 128 MiB guest writing 16 MiB/s:
     # multifd zstd STOP->RESUME 143-191 ms against ~70 ms for plain streams), so a
     # plain setting that converges is preferred.
+    #
+    # Then by harm to the guest: no lever at all, then compression (host CPU only),
+    # then the least throttle (the guest's own CPU), then post-copy (no way back,
+    # no RAM check before the target runs).
     permitted = [f for f in results if allowed(f, policy) and (known or f.compression == "none")]
-    plain = [f for f in permitted if f.compression == "none" and f.converges]
-    return plain or permitted
+    converging = [f for f in permitted if f.converges]
+    untouched = [f for f in converging if not f.throttle_pct and not f.postcopy]
+    tiers = (
+        [f for f in untouched if f.compression == "none"],
+        untouched,
+        _least_throttle([f for f in converging if f.throttle_pct and not f.postcopy]),
+        [f for f in converging if f.postcopy],
+    )
+    return next((tier for tier in tiers if tier), permitted)
+
+
+def _least_throttle(forecasts: list[Forecast]) -> list[Forecast]:
+    least = min((f.throttle_pct for f in forecasts), default=0)
+    return [f for f in forecasts if f.throttle_pct == least]
 
 
 def _recommend(results: Sequence[Forecast], policy: Policy, known: bool = True) -> tuple[str, str]:

@@ -117,7 +117,7 @@ def test_qemu_default_does_not_finish_within_the_bound(vms: VmFactory) -> None:
 
 
 def test_livemig_throttles_and_finishes_within_its_limits(tmp_path: Path) -> None:
-    config = _demo(tmp_path, "livemig", max_throttle_pct=99)
+    config = _demo(tmp_path, "livemig")  # the default allows a throttle (up to 99 %)
     report = asyncio.run(run_demo(config)).report
     assert report.status is Status.COMPLETED, report.error
     assert report.integrity is Integrity.OK, report.integrity_detail
@@ -144,8 +144,9 @@ def test_livemig_aborts_cleanly_when_the_limits_are_impossible(vms: VmFactory) -
     async def scenario() -> None:
         vms.lab.set_bandwidth(LINK_MBIT)
         async with vms.pair(WORKLOAD, MEMORY_MIB, WORKING_SET_MIB) as pair:
-            # Default livemig: no throttle, no post-copy, 300 ms at most.
-            request = pair.request(policy=preset("livemig"), link_mbit=LINK_MBIT, predict=True)
+            # livemig without levers: no throttle, no post-copy, 300 ms at most.
+            policy = dataclasses.replace(preset("livemig"), max_throttle_pct=0)
+            request = pair.request(policy=policy, link_mbit=LINK_MBIT, predict=True)
             started = time.monotonic()
             with pytest.raises(MigrationAborted) as info:
                 await run_migration(request, pair.source.qmp, pair.target.qmp)

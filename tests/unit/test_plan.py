@@ -268,15 +268,19 @@ def test_bandwidth_hint_sources() -> None:
 def test_a_guest_outrunning_the_link_gets_no_converging_plain_setting() -> None:
     link = BandwidthHint.from_link_mbit(80)
     m = _measurement(20, zstd=1.0, xbzrle=1.0)
-    predicted = forecast(m, link, preset("livemig"))
+    # The default allows a throttle, and the plan says before the start it needs one.
+    default = forecast(m, link, preset("livemig"))
+    assert default.recommendation.startswith("native + throttle")
+    no_levers = dataclasses.replace(preset("livemig"), max_throttle_pct=0)
+    predicted = forecast(m, link, no_levers)
     plain = [f for f in predicted.forecasts if not f.postcopy and not f.throttle_pct]
     assert not any(f.converges for f in plain)
     assert predicted.recommendation == "do not migrate now"
     assert "post-copy after the bulk round" in predicted.recommendation_reason
     throttled = [f for f in predicted.forecasts if f.throttle_pct]
-    assert throttled and throttled[0].converges and not allowed(throttled[0], preset("livemig"))
-    # A policy that allows post-copy gets it recommended.
-    lenient = dataclasses.replace(preset("livemig"), postcopy_allowed=True)
+    assert throttled and throttled[0].converges and not allowed(throttled[0], no_levers)
+    # A policy that allows post-copy (and no throttle) gets it recommended.
+    lenient = dataclasses.replace(no_levers, postcopy_allowed=True)
     judged = with_policy(predicted, lenient)
     assert judged.recommendation.startswith("post-copy")
     assert judged.policy_forecast is not None and judged.policy_forecast.postcopy

@@ -16,7 +16,7 @@ MIB = 1 << 20
 
 
 def test_plan_text_lists_every_setting_and_the_recommendation() -> None:
-    policy = preset("livemig")
+    policy = dataclasses.replace(preset("livemig"), max_throttle_pct=0)  # no lever left
     predicted = forecast(
         _measurement(20, zstd=1.0, xbzrle=1.0), BandwidthHint.from_link_mbit(80), policy
     )
