@@ -55,7 +55,10 @@ class MigrationRequest:
     (:mod:`migrate.plan`; about a second more before ``migrate``; the CLI and the
     demo ask for it); ``link_mbit`` is the migration link's speed when known (the
     forecast's bandwidth; otherwise a stated assumption). ``migration_id`` names
-    this migration in its report and events.
+    this migration in its report and events. ``state_dir`` keeps a journal of the
+    migration under ``state_dir/journal`` (:mod:`migrate.journal`): ``livemig
+    recover`` settles a migration whose engine crashed, and a VM with an unfinished
+    journal is refused; None (the default for library use): no journal.
     """
 
     source: HostEndpoint
@@ -76,6 +79,7 @@ class MigrationRequest:
     predict: bool = False
     link_mbit: float | None = None
     migration_id: str = field(default_factory=new_migration_id)
+    state_dir: Path | None = None
 
     @property
     def migration_uri(self) -> str:
