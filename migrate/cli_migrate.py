@@ -26,6 +26,7 @@ from migrate.cli import EXIT_INTERRUPTED, EXIT_MIGRATION, EXIT_OK, print_json
 from migrate.engine import STRATEGIES
 from migrate.errors import ConfigError, MigrationError
 from migrate.events import EventBus, Finished, MigrationEvent
+from migrate.journal import DEFAULT_STATE_DIR, STATE_DIR_ENV, JournalStore, state_dir_for_cli
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
 from migrate.presets import PRESET_NAMES, preset
@@ -164,6 +165,9 @@ def register(sub: Any) -> None:
                      help="migration link speed (Mbit/s) for the forecast; else assumed")  # fmt: skip
     mig.add_argument("--keep-source", action="store_true",
                      help="leave the source QEMU (paused) instead of quitting it after success")  # fmt: skip
+    mig.add_argument("--state-dir", type=Path, default=None,
+                     help=f"where the migration's journal goes, for `livemig recover` (default "
+                          f"${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")  # fmt: skip
     _policy_args(mig)
     mig.set_defaults(func=_migrate)
 
@@ -257,6 +261,7 @@ def _migrate(args: argparse.Namespace) -> int:
     for path in (args.source_qmp, args.target_qmp):
         if not path.exists():
             raise ConfigError(f"no QMP socket at {path}")
+    state_dir = state_dir_for_cli(args.state_dir)
     request = MigrationRequest(
         source=HostEndpoint("source", args.source_qmp),
         target=HostEndpoint("target", args.target_qmp, parse_migration_uri(args.target_uri)),
@@ -272,7 +277,10 @@ def _migrate(args: argparse.Namespace) -> int:
         target_host=HostFacts.from_file(args.target_cpu) if args.target_cpu else HostFacts(),
         predict=not args.no_predict,
         link_mbit=args.link_mbit,
+        state_dir=state_dir,
     )
+    # Refuse a VM left unfinished by a crash before connecting (the engine checks again).
+    JournalStore(state_dir).check_vm_free(request)
     out = _Output(args, "migrate")
     migration = Migration(request, events=out.bus, abort_grace_s=ABORT_GRACE_S)
     signalled: list[int] = []

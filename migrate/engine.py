@@ -7,14 +7,24 @@ migrate`` command, for QEMUs launched by someone else).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 
 from migrate.control.base import Controller, PredictionAware
-from migrate.errors import ConfigError, MigrationError, QemuError
-from migrate.events import EventBus, Finished, MigrationEvent, Planned
+from migrate.errors import ConfigError, LivemigError, MigrationError, PreflightError, QemuError
+from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Planned
+from migrate.journal import (
+    JournalOutcome,
+    JournalRecord,
+    JournalStore,
+    MigrationJournal,
+    MigrationSettings,
+)
+from migrate.journal import active as journal_active
 from migrate.native import NativeStrategy
 from migrate.pagestream.strategy import PagestreamStrategy
 from migrate.plan import BandwidthHint, measured_from, plan_migration
@@ -22,9 +32,12 @@ from migrate.preflight import run_preflight
 from migrate.presets import controller_for
 from migrate.qmp import QmpSession
 from migrate.ramfiles import ram_backing_file
+from migrate.recover import observe_held, vm_location
 from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
 from migrate.request import MigrationRequest
-from migrate.strategy import Strategy
+from migrate.strategy import Strategy, check_start
+
+log = logging.getLogger(__name__)
 
 STRATEGIES: dict[str, type[Strategy]] = {"native": NativeStrategy, "pagestream": PagestreamStrategy}
 
@@ -42,18 +55,32 @@ def strategy_for(name: str) -> Strategy:
 class _StrategyEvents(EventBus):
     """The bus a strategy emits on: everything goes to the caller's bus except
     :class:`Finished`, which the engine emits itself once the report is whole
-    (preflight, forecast and measured figures added)."""
+    (preflight, forecast and measured figures added).
 
-    def __init__(self, outer: EventBus) -> None:
+    With a journal, each phase change is written to it before the event goes on,
+    i.e. before the phase's first step (a failed write fails the migration there,
+    which rolls back); an ending phase's write never raises.
+    """
+
+    def __init__(self, outer: EventBus, journal: MigrationJournal | None = None) -> None:
         super().__init__(outer.migration_id)
         self.outer = outer
+        self.journal = journal
         self.report: MigrationReport | None = None
 
     def emit(self, event: MigrationEvent) -> None:
         if isinstance(event, Finished):
             self.report = event.report
-        else:
-            self.outer.emit(event)
+            return
+        if isinstance(event, PhaseChanged) and self.journal is not None:
+            if event.phase.terminal:
+                try:
+                    self.journal.phase(event.phase)
+                except OSError as exc:
+                    log.error("migration journal: cannot record phase %s: %s", event.phase, exc)
+            else:
+                self.journal.phase(event.phase)
+        self.outer.emit(event)
 
 
 async def run_migration(
@@ -70,39 +97,148 @@ async def run_migration(
     :class:`~migrate.errors.MigrationError` (with ``.report``) otherwise, the VM
     left running on the source. Once the strategy has started, ``events`` ends
     with :class:`Finished` carrying the same report, whatever the outcome.
+
+    With ``request.state_dir`` the migration keeps a journal there
+    (:mod:`migrate.journal`); a VM with an unfinished one is refused
+    (:class:`~migrate.errors.ConfigError`). At the end the journal is finished
+    once both QEMUs show exactly one copy of the VM running; otherwise it stays
+    for ``livemig recover`` (a :class:`~migrate.events.Notice` says so).
     """
     strategy = strategy_for(request.strategy)
     events = events or EventBus()
     events.bind(request.migration_id)
     for session in (source, target):
         session.timeout_s = request.qmp_timeout_s
-    checks = await run_preflight(
-        source, target, request.source_host, request.target_host, request.cpu_model
+    journal = await _begin_journal(request, source, target)
+    relay = _StrategyEvents(events, journal)
+    ended = False
+
+    async def end(report: MigrationReport | None, error: BaseException | None) -> None:
+        nonlocal ended
+        ended = True
+        try:
+            if journal is not None:
+                await asyncio.shield(_end_journal(journal, source, target, report, error, events))
+        finally:
+            if report is not None:
+                events.emit(Finished(report))
+
+    with journal_active(journal):
+        try:
+            checks = await run_preflight(
+                source, target, request.source_host, request.target_host, request.cpu_model
+            )
+            for check in checks.checks:
+                if check.verdict is not Verdict.OK:
+                    events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
+            checks.enforce(request.force)
+            predicted = await _predict(request, source, events)
+            if controller is None:
+                controller = controller_for(request.policy, predicted)
+            elif predicted is not None and isinstance(controller, PredictionAware):
+                controller.use_prediction(predicted)
+            try:
+                report = await strategy.run(request, source, target, controller, relay)
+            except MigrationError as exc:
+                if exc.report is not None:
+                    exc.report = _with_plan(exc.report, checks.checks, predicted)
+                await end(exc.report, exc)
+                raise
+            except BaseException as exc:
+                # Cancelled: the strategy rolled back and reported (if it had started).
+                partial = relay.report
+                await end(
+                    _with_plan(partial, checks.checks, predicted) if partial is not None else None,
+                    exc,
+                )
+                raise
+            report = _with_plan(report, checks.checks, predicted)
+            await end(report, None)
+            return report
+        except BaseException as exc:
+            if not ended:  # refused before the strategy ran (preflight, a bad request)
+                await end(None, exc)
+            raise
+
+
+async def _begin_journal(
+    request: MigrationRequest, source: QmpSession, target: QmpSession
+) -> MigrationJournal | None:
+    """The migration's journal, if the request keeps one; refuses a VM with an unfinished one.
+
+    The start checks run first (without a journal): a move refused there changes
+    nothing, so it leaves nothing to recover.
+    """
+    if request.state_dir is None:
+        return None
+    if request.source.qmp_socket is None or request.target.qmp_socket is None:
+        raise ConfigError(
+            "a migration journal (state_dir) needs both endpoints' QMP socket paths: "
+            "recovery connects to them"
+        )
+    store = JournalStore(request.state_dir)
+    store.check_vm_free(request)
+    start = await check_start(source, target, request)
+    caps = await source.execute("query-migrate-capabilities")
+    params = await source.execute("query-migrate-parameters")
+    settings = MigrationSettings(
+        {str(c["capability"]): bool(c["state"]) for c in caps}, dict(params)
     )
-    for check in checks.checks:
-        if check.verdict is not Verdict.OK:
-            events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
-    checks.enforce(request.force)
-    predicted = await _predict(request, source, events)
-    if controller is None:
-        controller = controller_for(request.policy, predicted)
-    elif predicted is not None and isinstance(controller, PredictionAware):
-        controller.use_prediction(predicted)
-    relay = _StrategyEvents(events)
+    record = JournalRecord.for_request(request, start.was_running, settings)
+    return store.begin(request, record)
+
+
+#: How long the end-of-migration check may look at both QEMUs (and a quit one take to exit).
+_LOCATE_S = 5.0
+
+
+async def _end_journal(
+    journal: MigrationJournal,
+    source: QmpSession,
+    target: QmpSession,
+    report: MigrationReport | None,
+    error: BaseException | None,
+    events: EventBus,
+) -> None:
+    """Record the outcome; finish the journal if the VM runs in exactly one place."""
+    record = journal.record
+    if report is None and isinstance(error, ConfigError | PreflightError):
+        journal.finish(JournalOutcome("refused", str(error), "source", time.time()))
+        return
+    status = str(report.status) if report is not None else "error"
+    why = report.error if report is not None else None
+    if why is None and error is not None:
+        why = str(error) or type(error).__name__
     try:
-        report = await strategy.run(request, source, target, controller, relay)
-    except MigrationError as exc:
-        if exc.report is not None:
-            exc.report = _with_plan(exc.report, checks.checks, predicted)
-            events.emit(Finished(exc.report))
-        raise
-    except BaseException:
-        if relay.report is not None:  # cancelled: the strategy rolled back and reported
-            events.emit(Finished(_with_plan(relay.report, checks.checks, predicted)))
-        raise
-    report = _with_plan(report, checks.checks, predicted)
-    events.emit(Finished(report))
-    return report
+        where = await asyncio.wait_for(
+            _locate(record, source, target, completed=status == "completed"), 2 * _LOCATE_S + 1
+        )
+    except (TimeoutError, LivemigError):
+        where = None
+    outcome = JournalOutcome(status, why, where, time.time())
+    if where is not None:
+        journal.finish(outcome)
+        return
+    journal.keep(outcome)
+    events.notice(
+        f"could not confirm that exactly one copy of VM {record.vm} runs: its journal "
+        f"{journal.path} stays; run `livemig recover`"
+    )
+
+
+async def _locate(
+    record: JournalRecord, source: QmpSession, target: QmpSession, completed: bool
+) -> str | None:
+    """Where the VM runs now, by the engine's own sessions (None: not settled)."""
+    tgt = await observe_held(
+        target, "target", record.target.qmp_socket, _LOCATE_S, gone_wait_s=_LOCATE_S
+    )
+    if completed and tgt.running:
+        return "target"  # the source was told to quit (or kept paused on request)
+    src = await observe_held(
+        source, "source", record.source.qmp_socket, _LOCATE_S, gone_wait_s=_LOCATE_S
+    )
+    return vm_location(record.source_was_running, src, tgt)
 
 
 def _with_plan(

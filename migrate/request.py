@@ -61,6 +61,10 @@ class MigrationRequest:
     every QMP command (a silent QEMU is an error, never a hang);
     ``stall_timeout_s`` how long pre-copy may make no progress (nothing sent: the
     link is down, or QEMU stuck) before the migration is rolled back.
+    ``state_dir`` keeps a journal of the
+    migration under ``state_dir/journal`` (:mod:`migrate.journal`): ``livemig
+    recover`` settles a migration whose engine crashed, and a VM with an unfinished
+    journal is refused; None (the default for library use): no journal.
     """
 
     source: HostEndpoint
@@ -83,6 +87,7 @@ class MigrationRequest:
     migration_id: str = field(default_factory=new_migration_id)
     qmp_timeout_s: float = 10.0
     stall_timeout_s: float = 30.0
+    state_dir: Path | None = None
 
     @property
     def migration_uri(self) -> str:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from migrate import journal
 from migrate.errors import MigrationAborted, MigrationError, QemuError
 from migrate.events import EventBus
 from migrate.integrity import IntegrityResult
@@ -86,6 +87,7 @@ async def finish_on_target(
             raise MigrationAborted(f"integrity check failed: {result.integrity.detail}")
     elif result.integrity.integrity is Integrity.UNCHECKED:
         result.integrity = IntegrityResult(Integrity.UNCHECKED, "RAM not mappable on both sides")
+    journal.point_of_no_return()  # from here on, recovery makes the target the VM
     if status == "paused":
         await resume_target(result, target, hooks)
     result.resumed = True
@@ -120,6 +122,7 @@ async def resume_postcopy_target(
         result.integrity = IntegrityResult(
             Integrity.UNCHECKED, "post-copy: RAM not mappable on both sides"
         )
+    journal.point_of_no_return()  # from here on, recovery makes the target the VM
     if status == "paused":
         await resume_target(result, target, hooks)
     result.resumed = True
