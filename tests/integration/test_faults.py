@@ -36,5 +36,5 @@ def test_short_fault_matrix_every_cell_ok(guest: GuestImage, tmp_path: Path) -> 
     assert lost_cont["status"] == "completed" and lost_cont["running_on"] == ["target"]
     assert any("dropped 1" in note for note in lost_cont["notes"]), lost_cont["notes"]
     report = (out / "report.md").read_text()
-    assert "| fault | phase |" in report and "NOT OK" not in report
+    assert "| fault | phase |" in report and "**NOT OK**" not in report
     assert result.returncode == 0, result.stderr
