@@ -17,6 +17,47 @@ PAGE_SIZE = 4096
 WORDS_PER_PAGE = PAGE_SIZE // 8
 
 
+#: Filesystems whose pages are allocated on first touch, also by a read through a
+#: shared mapping: touching a hole when the filesystem is full raises SIGBUS.
+_ALLOCATE_ON_TOUCH = frozenset({"tmpfs", "shm"})
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path`` (from /proc/self/mounts), or None."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def _require_room(path: Path, fd: int, size: int) -> None:
+    """Refuse to touch every page of a file its tmpfs cannot hold (SIGBUS otherwise).
+
+    Raises :class:`RamMappingError` naming the room there is.
+    """
+    if filesystem_type(path) not in _ALLOCATE_ON_TOUCH:
+        return
+    fs = os.fstatvfs(fd)
+    free = fs.f_bavail * fs.f_frsize
+    allocated = os.fstat(fd).st_blocks * 512
+    if allocated + free < size:
+        raise RamMappingError(
+            f"guest RAM file {path} needs {size >> 20} MiB but its filesystem has room for "
+            f"{(allocated + free) >> 20} MiB (touching the rest would kill this process with SIGBUS)"
+        )
+
+
 class RamMapping:
     """A shared mapping of a guest RAM file, closed on ``__exit__``.
 
@@ -64,6 +105,8 @@ class RamMapping:
                 raise RamMappingError(
                     f"guest RAM file {self.path} has {size} bytes, not a positive multiple of {PAGE_SIZE}"
                 )
+            if self.populate:
+                _require_room(self.path, fd, size)
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
             self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
             if self.populate:

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
     from bench.runner import Backend, PlannedRun
 
 
+#: The fault-matrix suites (``lab.faults.SUITES``), named here so that building the
+#: parser loads no lab module.
+FAULT_SUITES = ("faults", "faults-short")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -60,7 +65,8 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=usage)
     cmds = parser.add_subparsers(dest="bench_command", parser_class=type(parser))
     run = cmds.add_parser("run", help="run a suite in the lab (root): results, report, plots")
-    run.add_argument("--suite", default="default", choices=sorted(SUITES))
+    run.add_argument("--suite", default="default", choices=sorted((*SUITES, *FAULT_SUITES)),
+                     help="a benchmark suite, or a fault matrix (faults, faults-short)")  # fmt: skip
     run.add_argument("--out", type=Path, default=Path("bench-results"),
                      help="directory for results.json, report.md and the plots")  # fmt: skip
     run.add_argument("--repetitions", type=_positive_int, default=None,
@@ -140,6 +146,8 @@ def _run(args: argparse.Namespace) -> int:
     from bench.runner import run_suite
     from bench.scenario import runnable, suite_named
 
+    if args.suite in FAULT_SUITES:
+        return _run_faults(args)
     try:
         require_plots()  # matplotlib missing: say so before the suite runs, not after
         suite = suite_named(args.suite)
@@ -175,6 +183,14 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_faults(args: argparse.Namespace) -> int:
+    """The fault matrix (``lab.faults``): one fresh lab per cell, no plots."""
+    from lab.faults import main_run
+
+    command = "livemig bench run " + shlex.join(["--suite", args.suite, "--out", str(args.out)])
+    return main_run(args.suite, args.out, command)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from bench.errors import BenchError
     from bench.report import write_report
@@ -203,6 +219,10 @@ def _list(_args: argparse.Namespace) -> int:
                 missing = available.reason_missing(scenario)
                 note = f"  [not available: {missing}]" if missing else ""
                 print(f"    {scenario.label}{note}")
+    from lab.faults import SUITES as FAULT_MATRICES
+
+    for matrix in FAULT_MATRICES.values():
+        print(f"{matrix.name}: {matrix.description} ({len(matrix.cells)} cells)")
     return EXIT_OK
 
 
