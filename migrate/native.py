@@ -256,10 +256,20 @@ class _NativeRun(StrategyRun):
         )
 
     async def _postcopy_finish(self, tgt_log: EventRecorder, timeout: float = 120.0) -> None:
-        """Wait for the target to have every page (post-copy's end)."""
-        done = await tgt_log.wait_for(
-            "MIGRATION", migration_status_is("completed", "failed"), timeout=timeout
-        )
+        """Wait for the target to have every page (post-copy's end), watching it live."""
+        deadline = time.monotonic() + timeout
+        done = None
+        while done is None and time.monotonic() < deadline:
+            done = await tgt_log.wait_for(
+                "MIGRATION", migration_status_is("completed", "failed"), timeout=1.0
+            )
+            if done is None:
+                try:
+                    await self.target.status(timeout=min(self.target.timeout_s, 3.0))
+                except QemuError as exc:
+                    raise MigrationError(
+                        f"the target QEMU is gone during post-copy ({exc}): the VM is lost"
+                    ) from exc
         if done is None or done.data.get("status") != "completed":
             raise MigrationError("the target did not complete post-copy (it runs on the target)")
         sw = self.switchover
