@@ -139,10 +139,14 @@ class LibvirtHost:
     :class:`LibvirtLab`; :meth:`start` and :meth:`stop` are its steps.
     """
 
-    def __init__(self, host: LabHost, workdir: Path, ram_dir: Path) -> None:
+    def __init__(
+        self, host: LabHost, workdir: Path, ram_dir: Path, cache_dir: Path | None = None
+    ) -> None:
         self.host = host
         self.workdir = workdir
         self.ram_dir = ram_dir
+        # libvirt probes QEMU's capabilities on first use (~4 s); a kept cache saves it.
+        self.cache_dir = cache_dir or workdir / "cache"
         self.config = LibvirtConfig(
             listen_addr=host.migration_addr,
             unix_sock_dir=workdir / "sock",
@@ -179,14 +183,15 @@ class LibvirtHost:
     def _write_files(self) -> Path:
         for sub in PRIVATE_MOUNTS.values():
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.qemu_log_dir.mkdir(parents=True, exist_ok=True)
         self.config.unix_sock_dir.mkdir(parents=True, exist_ok=True)
         self.ram_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "etc" / "libvirtd.conf").write_text(self.config.libvirtd_conf())
         (self.workdir / "etc" / "qemu.conf").write_text(self.config.qemu_conf())
-        binds = "\n".join(
-            f"mount --bind {self.workdir / sub} {target}" for target, sub in PRIVATE_MOUNTS.items()
-        )
+        sources = {t: self.workdir / sub for t, sub in PRIVATE_MOUNTS.items()}
+        sources["/var/cache/libvirt"] = self.cache_dir
+        binds = "\n".join(f"mount --bind {src} {target}" for target, src in sources.items())
         script = self.workdir / "start.sh"
         script.write_text(
             "set -e\n"
@@ -300,12 +305,13 @@ class LibvirtHost:
 class LibvirtLab:
     """A libvirtd on lab host A and one on host B; a context manager.
 
-    Needs a :class:`~lab.net.Lab` (its namespaces and migration link) that outlives
+    ``cache_dir`` keeps libvirt's QEMU capability cache across labs (a subdirectory
+    per host); by default each lab probes QEMU afresh. Needs a :class:`~lab.net.Lab` (its namespaces and migration link) that outlives
     it. Raises :class:`LabError` when a daemon cannot start (after stopping the
     other and removing everything).
     """
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, cache_dir: Path | None = None) -> None:
         self.lab = lab
         stem = f"{DIR_PREFIX}-{os.getpid()}-"
         self._workdirs: list[Path] = []
@@ -314,7 +320,8 @@ class LibvirtLab:
             workdir = Path(tempfile.mkdtemp(prefix=f"{stem}{host.name}-", dir=WORK_ROOT))
             ram_dir = RAM_ROOT / workdir.name
             self._workdirs += [workdir, ram_dir]
-            self.hosts.append(LibvirtHost(host, workdir, ram_dir))
+            cache = cache_dir / host.name if cache_dir is not None else None
+            self.hosts.append(LibvirtHost(host, workdir, ram_dir, cache))
 
     @property
     def host_a(self) -> LibvirtHost:
@@ -433,7 +440,12 @@ def sweep(all_dirs: bool = False) -> list[Path]:
 @contextlib.contextmanager
 def libvirt_lab(bandwidth_mbit: float | None = None) -> Iterator[tuple[Lab, LibvirtLab]]:
     """A fresh :class:`~lab.net.Lab` with a libvirtd on each host."""
-    with Lab(bandwidth_mbit=bandwidth_mbit) as lab, LibvirtLab(lab) as daemons:
+    from lab.guest import cache_dir
+
+    with (
+        Lab(bandwidth_mbit=bandwidth_mbit) as lab,
+        LibvirtLab(lab, cache_dir() / "libvirt") as daemons,
+    ):
         yield lab, daemons
 
 

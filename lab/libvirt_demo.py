@@ -26,6 +26,7 @@ from lab.demo import (
     prepare_guest,
     wait_workload_started,
 )
+from lab.guest import cache_dir
 from lab.libvirt import DomainSite, LibvirtHost, LibvirtLab, domain_xml
 from lab.net import Lab
 from lab.probe import NetworkProbe
@@ -123,7 +124,10 @@ async def run_libvirt_demo(config: DemoConfig, events: EventBus | None = None) -
     """
     events = events or EventBus()
     guest, accel, environment = await prepare_guest(config)
-    with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab, LibvirtLab(lab) as daemons:
+    with (
+        Lab(bandwidth_mbit=config.bandwidth_mbit) as lab,
+        LibvirtLab(lab, cache_dir() / "libvirt") as daemons,
+    ):
         address = lab.next_guest_address()
         guest_ip = address.split("/")[0]
         spec = guest_spec(config, guest, accel, address)
