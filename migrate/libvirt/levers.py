@@ -64,7 +64,7 @@ class Pending:
     it so far, and those intents."""
 
     decision: Decision
-    results: list[tuple[bool, str]]
+    results: list[tuple[Outcome, str]]
     live: list[Intent]
 
 
@@ -79,12 +79,12 @@ class StartSettings:
     pending: list[Pending] = field(default_factory=list)
 
 
-def _outcome(results: list[tuple[bool, str]]) -> tuple[Outcome, str]:
-    rejected = [why for ok, why in results if not ok]
+def _outcome(results: list[tuple[Outcome, str]]) -> tuple[Outcome, str]:
+    outcomes = {outcome for outcome, _ in results}
     notes = "; ".join(why for _, why in results if why)
-    if not rejected:
+    if outcomes <= {Outcome.APPLIED}:
         return Outcome.APPLIED, notes
-    if len(rejected) == len(results):
+    if outcomes == {Outcome.REJECTED}:
         return Outcome.REJECTED, notes
     return Outcome.PARTIAL, notes
 
@@ -129,79 +129,87 @@ def settle_pending(pending: Pending, domain: JobDomain, postcopy_armed: bool) ->
     return pending.decision.settled(outcome, detail)
 
 
-def _at_start(intent: Intent, s: StartSettings, lv: Any) -> tuple[bool, str]:
+def _at_start(intent: Intent, s: StartSettings, lv: Any) -> tuple[Outcome, str]:
     match intent:
         case CapBandwidth(bytes_per_s=rate):
             if rate >= UNLIMITED_BANDWIDTH:
-                return True, "no bandwidth cap (libvirt's default)"
+                return Outcome.APPLIED, "no bandwidth cap (libvirt's default)"
             s.params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib(rate)
-            return True, f"bandwidth {bandwidth_mib(rate)} MiB/s"
+            return Outcome.APPLIED, f"bandwidth {bandwidth_mib(rate)} MiB/s"
         case ArmAutoConverge():
             s.flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
-            return True, "VIR_MIGRATE_AUTO_CONVERGE"
+            return Outcome.APPLIED, "VIR_MIGRATE_AUTO_CONVERGE"
         case Throttle(initial_pct=initial, increment_pct=increment, max_pct=most):
             s.params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = initial
             s.params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = increment
             if most < 99:
-                return False, f"max {most} %: libvirt has no max-cpu-throttle parameter"
-            return True, ""
+                return Outcome.PARTIAL, (
+                    f"initial {initial} % and increment {increment} % set; max {most} % not: "
+                    "libvirt has no max-cpu-throttle parameter (QEMU's 99 % stays)"
+                )
+            return Outcome.APPLIED, ""
         case Compress(method="xbzrle"):
             s.flags |= lv.VIR_MIGRATE_COMPRESSED
             s.params[lv.VIR_MIGRATE_PARAM_COMPRESSION] = "xbzrle"
-            return True, "VIR_MIGRATE_COMPRESSED xbzrle"
+            return Outcome.APPLIED, "VIR_MIGRATE_COMPRESSED xbzrle"
         case Compress(method="multifd"):
             s.flags |= lv.VIR_MIGRATE_PARALLEL
-            return True, "VIR_MIGRATE_PARALLEL"
+            return Outcome.APPLIED, "VIR_MIGRATE_PARALLEL"
         case SetXbzrleCache(bytes=size):
             s.params[lv.VIR_MIGRATE_PARAM_COMPRESSION_XBZRLE_CACHE] = int(size)
-            return True, ""
+            return Outcome.APPLIED, ""
         case SetMultifd(channels=channels, compression=compression):
             s.flags |= lv.VIR_MIGRATE_PARALLEL
             s.params[lv.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = int(channels)
             if compression != "none":
-                return False, f"multifd {compression}: libvirt 9.0 has no multifd compression"
-            return True, ""
+                return Outcome.PARTIAL, (
+                    f"{channels} channels set; {compression}: libvirt 9.0 has no multifd compression"
+                )
+            return Outcome.APPLIED, ""
         case ArmPostcopy():
             s.flags |= lv.VIR_MIGRATE_POSTCOPY
-            return True, "VIR_MIGRATE_POSTCOPY"
+            return Outcome.APPLIED, "VIR_MIGRATE_POSTCOPY"
         case AnnounceEarly():
-            return False, _NO_ANNOUNCE
+            return Outcome.REJECTED, _NO_ANNOUNCE
         case Switchover():
-            return True, ""
-    return False, f"{intent.kind} is not a start setting"
+            return Outcome.APPLIED, ""
+    return Outcome.REJECTED, f"{intent.kind} is not a start setting"
 
 
-def carry_out(intent: Intent, domain: JobDomain, postcopy_armed: bool) -> tuple[bool, str]:
+def carry_out(intent: Intent, domain: JobDomain, postcopy_armed: bool) -> tuple[Outcome, str]:
     """Carry out one intent on a running job: (done, why not / what). Raises libvirt's
     error when libvirt refuses a call it has."""
     match intent:
         case SetDowntimeLimit(ms=ms):
             domain.migrateSetMaxDowntime(int(ms), 0)
-            return True, ""
+            return Outcome.APPLIED, ""
         case SwitchoverNow():
             domain.migrateSetMaxDowntime(QEMU_MAX_DOWNTIME_MS, 0)
-            return True, f"migrateSetMaxDowntime({QEMU_MAX_DOWNTIME_MS})"
+            return Outcome.APPLIED, f"migrateSetMaxDowntime({QEMU_MAX_DOWNTIME_MS})"
         case CapBandwidth(bytes_per_s=rate):
             domain.migrateSetMaxSpeed(bandwidth_mib(min(rate, UNLIMITED_BANDWIDTH)), 0)
-            return True, ""
+            return Outcome.APPLIED, ""
         case SetXbzrleCache(bytes=size):
             domain.migrateSetCompressionCache(int(size), 0)
-            return True, ""
+            return Outcome.APPLIED, ""
         case StartPostcopy():
             if not postcopy_armed:
-                return False, "the job was started without VIR_MIGRATE_POSTCOPY"
+                return Outcome.REJECTED, "the job was started without VIR_MIGRATE_POSTCOPY"
             domain.migrateStartPostCopy(0)
-            return True, ""
+            return Outcome.APPLIED, ""
         case Switchover():
-            return True, ""
+            return Outcome.APPLIED, ""
         case Throttle():
-            return False, "libvirt sets auto-converge's throttle only when the job starts"
+            return (
+                Outcome.REJECTED,
+                "libvirt sets auto-converge's throttle only when the job starts",
+            )
         case AnnounceEarly():
-            return False, _NO_ANNOUNCE
+            return Outcome.REJECTED, _NO_ANNOUNCE
         case Abort():
             domain.abortJob()
-            return True, ""
-    return False, _START_ONLY
+            return Outcome.APPLIED, ""
+    return Outcome.REJECTED, _START_ONLY
 
 
 def settle_live(decision: Decision, domain: JobDomain, postcopy_armed: bool) -> Decision:
