@@ -12,6 +12,8 @@ packages=(
     python3 python3-venv python3-dev
     ca-certificates
     libvirt-clients                # virsh + libvirt0's cpu_map: the CPU baseline we compare with
+    libvirt-daemon-system libvirt-daemon-driver-qemu  # libvirtd for the libvirt strategy's lab
+    libvirt-dev pkg-config         # libvirt-python builds against the system libvirt
 )
 
 missing=()
