@@ -5,6 +5,7 @@
     BenchError                 root: anything the benchmark raises on purpose
     ├── SuiteError             an unknown suite, or a suite that contradicts itself
     ├── ResultsError           results.json missing, unreadable or of another format
+    ├── OutputError            results, report or plots cannot be written (.path)
     ├── LinkMeasureError       the migration link's throughput could not be measured
     └── PlotsUnavailable       matplotlib (the ``bench`` extra) is not installed
 
@@ -33,6 +34,15 @@ class ResultsError(BenchError):
 
     def __init__(self, message: str, path: Path) -> None:
         super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class OutputError(BenchError):
+    """``path`` (an output directory or a file in it) cannot be written; the message
+    names it."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
         self.path = path
 
 

@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from migrate import cli_args
+
 _CHUNK = 1 << 20
 
 
@@ -48,11 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     rx = sub.add_parser("receive")
     rx.add_argument("--bind", required=True)
-    rx.add_argument("--port", type=int, required=True)
+    rx.add_argument("--port", type=cli_args.int_in(1, 65535), required=True)
     tx = sub.add_parser("send")
     tx.add_argument("--to", required=True)
-    tx.add_argument("--port", type=int, required=True)
-    tx.add_argument("--seconds", type=float, default=1.0)
+    tx.add_argument("--port", type=cli_args.int_in(1, 65535), required=True)
+    tx.add_argument("--seconds", type=cli_args.positive_float(3600), default=1.0)
     args = parser.parse_args(argv)
     if args.mode == "receive":
         return receive(args.bind, args.port)

@@ -43,6 +43,7 @@ from bench import trackers as tracker_bench
 from dirtytrack.ram import PAGE_SIZE, RamMapping
 from lab.demo import DemoConfig, DemoHooks, Workload, run_demo
 from lab.qemu import QemuProcess
+from migrate import cli_args
 from migrate.pagestream.protocol import FrameReader, Hello, bytes_source, encode_hello, encode_pages
 from migrate.pagestream.tuning import LEVELS, level_label
 
@@ -409,18 +410,25 @@ def host_info() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pagestream", description=__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="directory for JSON + Markdown")
+    parser.add_argument(
+        "--out", type=cli_args.path, required=True, help="directory for JSON + Markdown"
+    )
     parser.add_argument(
         "--sizes",
         type=lambda text: [tracker_bench.parse_size(part) // MIB for part in text.split(",")],
         default=[256, 1024, 4096],
         help="comma-separated guest RAM sizes, e.g. 256M,1G,4G",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="migrations per size and strategy")
-    parser.add_argument("--bandwidth-mbit", type=float, default=200.0)
-    parser.add_argument("--workload", default="openssl+dirty:8")
-    parser.add_argument("--dirty-cap-mib", type=int, default=1024)
-    parser.add_argument("--scan-repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats",
+        type=cli_args.int_in(1, 1000),
+        default=3,
+        help="migrations per size and strategy",
+    )
+    parser.add_argument("--bandwidth-mbit", type=cli_args.MBIT, default=200.0)
+    parser.add_argument("--workload", type=cli_args.workload, default="openssl+dirty:8")
+    parser.add_argument("--dirty-cap-mib", type=cli_args.MEMORY_MIB, default=1024)
+    parser.add_argument("--scan-repeats", type=cli_args.int_in(1, 1000), default=3)
     parser.add_argument("--sample", type=tracker_bench.parse_size, default=64 * MIB)
     parser.add_argument("--skip-trackers", action="store_true")
     parser.add_argument("--note", action="append", default=[], help="a line for the report")

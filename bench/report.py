@@ -12,8 +12,8 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.errors import PlotsUnavailable
-from bench.results import BenchResults, LinkMeasurement, RunResult
+from bench.errors import OutputError, PlotsUnavailable
+from bench.results import BenchResults, LinkMeasurement, RunResult, check_results_dir
 from bench.stats import ComparisonSummary, Distribution, summarize
 
 REPORT_FILE = "report.md"
@@ -239,8 +239,14 @@ def require_plots() -> Callable[[BenchResults, Path], tuple[Path, ...]]:
 def write_report(results: BenchResults, out_dir: Path) -> tuple[Path, ...]:
     """Write the plots and ``report.md`` of ``results`` into ``out_dir``; returns the
     files written (report last). Raises :class:`PlotsUnavailable` (nothing written)
-    without matplotlib."""
-    plots = require_plots()(results, out_dir)
-    report = out_dir / REPORT_FILE
-    report.write_text(render_report(results, plots), encoding="utf-8")
+    without matplotlib, :class:`OutputError` when ``out_dir`` cannot be written."""
+    write_plots = require_plots()
+    check_results_dir(out_dir)
+    try:
+        plots = write_plots(results, out_dir)
+        report = out_dir / REPORT_FILE
+        report.write_text(render_report(results, plots), encoding="utf-8")
+    except OSError as exc:
+        where = exc.filename or out_dir
+        raise OutputError(f"cannot write {where}: {exc.strerror or exc}", out_dir) from exc
     return (*plots, report)

@@ -16,13 +16,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from bench.errors import ResultsError
+from bench.errors import OutputError, ResultsError
 from bench.scenario import Omitted, Scenario, Suite
 from migrate.codec import from_dict, to_dict
+from migrate.errors import ConfigError
+from migrate.files import InputFileError, JsonInputError, check_output_dir, read_input_json
 from migrate.report import Decision, Sample, Timeline
 
 FORMAT_VERSION = 1
 RESULTS_FILE = "results.json"
+#: The largest results.json read back; the default suite's is about 0.5 MiB.
+MAX_RESULTS_BYTES = 256 * 1024 * 1024
 
 
 class RunStatus(StrEnum):
@@ -199,30 +203,37 @@ class BenchResults:
         return from_dict(cls, data)
 
     def save(self, directory: Path) -> Path:
-        """Write ``directory/results.json`` atomically; returns its path."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``directory/results.json`` atomically; returns its path.
+
+        Raises :class:`OutputError` if it cannot be written.
+        """
         path = directory / RESULTS_FILE
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}", path) from exc
         return path
 
     @classmethod
     def load(cls, directory_or_file: Path) -> BenchResults:
         """Read results from a directory (its ``results.json``) or a file.
 
-        Raises :class:`ResultsError` if it is missing, not JSON, or not results of
-        this format version.
+        Raises :class:`ResultsError` if it is missing, not a regular file (a FIFO, a
+        device), larger than :data:`MAX_RESULTS_BYTES`, not UTF-8, not strict JSON
+        (or nested too deep), or not results of this format version.
         """
         path = directory_or_file
         if path.is_dir():
             path = path / RESULTS_FILE
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ResultsError(f"cannot read: {exc.strerror}", path) from exc
-        except json.JSONDecodeError as exc:
-            raise ResultsError(f"not JSON: {exc}", path) from exc
+            data = read_input_json(path, MAX_RESULTS_BYTES)
+        except JsonInputError as exc:
+            raise ResultsError(f"not JSON: {exc.detail}", path) from exc
+        except InputFileError as exc:
+            raise ResultsError(str(exc), path) from exc
         if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
             found = data.get("format_version") if isinstance(data, dict) else None
             raise ResultsError(
@@ -232,3 +243,13 @@ class BenchResults:
             return cls.from_dict(data)
         except (ValueError, TypeError) as exc:
             raise ResultsError(f"not benchmark results: {exc}", path) from exc
+
+
+def check_results_dir(directory: Path) -> Path:
+    """Check ``directory`` can be created (if missing) and written, before a suite
+    runs for an hour. Raises :class:`OutputError`: it is a file, cannot be created,
+    is read-only, or its name is not valid UTF-8."""
+    try:
+        return check_output_dir(directory, "results directory")
+    except ConfigError as exc:
+        raise OutputError(str(exc), directory) from None

@@ -28,6 +28,7 @@ from bench.results import (
     LinkMeasurement,
     RunResult,
     RunStatus,
+    check_results_dir,
 )
 from bench.scenario import Omitted, Scenario, Suite
 from cpumodel.errors import CpuModelError
@@ -164,9 +165,10 @@ async def run_suite(
 ) -> BenchResults:
     """Run every run of ``suite`` in interleaved order, saving ``out_dir/results.json``
     after each. Logs of failed runs stay in ``out_dir/logs/<run>``; those of completed
-    runs too with ``keep_logs``. Raises :class:`BenchError` if the link cannot be
-    measured; a failing run never raises.
+    runs too with ``keep_logs``. Raises :class:`BenchError` if ``out_dir`` cannot be
+    written (checked first) or the link cannot be measured; a failing run never raises.
     """
+    check_results_dir(out_dir)
     suite.validate()
     listener = listener or SilentListener()
     planned = schedule(suite)

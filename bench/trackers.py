@@ -51,6 +51,7 @@ from dirtytrack.trackers import (
     Tracker,
     probe_soft_dirty,
 )
+from migrate import cli_args
 
 MIB: Final = 1 << 20
 GIB: Final = 1 << 30
@@ -560,15 +561,17 @@ def _size_label(value: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.trackers", description=__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="directory for JSON + Markdown")
+    parser.add_argument(
+        "--out", type=cli_args.path, required=True, help="directory for JSON + Markdown"
+    )
     parser.add_argument(
         "--sizes",
         type=lambda text: [parse_size(part) for part in text.split(",")],
         default=[256 * MIB, GIB, 4 * GIB],
         help="comma-separated RAM sizes, e.g. 256M,1G,4G",
     )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dirty-fraction", type=float, default=0.01)
+    parser.add_argument("--repeats", type=cli_args.int_in(1, 1000), default=5)
+    parser.add_argument("--dirty-fraction", type=cli_args.positive_float(1.0), default=0.01)
     parser.add_argument("--zstd-sample", type=parse_size, default=64 * MIB)
     parser.add_argument("--backing", choices=["shm", "anon"], default="shm")
     args = parser.parse_args(argv)

@@ -175,7 +175,15 @@ def decode_cpuid(dump: CpuidDump, name: str = "") -> HostCpu:
     leaf0, leaf1 = dump.registers(0), dump.registers(1)
     if leaf0 is None or leaf1 is None:  # parse_cpuid_dump guarantees both
         raise CpuParseError("CPUID dump has no leaf 0 and leaf 1 registers")
+    if not any(r.eax or r.ebx or r.ecx or r.edx for r in dump.leaves.values()):
+        raise CpuParseError("CPUID dump holds only zero registers: not a real CPU's dump")
     vendor = _vendor(leaf0)
+    if not (vendor.isascii() and vendor.isprintable() and vendor.strip()):
+        raise CpuParseError(
+            f"CPUID leaf 0 holds no vendor string ({vendor.encode('latin-1', 'replace')!r})"
+        )
+    if leaf1.eax == 0:
+        raise CpuParseError("CPUID leaf 1 holds no family/model/stepping signature (EAX is 0)")
     family, model, stepping = _signature(leaf1.eax)
     max_basic = leaf0.eax
     found: set[str] = set()

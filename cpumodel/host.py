@@ -14,6 +14,11 @@ INTEL = "GenuineIntel"
 AMD = "AuthenticAMD"
 HYGON = "HygonGenuine"
 
+#: The highest CPUID family (base 0xF plus the 8-bit extended family).
+MAX_FAMILY = 0xF + 0xFF
+#: 100 GHz: no CPU's TSC runs faster; a higher rate is a broken description.
+MAX_TSC_KHZ = 100_000_000
+
 _VENDOR_LABELS = {INTEL: "Intel", AMD: "AMD", HYGON: "Hygon"}
 _VENDOR_BY_LABEL = {label.lower(): vendor for vendor, label in _VENDOR_LABELS.items()}
 
@@ -59,6 +64,23 @@ class HostCpu:
     tsc_khz: int | None = None
     unknown: frozenset[str] = field(default_factory=frozenset)
     unrecognized: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse what no CPU reports: a zero or negative TSC rate, a negative or
+        out-of-range family/model/stepping. Raises :class:`CpuParseError`."""
+        if not isinstance(self.source, SourceKind):
+            raise CpuParseError(f"unknown CPU description source {self.source!r}")
+        if self.tsc_khz is not None and not (
+            _is_int(self.tsc_khz) and 0 < self.tsc_khz <= MAX_TSC_KHZ
+        ):
+            raise CpuParseError(
+                f"TSC frequency {self.tsc_khz!r} kHz is not a rate a CPU runs at "
+                f"(want 1-{MAX_TSC_KHZ} kHz)"
+            )
+        for name, top in (("family", MAX_FAMILY), ("model", 0xFF), ("stepping", 0xF)):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= top):
+                raise CpuParseError(f"CPU {name} {value!r} is out of range (0-{top})")
 
     @property
     def vendor_label(self) -> str:
@@ -119,8 +141,14 @@ class HostCpu:
             raise CpuParseError(f"malformed host CPU JSON: {exc!r}") from exc
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+    if value is None or _is_int(value):
+        return value  # type: ignore[no-any-return]
+    raise ValueError(f"{value!r} is not a whole number")
 
 
 def normalize_flags(

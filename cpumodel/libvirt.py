@@ -21,6 +21,7 @@ from xml.sax.saxutils import quoteattr
 from cpumodel import flags as F
 from cpumodel.errors import CpuMapError, CpuParseError, UnknownCpuModel
 from cpumodel.host import HostCpu, SourceKind, normalize_flags, vendor_from_label, vendor_label
+from cpumodel.inputfile import InputFileError, read_input_bytes
 from cpumodel.models import GuestModel, ModelCatalog
 
 DEFAULT_CPU_MAP_DIR = Path("/usr/share/libvirt/cpu_map")
@@ -78,8 +79,8 @@ class CpuMap:
 
 def _parse_xml(path: Path) -> ET.Element:
     try:
-        return ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
+        return ET.fromstring(read_input_bytes(path))
+    except (InputFileError, ET.ParseError) as exc:
         raise CpuMapError(f"cannot read libvirt cpu_map file {path}: {exc}") from exc
 
 
@@ -189,6 +190,11 @@ def _host_from_element(
         raise CpuParseError(f"libvirt CPU #{position + 1} names no model and no known feature")
     tsc = next((c for c in element.findall("counter") if c.get("name") == "tsc"), None)
     tsc_hz = _int_attr(tsc, "frequency")
+    if tsc is not None and (tsc_hz is None or tsc_hz < 1000):
+        raise CpuParseError(
+            f"libvirt CPU #{position + 1}: TSC frequency {tsc.get('frequency')!r} Hz "
+            "is not a rate a CPU runs at"
+        )
     signature = element.find("signature")
     return HostCpu(
         name=name,

@@ -32,6 +32,7 @@ from qemu.qmp import QMPClient, QMPError
 from cpumodel import flags as F
 from cpumodel.errors import CpuParseError, QemuProbeError
 from cpumodel.host import HostCpu, SourceKind
+from cpumodel.inputfile import read_input_json
 from cpumodel.models import GuestModel, ModelCatalog
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def load_catalog(
     path = _cache_path(binary, cache_dir or default_cache_dir())
     if not refresh and path.is_file():
         try:
-            return ModelCatalog.from_dict(json.loads(path.read_text()))
+            return ModelCatalog.from_dict(read_input_json(path))
         except (OSError, ValueError, CpuParseError) as exc:
             log.warning("ignoring unreadable CPU model cache %s: %s", path, exc)
     catalog = asyncio.run(probe_catalog(binary))
@@ -340,7 +341,9 @@ def host_from_expansion(
     flags = frozenset(k for k, v in props.items() if v is True and k in F.QEMU_FLAGS)
     if not flags:
         raise CpuParseError("QMP CPU expansion has no CPUID flags switched on")
-    tsc_hz = _int_or_none(props.get("tsc-frequency"))
+    tsc_hz = _int_or_none(props.get("tsc-frequency"))  # 0: QEMU does not know it
+    if tsc_hz is not None and tsc_hz < 0:
+        raise CpuParseError(f"QMP CPU expansion has a negative tsc-frequency ({tsc_hz} Hz)")
     model_id = str(props.get("model-id", ""))
     return HostCpu(
         name=name or model_id or "qmp-host",

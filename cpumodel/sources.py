@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -12,12 +11,21 @@ from cpumodel.cpuid import looks_like_cpuid_dump, parse_cpuid_text
 from cpumodel.cpuinfo import looks_like_cpuinfo, looks_like_lscpu, parse_cpuinfo, parse_lscpu
 from cpumodel.errors import CpuMapError, CpuParseError, UnknownCpuModel
 from cpumodel.host import HostCpu, SourceKind
+from cpumodel.inputfile import (
+    MAX_INPUT_BYTES,
+    InputFileError,
+    JsonInputError,
+    decode_text,
+    loads_json,
+    read_input_bytes,
+    read_input_json,
+)
 from cpumodel.libvirt import CpuMap, ModelResolver, looks_like_libvirt_xml, parse_libvirt_cpus
 from cpumodel.models import ModelCatalog
 from cpumodel.qemu import host_from_expansion
 
 # The largest description we read; real ones (a 128-CPU AIDA64 dump) are under 1 MiB.
-MAX_DESCRIPTION_BYTES = 16 * 1024 * 1024
+MAX_DESCRIPTION_BYTES = MAX_INPUT_BYTES
 
 
 class TextKind(StrEnum):
@@ -59,9 +67,9 @@ def detect_kind(text: str) -> TextKind:
 
 def _json(text: str) -> dict[str, Any]:
     try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise CpuParseError(f"bad JSON: {exc}") from exc
+        data = loads_json(text)
+    except JsonInputError as exc:
+        raise CpuParseError(f"bad JSON: {exc.detail}") from exc
     if not isinstance(data, dict):
         raise CpuParseError("JSON CPU description must be an object")
     return data
@@ -115,21 +123,35 @@ def parse_hosts(text: str, name: str, resolve: ModelResolver | None = None) -> l
 
 
 def read_description(path: Path) -> str:
-    """A description file's text; raises CpuParseError if it is missing or too big."""
+    """A description file's text; raises CpuParseError naming the file if it is missing,
+    not a regular file (a FIFO, a device, a directory), too big or not UTF-8 text."""
     try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_DESCRIPTION_BYTES + 1)
-    except OSError as exc:
-        raise CpuParseError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_DESCRIPTION_BYTES:
-        raise CpuParseError(f"{path} is larger than {MAX_DESCRIPTION_BYTES} bytes")
-    return raw.decode("utf-8", errors="replace")
+        raw = read_input_bytes(path, MAX_DESCRIPTION_BYTES)
+    except InputFileError as exc:
+        raise CpuParseError(f"{path}: {exc}") from exc
+    try:
+        return decode_text(raw)
+    except InputFileError as exc:
+        raise CpuParseError(f"{path}: not a CPU description: {exc}") from exc
+
+
+def load_catalog_file(path: Path) -> ModelCatalog:
+    """A saved model catalogue (``livemig cpu models --json``); raises CpuParseError."""
+    try:
+        data = read_input_json(path, MAX_DESCRIPTION_BYTES)
+    except InputFileError as exc:
+        raise CpuParseError(f"{path}: not a model catalogue: {exc}") from exc
+    try:
+        return ModelCatalog.from_dict(data)
+    except CpuParseError as exc:
+        raise CpuParseError(f"{path}: {exc}") from exc
 
 
 def load_hosts(path: Path, resolve: ModelResolver | None = None) -> list[HostCpu]:
     """Every host CPU described in a file, named after the file; raises CpuModelError."""
+    text = read_description(path)
     try:
-        return parse_hosts(read_description(path), path.stem, resolve)
+        return parse_hosts(text, path.stem, resolve)
     except CpuParseError as exc:
         raise CpuParseError(f"{path}: {exc}") from exc
 

@@ -23,10 +23,12 @@ from lab.guest import GuestImage, ensure_guest
 from lab.net import Lab
 from lab.probe import NetworkProbe, ProbeRecord
 from lab.qemu import QemuProcess
+from migrate import validate
 from migrate.api import Migration
 from migrate.engine import strategy_for
 from migrate.errors import ConfigError, QemuError
 from migrate.events import EventBus
+from migrate.files import check_output_dir
 from migrate.plan import BandwidthHint, plan_migration
 from migrate.policy import Policy
 from migrate.report import MigrationReport, Predicted, ProbeSummary, offset_ms
@@ -35,7 +37,7 @@ from migrate.vmspec import NicSpec, VMSpec
 
 GUEST_MAC = "52:54:00:4c:4d:01"
 MIGRATION_PORT = 4444
-_WORKLOAD_RE = re.compile(r"^(idle|openssl|(?:openssl\+)?dirty:(\d+(?:\.\d+)?))$")
+_WORKLOAD_RE = re.compile(r"idle|openssl|(?:openssl\+)?dirty:([0-9]{1,6}(?:\.[0-9]{1,6})?)")
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,19 @@ class Workload:
 
     text: str
 
-    @classmethod
-    def parse(cls, text: str) -> Workload:
-        """Raises :class:`ConfigError` for anything else."""
-        match = _WORKLOAD_RE.match(text)
-        if not match or (match.group(2) is not None and float(match.group(2)) <= 0):
+    def __post_init__(self) -> None:
+        """Raises :class:`ConfigError` for anything else (the text goes on the guest's
+        kernel command line: a space or a newline would add parameters)."""
+        text = self.text
+        match = _WORKLOAD_RE.fullmatch(text) if isinstance(text, str) else None
+        if not match or (match.group(1) is not None and float(match.group(1)) <= 0):
             raise ConfigError(
                 f"unknown workload {text!r} (idle, openssl, dirty:MIBPS, openssl+dirty:MIBPS)"
             )
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """Raises :class:`ConfigError` for anything else."""
         return cls(text)
 
     @property
@@ -83,6 +90,31 @@ class DemoConfig:
     cpu_model: str | None = None
     force: bool = False
     predict: bool = True
+
+    def __post_init__(self) -> None:
+        """Raises :class:`ConfigError` for values no guest or lab can take."""
+        validate.text(self.strategy, "strategy", pattern=validate.PLAIN_NAME, max_length=64)
+        if not isinstance(self.workload, Workload):
+            raise ConfigError(f"workload must be a Workload, not {self.workload!r}")
+        validate.whole(self.memory_mib, "memory_mib", minimum=16, maximum=1 << 20)
+        validate.whole(self.dirty_mib, "dirty_mib", minimum=1, maximum=1 << 20)
+        if self.dirty_mib > self.memory_mib:
+            raise ConfigError(
+                f"dirty_mib {self.dirty_mib} is more than the guest's memory_mib {self.memory_mib}"
+            )
+        if self.bandwidth_mbit is not None:
+            validate.number(self.bandwidth_mbit, "bandwidth_mbit", above=0, maximum=1e7)
+        for name in ("offline", "verify", "repair", "force", "predict"):
+            validate.flag(getattr(self, name), name)
+        if not isinstance(self.policy, Policy):
+            raise ConfigError(f"policy must be a Policy, not {self.policy!r}")
+        validate.number(self.probe_interval_ms, "probe_interval_ms", above=0, maximum=1000)
+        validate.number(self.warmup_s, "warmup_s", minimum=0, maximum=3600)
+        validate.number(self.settle_s, "settle_s", minimum=0, maximum=3600)
+        if self.log_dir is not None and not isinstance(self.log_dir, Path):
+            raise ConfigError(f"log_dir must be a Path, not {self.log_dir!r}")
+        if self.cpu_model is not None:
+            validate.text(self.cpu_model, "cpu_model", max_length=4096)
 
 
 @dataclass(frozen=True)
@@ -173,6 +205,8 @@ async def run_demo(
     Raises :class:`~migrate.errors.LivemigError` subclasses for set-up failures.
     """
     strategy_for(config.strategy)
+    if config.log_dir is not None:
+        check_output_dir(config.log_dir, "log directory")
     events = events or EventBus()
     hooks = hooks or DemoHooks()
     guest, accel, environment = await prepare_guest(config)
@@ -255,6 +289,8 @@ async def plan_on_lab(
 ) -> tuple[Predicted, DemoEnvironment]:
     """Boot the test guest on lab host A with ``config``'s workload and forecast it
     (``livemig plan --lab``)."""
+    if config.log_dir is not None:
+        check_output_dir(config.log_dir, "log directory")
     guest, accel, environment = await prepare_guest(config)
     with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
         spec = guest_spec(config, guest, accel, lab.next_guest_address())

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from lab.errors import LabError
+from migrate import cli_args
 
 NAME_PREFIX = "livemig"
 GUEST_NETWORK = ipaddress.ip_network("198.18.0.0/24")
@@ -320,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.net")
     parser.add_argument("action", choices=["hold", "list", "sweep"])
     parser.add_argument("--all", action="store_true", help="sweep: remove live labs too")
-    parser.add_argument("--bandwidth-mbit", type=float, default=None, help="hold: tbf cap")
+    parser.add_argument("--bandwidth-mbit", type=cli_args.MBIT, default=None, help="hold: tbf cap")
     args = parser.parse_args(argv)
     try:
         if args.action == "list":

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lab.errors import ProbeError
+from migrate import cli_args
 
 _ICMP_ECHO_REQUEST = 8
 _ICMP_ECHO_REPLY = 0
@@ -306,8 +307,8 @@ class NetworkProbe:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.probe")
     parser.add_argument("target")
-    parser.add_argument("--interval-ms", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--interval-ms", type=cli_args.positive_float(1000), default=1.0)
+    parser.add_argument("--out", type=cli_args.path, required=True)
     args = parser.parse_args(argv)
     return run_probe(args.target, args.interval_ms / 1e3, args.out)
 

@@ -26,6 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from migrate import cli_args
 from migrate.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 # The handlers import the benchmark (and through it the lab) when they run, so
@@ -38,16 +39,6 @@ if TYPE_CHECKING:
 #: The fault-matrix suites (``lab.faults.SUITES``), named here so that building the
 #: parser loads no lab module.
 FAULT_SUITES = ("faults", "faults-short")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
 
 def register(sub: Any) -> None:
@@ -67,15 +58,15 @@ def register(sub: Any) -> None:
     run = cmds.add_parser("run", help="run a suite in the lab (root): results, report, plots")
     run.add_argument("--suite", default="default", choices=sorted((*SUITES, *FAULT_SUITES)),
                      help="a benchmark suite, or a fault matrix (faults, faults-short)")  # fmt: skip
-    run.add_argument("--out", type=Path, default=Path("bench-results"),
+    run.add_argument("--out", type=cli_args.path, default=Path("bench-results"),
                      help="directory for results.json, report.md and the plots")  # fmt: skip
-    run.add_argument("--repetitions", type=_positive_int, default=None,
+    run.add_argument("--repetitions", type=cli_args.int_in(1, 1000), default=None,
                      help="override every comparison's repetitions")  # fmt: skip
     run.add_argument("--keep-logs", action="store_true",
                      help="keep logs of completed runs too (failed runs' are always kept)")  # fmt: skip
     run.set_defaults(func=_run)
     plot = cmds.add_parser("plot", help="rewrite report.md and the plots from DIR/results.json")
-    plot.add_argument("dir", type=Path)
+    plot.add_argument("dir", type=cli_args.path)
     plot.set_defaults(func=_plot)
     listing = cmds.add_parser("list", help="the suites and what they run")
     listing.set_defaults(func=_list)
@@ -143,12 +134,14 @@ def _run(args: argparse.Namespace) -> int:
     from bench.errors import BenchError
     from bench.policies import availability
     from bench.report import require_plots, write_report
+    from bench.results import check_results_dir
     from bench.runner import run_suite
     from bench.scenario import runnable, suite_named
 
     if args.suite in FAULT_SUITES:
         return _run_faults(args)
     try:
+        check_results_dir(args.out)  # before anything runs: a file, read-only, ...
         require_plots()  # matplotlib missing: say so before the suite runs, not after
         suite = suite_named(args.suite)
         if args.repetitions is not None:
@@ -196,9 +189,10 @@ def _plot(args: argparse.Namespace) -> int:
     from bench.report import write_report
     from bench.results import BenchResults
 
+    out_dir = args.dir if args.dir.is_dir() else args.dir.parent  # DIR or DIR/results.json
     try:
         results = BenchResults.load(args.dir)
-        written = write_report(results, args.dir)
+        written = write_report(results, out_dir)
     except BenchError as exc:
         return _fail(str(exc))
     print("wrote " + ", ".join(str(p) for p in written))

@@ -13,15 +13,13 @@ the move is compatible and 3 (refused) when it is not.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from cpumodel import flags as F
 from cpumodel.baseline import compute_baseline
 from cpumodel.compat import check_migration
-from cpumodel.errors import CpuMapError, CpuParseError, QemuProbeError
+from cpumodel.errors import CpuMapError, QemuProbeError
 from cpumodel.host import HostCpu, kvm_supported
 from cpumodel.libvirt import (
     DEFAULT_CPU_MAP_DIR,
@@ -37,7 +35,8 @@ from cpumodel.models import (
     next_psabi_level,
 )
 from cpumodel.qemu import DEFAULT_QEMU, QmpHostView, host_view_from_qmp, load_catalog
-from cpumodel.sources import load_host, load_hosts, model_resolver, read_description
+from cpumodel.sources import load_catalog_file, load_host, load_hosts, model_resolver
+from migrate import cli_args
 from migrate.cli import EXIT_OK, EXIT_PREFLIGHT, EXIT_USAGE, print_json
 
 _SHOWN_MODELS = 5
@@ -56,11 +55,7 @@ class _Context:
         """The QEMU models: a saved catalogue (--models) or the QEMU binary's (cached)."""
         if self._catalog is None:
             if self._args.models is not None:
-                text = read_description(Path(self._args.models))
-                try:
-                    self._catalog = ModelCatalog.from_dict(json.loads(text))
-                except ValueError as exc:
-                    raise CpuParseError(f"{self._args.models}: bad model catalogue: {exc}") from exc
+                self._catalog = load_catalog_file(self._args.models)
             else:
                 self._catalog = self._qemu_or_cpu_map()
         return self._catalog
@@ -79,9 +74,9 @@ class _Context:
         """libvirt's cpu_map; None when the default one is not installed."""
         if not self._cpu_map_loaded:
             try:
-                self._cpu_map = load_cpu_map(Path(self._args.cpu_map))
+                self._cpu_map = load_cpu_map(self._args.cpu_map)
             except CpuMapError:
-                if self._args.cpu_map != str(DEFAULT_CPU_MAP_DIR):
+                if self._args.cpu_map != DEFAULT_CPU_MAP_DIR:
                     raise
             self._cpu_map_loaded = True
         return self._cpu_map
@@ -95,11 +90,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary whose models to use")
     parser.add_argument(
-        "--models", default=None, metavar="FILE",
+        "--models", type=cli_args.path, default=None, metavar="FILE",
         help="a saved model catalogue (livemig cpu models --json) instead of asking QEMU",
     )  # fmt: skip
     parser.add_argument(
-        "--cpu-map", default=str(DEFAULT_CPU_MAP_DIR), metavar="DIR",
+        "--cpu-map", type=cli_args.path, default=DEFAULT_CPU_MAP_DIR, metavar="DIR",
         help="libvirt cpu_map directory, for reading libvirt <cpu> XML",
     )  # fmt: skip
 
@@ -119,20 +114,25 @@ def register(sub: Any) -> None:
 
     show = cmds.add_parser("show", help="describe a host CPU")
     source = show.add_mutually_exclusive_group(required=True)
-    source.add_argument("--qmp", metavar="SOCKET", help="QMP socket of a running QEMU")
-    source.add_argument("file", nargs="?", help="CPU description file")
+    source.add_argument("--qmp", type=cli_args.path, metavar="SOCKET",
+                        help="QMP socket of a running QEMU")  # fmt: skip
+    source.add_argument("file", nargs="?", type=cli_args.path, help="CPU description file")
     _common(show)
     show.set_defaults(func=_show)
 
     check = cmds.add_parser("check", help="can a VM with this CPU move from source to target?")
-    check.add_argument("--model", required=True, help="the VM's -cpu string, e.g. host, kvm64")
-    check.add_argument("--source", required=True, help="source host CPU description")
-    check.add_argument("--target", required=True, help="target host CPU description")
+    check.add_argument("--model", type=cli_args.plain_text, required=True,
+                       help="the VM's -cpu string, e.g. host, kvm64")  # fmt: skip
+    check.add_argument("--source", type=cli_args.path, required=True,
+                       help="source host CPU description")  # fmt: skip
+    check.add_argument("--target", type=cli_args.path, required=True,
+                       help="target host CPU description")  # fmt: skip
     _common(check)
     check.set_defaults(func=_check)
 
     baseline = cmds.add_parser("baseline", help="the best CPU every host can run")
-    baseline.add_argument("files", nargs="+", help="one CPU description per host")
+    baseline.add_argument("files", nargs="+", type=cli_args.path,
+                          help="one CPU description per host")  # fmt: skip
     _common(baseline)
     baseline.set_defaults(func=_baseline)
 
@@ -191,10 +191,10 @@ def _show(args: argparse.Namespace) -> int:
     ctx = _Context(args)
     qmp: QmpHostView | None = None
     if args.qmp:
-        qmp = host_view_from_qmp(args.qmp)
+        qmp = host_view_from_qmp(str(args.qmp))
         hosts = [qmp.host]
     else:
-        hosts = load_hosts(Path(args.file), ctx.resolver())
+        hosts = load_hosts(args.file, ctx.resolver())
     entries = []
     for host in hosts:
         usable = _usable_models(host, ctx)
@@ -213,8 +213,8 @@ def _show(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     ctx = _Context(args)
-    source = load_host(Path(args.source), ctx.resolver())
-    target = load_host(Path(args.target), ctx.resolver())
+    source = load_host(args.source, ctx.resolver())
+    target = load_host(args.target, ctx.resolver())
     result = check_migration(args.model, source, target, ctx.catalog())
     if args.json:
         print_json(
@@ -242,7 +242,7 @@ def _baseline(args: argparse.Namespace) -> int:
     ctx = _Context(args)
     hosts: list[HostCpu] = []
     for name in args.files:
-        hosts += load_hosts(Path(name), ctx.resolver())
+        hosts += load_hosts(name, ctx.resolver())
     baseline = compute_baseline(hosts, ctx.catalog())
     if args.json:
         print_json(baseline.to_dict())

@@ -15,17 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import re
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
+from migrate import cli_args
 from migrate.api import Migration
 from migrate.cli import EXIT_INTERRUPTED, EXIT_MIGRATION, EXIT_OK, print_json
 from migrate.engine import STRATEGIES
 from migrate.errors import ConfigError, MigrationError
 from migrate.events import EventBus, Finished, MigrationEvent
+from migrate.files import check_output_dir
 from migrate.journal import DEFAULT_STATE_DIR, STATE_DIR_ENV, JournalStore, state_dir_for_cli
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
@@ -33,63 +33,25 @@ from migrate.presets import PRESET_NAMES, preset
 from migrate.progress import JsonLines, ProgressBar
 from migrate.render import render_report
 from migrate.report import MigrationReport
-from migrate.request import HostEndpoint, MigrationRequest
-
-_URI_RE = re.compile(
-    r"^(tcp:(?P<host>[^:\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)|unix:(?P<path>/\S+))$"
-)
-
-
-def parse_migration_uri(text: str) -> str:
-    """Accept ``tcp:HOST:PORT`` or ``unix:/PATH``. Raises :class:`ConfigError`."""
-    match = _URI_RE.match(text)
-    if match is None:
-        raise ConfigError(f"bad migration URI {text!r} (want tcp:HOST:PORT or unix:/PATH)")
-    port = match.group("port")
-    if port is not None and not 0 < int(port) < 65536:
-        raise ConfigError(f"bad port in migration URI {text!r}")
-    return text
-
-
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
-
-    return parse
-
-
-def _workload(text: str) -> str:
-    """``--workload``: checked here (a usage error), parsed again by ``_demo``."""
-    from lab.demo import Workload  # the lab loads only for ``demo``
-
-    try:
-        return Workload.parse(text).text
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from migrate.request import HostEndpoint, MigrationRequest, parse_migration_uri
 
 
 def _policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="native")
     parser.add_argument("--policy", choices=PRESET_NAMES, default="livemig",
                         help="named policy: livemig (measures and decides) or a peer's defaults")  # fmt: skip
-    parser.add_argument("--max-total-time-s", type=_positive(float), default=None,
+    parser.add_argument("--max-total-time-s", type=cli_args.positive_float(1e9), default=None,
                         help="abort (or switch to post-copy, if allowed) past this time")  # fmt: skip
-    parser.add_argument("--max-throttle-pct", type=_percent, default=None,
+    parser.add_argument("--max-throttle-pct", type=cli_args.int_in(0, 99), default=None,
                         help="most guest CPU auto-converge may take (0-99)")  # fmt: skip
     parser.add_argument("--allow-postcopy", action="store_true",
                         help="let the controller switch to post-copy (no rollback, no RAM check before resume)")  # fmt: skip
     parser.add_argument(
         "--offline", action="store_true", help="stop the VM, move it, start it on the target"
     )
-    parser.add_argument("--max-downtime-ms", type=_positive(float), default=None,
+    parser.add_argument("--max-downtime-ms", type=cli_args.DOWNTIME_MS, default=None,
                         help="hard ceiling on QEMU's downtime-limit (ms)")  # fmt: skip
-    parser.add_argument("--downtime-limit-ms", type=_positive(float), default=None,
+    parser.add_argument("--downtime-limit-ms", type=cli_args.DOWNTIME_MS, default=None,
                         help="downtime-limit to start with (ms)")  # fmt: skip
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the source/target RAM comparison before resuming the target")  # fmt: skip
@@ -105,16 +67,6 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--json", action="store_true", help="print exactly one JSON object")
     shape.add_argument("--events", action="store_true",
                        help="print one JSON object per event (JSON lines), the report last")  # fmt: skip
-
-
-def _percent(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= 99:
-        raise argparse.ArgumentTypeError(f"must be 0-99: {text!r}")
-    return value
 
 
 def _policy(args: argparse.Namespace) -> Policy:
@@ -136,36 +88,42 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 def register(sub: Any) -> None:
     demo = sub.add_parser("demo", help="live-migrate the test guest between two lab hosts (root)")
-    demo.add_argument("--workload", type=_workload, default="openssl",
+    demo.add_argument("--workload", type=cli_args.workload, default="openssl",
                       help="idle | openssl | dirty:MIBPS | openssl+dirty:MIBPS")  # fmt: skip
-    demo.add_argument("--memory-mib", type=_positive(int), default=256)
-    demo.add_argument("--dirty-mib", type=_positive(int), default=64,
+    demo.add_argument("--memory-mib", type=cli_args.MEMORY_MIB, default=256)
+    demo.add_argument("--dirty-mib", type=cli_args.MEMORY_MIB, default=64,
                       help="working set of the dirty workload (MiB)")  # fmt: skip
-    demo.add_argument("--bandwidth-mbit", type=_positive(float), default=None,
+    demo.add_argument("--bandwidth-mbit", type=cli_args.MBIT, default=None,
                       help="cap the migration link with tc tbf (Mbit/s)")  # fmt: skip
-    demo.add_argument("--log-dir", type=Path, default=None, help="keep QEMU and serial logs here")
-    demo.add_argument("--cpu", default=None,
+    demo.add_argument(
+        "--log-dir", type=cli_args.path, default=None, help="keep QEMU and serial logs here"
+    )
+    demo.add_argument("--cpu", type=cli_args.plain_text, default=None,
                       help="guest -cpu string (default: chosen with the accelerator)")  # fmt: skip
     _policy_args(demo)
     demo.set_defaults(func=_demo)
 
     mig = sub.add_parser("migrate", help="migrate a VM between two QEMUs you started")
-    mig.add_argument("--source-qmp", type=Path, required=True, help="QMP socket of the running VM")
-    mig.add_argument("--target-qmp", type=Path, required=True,
+    mig.add_argument(
+        "--source-qmp", type=cli_args.path, required=True, help="QMP socket of the running VM"
+    )
+    mig.add_argument("--target-qmp", type=cli_args.path, required=True,
                      help="QMP socket of the target QEMU (started with -incoming defer)")  # fmt: skip
     mig.add_argument(
         "--target-uri", type=str, required=True, help="tcp:HOST:PORT the target listens on"
     )
-    mig.add_argument("--source-cpu", type=Path, default=None,
+    mig.add_argument("--source-cpu", type=cli_args.path, default=None,
                      help="source host CPU description (cpuinfo, lscpu, CPUID dump, libvirt XML)")  # fmt: skip
-    mig.add_argument("--target-cpu", type=Path, default=None, help="target host CPU description")
-    mig.add_argument("--cpu-model", default=None,
+    mig.add_argument(
+        "--target-cpu", type=cli_args.path, default=None, help="target host CPU description"
+    )
+    mig.add_argument("--cpu-model", type=cli_args.plain_text, default=None,
                      help="the VM's full -cpu string, if it has +flag/-flag edits QMP cannot show")  # fmt: skip
-    mig.add_argument("--link-mbit", type=_positive(float), default=None,
+    mig.add_argument("--link-mbit", type=cli_args.MBIT, default=None,
                      help="migration link speed (Mbit/s) for the forecast; else assumed")  # fmt: skip
     mig.add_argument("--keep-source", action="store_true",
                      help="leave the source QEMU (paused) instead of quitting it after success")  # fmt: skip
-    mig.add_argument("--state-dir", type=Path, default=None,
+    mig.add_argument("--state-dir", type=cli_args.path, default=None,
                      help=f"where the migration's journal goes, for `livemig recover` (default "
                           f"${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")  # fmt: skip
     _policy_args(mig)
@@ -245,6 +203,8 @@ def _demo(args: argparse.Namespace) -> int:
         force=args.force,
         predict=not args.no_predict,
     )
+    if config.log_dir is not None:  # before the line below: an error stays one line
+        check_output_dir(config.log_dir, "log directory")
     if not (args.json or args.events):
         print(f"livemig demo: {config.workload.text} guest, {config.memory_mib} MiB, "
               f"{config.strategy} strategy, policy {config.policy.name}; building what is "
@@ -258,23 +218,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    # What needs no QEMU first: the URI, the policy, the CPU files; then the sockets.
+    uri = parse_migration_uri(args.target_uri)
+    policy = _policy(args)
+    source_host = HostFacts.from_file(args.source_cpu) if args.source_cpu else HostFacts()
+    target_host = HostFacts.from_file(args.target_cpu) if args.target_cpu else HostFacts()
     for path in (args.source_qmp, args.target_qmp):
         if not path.exists():
             raise ConfigError(f"no QMP socket at {path}")
     state_dir = state_dir_for_cli(args.state_dir)
     request = MigrationRequest(
         source=HostEndpoint("source", args.source_qmp),
-        target=HostEndpoint("target", args.target_qmp, parse_migration_uri(args.target_uri)),
+        target=HostEndpoint("target", args.target_qmp, uri),
         strategy=args.strategy,
-        policy=_policy(args),
+        policy=policy,
         offline=args.offline,
         verify=not args.no_verify,
         repair=not args.no_repair,
         quit_source=not args.keep_source,
         force=args.force,
         cpu_model=args.cpu_model,
-        source_host=HostFacts.from_file(args.source_cpu) if args.source_cpu else HostFacts(),
-        target_host=HostFacts.from_file(args.target_cpu) if args.target_cpu else HostFacts(),
+        source_host=source_host,
+        target_host=target_host,
         predict=not args.no_predict,
         link_mbit=args.link_mbit,
         state_dir=state_dir,

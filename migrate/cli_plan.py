@@ -25,6 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from migrate import cli_args
 from migrate.cli import EXIT_OK, print_json
 from migrate.codec import to_dict
 from migrate.errors import ConfigError
@@ -46,33 +47,23 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = plan.add_mutually_exclusive_group(required=True)
-    where.add_argument("--source-qmp", type=Path, help="QMP socket of the running VM")
+    where.add_argument("--source-qmp", type=cli_args.path, help="QMP socket of the running VM")
     where.add_argument("--lab", action="store_true", help="boot the test guest in the lab (root)")
-    plan.add_argument("--link-mbit", type=_positive, default=None,
+    plan.add_argument("--link-mbit", type=cli_args.MBIT, default=None,
                       help="migration link speed in Mbit/s (with --source-qmp)")  # fmt: skip
     plan.add_argument("--policy", choices=PRESET_NAMES, default="livemig")
-    plan.add_argument("--max-downtime-ms", type=_positive, default=None)
-    plan.add_argument("--workload", default="openssl",
-                      help="with --lab: idle | openssl | dirty:MIBPS | openssl+dirty:MIBPS")  # fmt: skip
-    plan.add_argument("--memory-mib", type=int, default=256)
-    plan.add_argument("--dirty-mib", type=int, default=64)
-    plan.add_argument("--bandwidth-mbit", type=_positive, default=None,
+    plan.add_argument("--max-downtime-ms", type=cli_args.DOWNTIME_MS, default=None)
+    plan.add_argument("--workload", type=cli_args.workload, default=None,  # None: no lab import
+                      help="with --lab: idle | openssl (default) | dirty:MIBPS | openssl+dirty:MIBPS")  # fmt: skip
+    plan.add_argument("--memory-mib", type=cli_args.MEMORY_MIB, default=256)
+    plan.add_argument("--dirty-mib", type=cli_args.MEMORY_MIB, default=64)
+    plan.add_argument("--bandwidth-mbit", type=cli_args.MBIT, default=None,
                       help="with --lab: cap the lab's migration link (Mbit/s)")  # fmt: skip
-    plan.add_argument("--calc-time-s", type=int, default=1, choices=range(1, 61),
+    plan.add_argument("--calc-time-s", type=cli_args.int_in(1, 60), default=1,
                       metavar="S", help="dirty-rate measurement window (1-60 s)")  # fmt: skip
-    plan.add_argument("--log-dir", type=Path, default=None)
+    plan.add_argument("--log-dir", type=cli_args.path, default=None)
     plan.add_argument("--json", action="store_true", help="print exactly one JSON object")
     plan.set_defaults(func=_plan)
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -84,7 +75,7 @@ def _plan(args: argparse.Namespace) -> int:
         from lab.demo import DemoConfig, Workload, plan_on_lab  # the lab loads only here
 
         config = DemoConfig(
-            workload=Workload.parse(args.workload),
+            workload=Workload.parse(args.workload or "openssl"),
             memory_mib=args.memory_mib,
             dirty_mib=args.dirty_mib,
             bandwidth_mbit=args.bandwidth_mbit,

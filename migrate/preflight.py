@@ -16,7 +16,8 @@ import psutil
 
 from cpumodel import CpuModelError, HostCpu, check_migration, load_host
 from cpumodel.qemu import QmpCpuSession, host_from_expansion
-from migrate.errors import PreflightError, QemuError
+from migrate import validate
+from migrate.errors import ConfigError, PreflightError, QemuError
 from migrate.qmp import QmpSession
 from migrate.report import PreflightCheck, Verdict
 
@@ -37,6 +38,14 @@ class HostFacts:
 
     cpu: HostCpu | None = None
     available_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        """Raises :class:`ConfigError` for a ``cpu`` that is no HostCpu or a negative
+        (or non-integer) ``available_memory``."""
+        if self.cpu is not None and not isinstance(self.cpu, HostCpu):
+            raise ConfigError(f"host facts: cpu must be a HostCpu, not {self.cpu!r}")
+        if self.available_memory is not None:
+            validate.whole(self.available_memory, "host facts: available_memory", minimum=0)
 
     @classmethod
     def from_file(cls, path: Path) -> HostFacts:

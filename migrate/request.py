@@ -2,19 +2,89 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from migrate import validate
 from migrate.errors import ConfigError
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
 from migrate.report import new_migration_id
 
+#: The longest path a UNIX socket address holds (``sun_path`` is 108 bytes, NUL included).
+MAX_SOCKET_PATH_BYTES = 107
+
+#: The migration URIs the engine hands QEMU: ``tcp:HOST:PORT`` (a host name, an IPv4
+#: address or a bracketed IPv6 one) and ``unix:/ABSOLUTE/PATH``. QEMU takes more
+#: (``exec:`` runs a shell command, ``fd:``, ``file:``, ``rdma:``); the engine never
+#: passes those on, whoever asks.
+_URI_RE = re.compile(
+    r"tcp:(?P<host>[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])"
+    r":(?P<port>[0-9]{1,5})"
+    r"|unix:(?P<path>/[^\s]*)",
+    re.ASCII,
+)
+
+
+def parse_migration_uri(text: Any) -> str:
+    """``text`` if it is ``tcp:HOST:PORT`` (port 1-65535) or ``unix:/PATH``.
+
+    Anything else (``exec:``, ``fd:``, ``file:``, ``rdma:``, a trailing newline,
+    whitespace or control characters, a relative UNIX path) raises :class:`ConfigError`.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"bad migration URI {text!r} (want tcp:HOST:PORT or unix:/PATH)")
+    match = _URI_RE.fullmatch(text)
+    if match is None or validate.has_control(text) or any(c.isspace() for c in text):
+        raise ConfigError(f"bad migration URI {text!r} (want tcp:HOST:PORT or unix:/PATH)")
+    port = match.group("port")
+    if port is not None and not 0 < int(port) < 65536:
+        raise ConfigError(f"bad port in migration URI {text!r} (want 1-65535)")
+    host = match.group("host")
+    if host is not None and len(host) > 253:
+        raise ConfigError(f"bad host in migration URI {text[:40]!r}... (longer than 253)")
+    path = match.group("path")
+    if path is not None:
+        if path.rstrip("/") == "":
+            raise ConfigError(f"bad migration URI {text!r}: the UNIX socket needs a path")
+        _socket_path(Path(path), "migration URI socket")
+    return text
+
+
+def _socket_path(value: Any, name: str) -> Path | None:
+    """``value`` as a Path to a QMP socket (a str is taken), or None."""
+    if value is None:
+        return None
+    if isinstance(value, str) or (isinstance(value, os.PathLike) and not isinstance(value, Path)):
+        value = Path(value)
+    if not isinstance(value, Path):
+        raise ConfigError(f"{name} must be a path, not {value!r}")
+    raw = str(value)
+    if raw in ("", ".") or validate.has_control(raw):
+        raise ConfigError(f"{name} is not a usable socket path: {raw!r}")
+    try:
+        size = len(os.fsencode(raw))
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name} is not a usable socket path: {raw!r}") from None
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{name} {raw[:60]!r}... is longer than a UNIX socket address allows "
+            f"({MAX_SOCKET_PATH_BYTES} bytes)"
+        )
+    return value
+
 
 @dataclass(frozen=True)
 class HostEndpoint:
     """How to reach one side: its QMP socket and (target) the migration listen URI.
+
+    Checked when built: ``migration_uri`` must be ``tcp:HOST:PORT`` or
+    ``unix:/PATH`` (never ``exec:`` and the like, see :func:`parse_migration_uri`);
+    ``qmp_socket`` a path short enough for a UNIX socket (a str is taken as one).
 
     ``netns`` is the network namespace the host's migration address lives in (the
     lab's hosts); helpers that must reach that address (pagestream's agents) run
@@ -25,6 +95,17 @@ class HostEndpoint:
     qmp_socket: Path | None = None
     migration_uri: str | None = None
     netns: str | None = None
+
+    def __post_init__(self) -> None:
+        """Raises :class:`ConfigError` for a bad name, socket path, URI or namespace."""
+        validate.text(self.name, "host name", max_length=128, spaces=True)
+        socket = _socket_path(self.qmp_socket, f"{self.name}: QMP socket")
+        object.__setattr__(self, "qmp_socket", socket)  # a str is taken as a Path
+        if self.migration_uri is not None:
+            parse_migration_uri(self.migration_uri)
+        if self.netns is not None:
+            where = f"{self.name}: network namespace"
+            validate.text(self.netns, where, pattern=validate.PLAIN_NAME, max_length=255)
 
 
 @dataclass(frozen=True)
@@ -88,6 +169,40 @@ class MigrationRequest:
     qmp_timeout_s: float = 10.0
     stall_timeout_s: float = 30.0
     state_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        """Raises :class:`ConfigError` naming the first field with a bad value.
+
+        The target's migration URI must be ``tcp:HOST:PORT`` or ``unix:/PATH`` (see
+        :func:`parse_migration_uri`); numbers finite and positive; names plain.
+        """
+        for side in ("source", "target"):
+            if not isinstance(getattr(self, side), HostEndpoint):
+                raise ConfigError(f"{side} must be a HostEndpoint, not {getattr(self, side)!r}")
+        if self.target.migration_uri is not None:
+            parse_migration_uri(self.target.migration_uri)
+        socket = self.source.qmp_socket
+        if socket is not None and socket == self.target.qmp_socket:
+            raise ConfigError(f"source and target are the same QEMU ({socket})")
+        validate.text(self.strategy, "strategy", pattern=validate.PLAIN_NAME, max_length=64)
+        if not isinstance(self.policy, Policy):
+            raise ConfigError(f"policy must be a Policy, not {self.policy!r}")
+        for name in ("offline", "verify", "repair", "quit_source", "force", "predict"):
+            validate.flag(getattr(self, name), name)
+        if self.cpu_model is not None:
+            validate.text(self.cpu_model, "cpu_model", max_length=4096)
+        for name in ("source_host", "target_host"):
+            if not isinstance(getattr(self, name), HostFacts):
+                raise ConfigError(f"{name} must be a HostFacts, not {getattr(self, name)!r}")
+        validate.number(self.sample_interval_s, "sample_interval_s", above=0, maximum=60)
+        validate.text(self.vm, "vm name", pattern=validate.PLAIN_NAME, max_length=64)
+        if not isinstance(self.hooks, MigrationHooks):
+            raise ConfigError(f"hooks must be a MigrationHooks, not {self.hooks!r}")
+        if self.link_mbit is not None:
+            validate.number(self.link_mbit, "link_mbit", above=0, maximum=1e7)
+        validate.text(
+            self.migration_id, "migration_id", pattern=validate.PLAIN_NAME, max_length=128
+        )
 
     @property
     def migration_uri(self) -> str:

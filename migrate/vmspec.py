@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from migrate import validate
 from migrate.errors import ConfigError
 
-_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*", re.ASCII)
 
 
 class Accelerator(StrEnum):
@@ -48,9 +49,9 @@ class NicSpec:
     model: str = "virtio-net-pci"
 
     def __post_init__(self) -> None:
-        if not _MAC_RE.match(self.mac):
+        if not isinstance(self.mac, str) or not _MAC_RE.fullmatch(self.mac):
             raise ConfigError(f"bad MAC address {self.mac!r} (want aa:bb:cc:dd:ee:ff, lower case)")
-        if not _ID_RE.match(self.id):
+        if not isinstance(self.id, str) or not _ID_RE.fullmatch(self.id):
             raise ConfigError(f"bad NIC id {self.id!r}")
 
 
@@ -98,12 +99,11 @@ class VMSpec:
     ram_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if not _ID_RE.match(self.name):
+        if not isinstance(self.name, str) or not _ID_RE.fullmatch(self.name):
             raise ConfigError(f"bad VM name {self.name!r} (letters, digits, _ . -)")
-        if self.memory_mib < 16:
-            raise ConfigError(f"memory_mib must be at least 16, not {self.memory_mib}")
-        if self.vcpus < 1:
-            raise ConfigError(f"vcpus must be at least 1, not {self.vcpus}")
+        validate.whole(self.memory_mib, "memory_mib", minimum=16)
+        validate.whole(self.vcpus, "vcpus", minimum=1)
+        validate.text(self.cpu_model, "cpu_model", max_length=4096)
         if self.initrd is not None and self.kernel is None:
             raise ConfigError("an initrd needs a kernel")
         ids = [n.id for n in self.nics]
