@@ -410,8 +410,14 @@ class RawPeerRun:
         await _wait_target(tgt_log, "RESUME", 30.0)
 
     async def _final_info(self) -> dict[str, Any]:
+        """QEMU's final figures, recorded as the last sample (observers read the
+        source's CPU time at it, before the source quits); not shown to the peer."""
         with contextlib.suppress(QemuError):
             info: dict[str, Any] = await self.source.execute("query-migrate")
+            elapsed_ms = (time.monotonic() - self.t0) * 1e3
+            sample = Sample.from_query_migrate(info, time.time(), elapsed_ms)
+            self.samples.append(sample)
+            self.events.emit(Progress(sample))
             return info
         return self.final_info
 
