@@ -1,11 +1,14 @@
 """The real backend: migrations of the test guest in the namespace lab.
 
 Each run is one :func:`lab.demo.run_demo` (its own lab, a freshly booted
-source, an incoming target, the ICMP probe), observed through the demo's hooks and
-the engine's event stream: the source's RAM is scanned for non-zero pages before
+source, an incoming target, the ICMP probe), or for a raw peer one
+:func:`lab.raw.run_raw_demo` (the same lab, guest, probe and guest check; the peer
+migrates instead of livemig's engine). Both are observed through the demo's hooks
+and the same event stream: the source's RAM is scanned for non-zero pages before
 the migration task starts, CPU time is read from the start of pre-copy at every
-progress sample and before the target resumes, and the
-guest's OpenSSL lines are taken from both serial consoles afterwards.
+progress sample and before the target resumes (engine runs: a raw peer's downtime
+gets nothing of ours), and the guest's OpenSSL lines are taken from both serial
+consoles afterwards.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ import psutil
 
 from bench.errors import LinkMeasureError
 from bench.measure import CpuMeter, count_nonzero_bytes, guest_throughput, openssl_points
-from bench.policies import policy_named
-from bench.results import BenchEnvironment, LinkMeasurement, RunResult, RunStatus
+from bench.policies import policy_named, raw_peer_named
+from bench.results import CORRUPTED, BenchEnvironment, LinkMeasurement, RunResult, RunStatus
 from bench.runner import PlannedRun
 from lab.accel import choose_accelerator
 from lab.demo import DemoConfig, DemoHooks, Workload, run_demo
 from lab.guest import ensure_guest
 from lab.net import Lab
 from lab.qemu import QemuProcess
+from lab.raw import run_raw_demo
 from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Progress
 from migrate.phase import Phase
 from migrate.report import MigrationReport
@@ -127,7 +131,11 @@ class LabBackend:
         events = EventBus()
         events.add_callback(observer.on_event)
         started_at, t0 = time.time(), time.monotonic()
-        demo = await run_demo(config, events, observer.hooks())
+        if scenario.is_raw:
+            peer = raw_peer_named(scenario.policy)
+            demo = await run_raw_demo(config, peer, events, observer.hooks())
+        else:
+            demo = await run_demo(config, events, observer.hooks())
         return observer.result(planned, demo.report, started_at, time.monotonic() - t0)
 
 
@@ -202,7 +210,7 @@ class _RunObserver:
             ram_bytes=report.ram_bytes,
             nonzero_ram_bytes=self.nonzero_ram_bytes,
             precopy_rounds=report.precopy_rounds,
-            integrity=report.integrity.value,
+            integrity=run_integrity(report),
             repaired_pages=report.repaired_pages,
             guest_check=report.guest_check,
             throughput=throughput,
@@ -211,6 +219,14 @@ class _RunObserver:
             samples=report.samples,
             decisions=report.decisions,
         )
+
+
+def run_integrity(report: MigrationReport) -> str:
+    """A run's integrity: ``corrupted`` if the guest's own check failed on the target,
+    else the engine's RAM check (``ok``, ``failed``, ``unchecked``)."""
+    if (report.guest_check or "").startswith("failed"):
+        return CORRUPTED
+    return report.integrity.value
 
 
 async def _reap(proc: asyncio.subprocess.Process) -> None:

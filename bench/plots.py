@@ -1,7 +1,8 @@
 """PNG plots of a suite's results (matplotlib's Agg canvas, no display needed).
 
 - ``downtime.png``: guest-visible downtime per configuration, every run a dot over
-  its box, QEMU's own downtime figure beside it;
+  its box (red: the guest's own check failed afterwards), QEMU's own downtime figure
+  beside it;
 - ``timeline-<comparison>.png``: remaining RAM and dirty rate over time during the
   representative run (median guest downtime) of each configuration, the switchover
   (source STOP → target RESUME) marked;
@@ -21,7 +22,7 @@ matplotlib.use("Agg")
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from bench.results import BenchResults, RunResult
+from bench.results import CORRUPTED, BenchResults, RunResult
 from bench.stats import representative
 
 MIB = float(1 << 20)
@@ -53,10 +54,12 @@ def write_plots(results: BenchResults, out_dir: Path) -> tuple[Path, ...]:
 
 def _downtime(results: BenchResults, path: Path) -> Path:
     comparisons = results.suite.comparisons
-    fig = Figure(figsize=(10, 3.6 * len(comparisons)), dpi=_DPI, layout="constrained")
+    widest = max(len(c.scenarios) for c in comparisons)
+    fig = Figure(figsize=(max(10.0, 1.1 * widest), 4.0 * len(comparisons)), dpi=_DPI,
+                 layout="constrained")  # fmt: skip
     axes = fig.subplots(len(comparisons), 1, squeeze=False)[:, 0]
     for ax, comparison in zip(axes, comparisons, strict=True):
-        labels, guest, qemu, failed = [], [], [], []
+        labels, guest, qemu, failed, corrupted = [], [], [], [], []
         for scenario in comparison.scenarios:
             runs = results.runs_of(comparison.config(scenario))
             ok = [r for r in runs if r.completed]
@@ -64,6 +67,10 @@ def _downtime(results: BenchResults, path: Path) -> Path:
             guest.append([r.guest_downtime_ms for r in ok if r.guest_downtime_ms is not None])
             qemu.append([r.downtime_ms for r in ok if r.downtime_ms is not None])
             failed.append(len(runs) - len(ok))
+            corrupted.append(
+                [r.guest_downtime_ms for r in ok
+                 if r.integrity == CORRUPTED and r.guest_downtime_ms is not None]
+            )  # fmt: skip
         positions = list(range(1, len(labels) + 1))
         boxed = [(p, values) for p, values in zip(positions, guest, strict=True) if values]
         if boxed:
@@ -81,11 +88,17 @@ def _downtime(results: BenchResults, path: Path) -> Path:
         for p, values in zip(positions, qemu, strict=True):
             ax.scatter([p + 0.32] * len(values), values, s=14, marker="x", color="gray",
                        zorder=3, label="QEMU's figure" if p == 1 else None)  # fmt: skip
+        first_bad = True
+        for p, values in zip(positions, corrupted, strict=True):
+            if values:
+                ax.scatter([p] * len(values), values, s=40, facecolors="none", zorder=4,
+                           edgecolors=_SWITCHOVER, label="guest corrupted" if first_bad else None)  # fmt: skip
+                first_bad = False
         for p, n in zip(positions, failed, strict=True):
             if n:
                 ax.annotate(f"{n} failed", (p, 0), xytext=(0, 4), textcoords="offset points",
                             ha="center", color=_SWITCHOVER, fontsize=8)  # fmt: skip
-        ax.set_xticks(positions, labels, rotation=15)
+        ax.set_xticks(positions, labels, rotation=25, ha="right", rotation_mode="anchor")
         ax.set_xlim(0.4, len(labels) + 0.6)
         ax.set_ylim(bottom=0)
         ax.set_ylabel("downtime (ms)")

@@ -1,8 +1,9 @@
 """``report.md``: a suite's results as Markdown tables, with the plots linked.
 
 Per comparison: downtime and total time (median, p90, min-max; ratios to the
-baseline preset and to the best peer), what each configuration cost (bytes, rounds,
-CPU, repaired pages, the guest's OpenSSL throughput), and the physical limit
+baseline and to the best raw peer), what each configuration cost (bytes, rounds,
+CPU, repaired pages, the guest's OpenSSL throughput), integrity (the engine's RAM
+check, the guest's own check, runs that corrupted the guest), and the physical limit
 (link bandwidth; non-zero RAM over it as the floor for the total time).
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.errors import OutputError, PlotsUnavailable
-from bench.results import BenchResults, LinkMeasurement, RunResult, check_results_dir
+from bench.results import CORRUPTED, BenchResults, LinkMeasurement, RunResult, check_results_dir
 from bench.stats import ComparisonSummary, Distribution, summarize
 
 REPORT_FILE = "report.md"
@@ -92,6 +93,16 @@ def render_report(results: BenchResults, plots: Sequence[Path] = ()) -> str:
     else:
         lines.append("None: every run completed.")
     lines.append("")
+    corrupted = [run for run in results.runs if run.integrity == CORRUPTED]
+    lines.append("## Runs that corrupted the guest")
+    lines.append("")
+    if corrupted:
+        lines.append("Completed migrations after which the guest's own check failed on the target:")
+        lines.append("")
+        lines.extend(_corrupted(run) for run in corrupted)
+    else:
+        lines.append("None: the guest's own check passed after every completed migration.")
+    lines.append("")
     if plots:
         lines.append("## Plots")
         lines.append("")
@@ -107,12 +118,20 @@ def _failed(run: RunResult) -> str:
     )
 
 
+def _corrupted(run: RunResult) -> str:
+    return f"- run {run.index} `{run.config}` #{run.repetition}: {run.guest_check or DASH}"
+
+
 def _comparison(results: BenchResults, summary: ComparisonSummary) -> list[str]:
     comparison = summary.comparison
     baseline = next(
         (c.scenario.label for c in summary.configs if c.config == summary.baseline), None
     )
-    best = next((c.scenario.label for c in summary.configs if c.config == summary.best_peer), None)
+    best_config = next((c for c in summary.configs if c.config == summary.best_peer), None)
+    kind = "raw peer" if summary.best_peer_is_raw else "peer preset"
+    best = f"`{best_config.scenario.label}`" if best_config else "no peer"
+    if best_config is not None and best_config.corrupted:
+        best += f" ({best_config.corrupted} of its runs corrupted the guest)"
     first = comparison.scenarios[0]
     out = [f"## {comparison.name}", "", f"{comparison.description}; {comparison.repetitions} "
            f"repetition(s) per configuration.", ""]  # fmt: skip
@@ -120,9 +139,15 @@ def _comparison(results: BenchResults, summary: ComparisonSummary) -> list[str]:
     out.append(
         "Ratios divide a configuration's median by the median of "
         f"`{baseline or comparison.baseline + ' (not run)'}` (x baseline) and of "
-        f"`{best or 'no peer preset'}` (x best peer: the peer preset with the lowest median "
+        f"{best} (x best peer: the {kind} with the lowest median "
         "guest downtime here)."
     )
+    if any(s.is_raw for s in comparison.scenarios) or any(s.is_peer for s in comparison.scenarios):
+        out.append(
+            "`raw:` peers run as their users get them (QEMU's own switchover, the target "
+            "resumed the peer's way, no RAM check); `(emulated)` presets are the peers' "
+            "settings and schedule emulated in livemig's engine (its RAM check, `-S` target)."
+        )
     out.append("")
     out.append("### Downtime and total time (ms)")
     out.append("")
@@ -148,8 +173,8 @@ def _comparison(results: BenchResults, summary: ComparisonSummary) -> list[str]:
     out.append("")
     out.append(
         "| configuration | transferred MiB | on the wire MiB | rounds | probe lost | "
-        "integrity ok | repaired pages (runs) | OpenSSL MB/s before / during / after | "
-        "CPU % source / target / engine |"
+        "RAM check ok / guest check ok / corrupted | repaired pages (runs) | "
+        "OpenSSL MB/s before / during / after | CPU % source / target / engine |"
     )
     out.append("|---|---|---|---|---|---|---|---|---|")
     for c in summary.configs:
@@ -163,7 +188,8 @@ def _comparison(results: BenchResults, summary: ComparisonSummary) -> list[str]:
         out.append(
             f"| {c.scenario.label} | {_med(c.transferred_bytes, MIB)} | {_med(c.wire_bytes, MIB)} | "
             f"{_med(c.precopy_rounds, digits=0)} | {_med(c.probe_lost, digits=0)} | "
-            f"{c.integrity_ok}/{c.runs} | {c.repaired_pages} ({c.runs_repaired}) | {ssl} | {cpu} |"
+            f"{c.integrity_ok} / {c.guest_check_ok} / {c.corrupted} of {c.runs} | "
+            f"{c.repaired_pages} ({c.runs_repaired}) | {ssl} | {cpu} |"
         )
     out.append("")
     out.append("### Against the physical limit")
@@ -204,9 +230,21 @@ def _definitions() -> list[str]:
         "- **on the wire**: bytes the source's end of the migration link sent (kernel "
         "counters; includes device state and TCP overhead); **transferred**: QEMU's (or "
         "pagestream's) own count.",
+        "- **raw:** peers run as their users get them, driven over plain QMP by `lab.raw`: "
+        "the peer's capabilities and parameters, its own poll loop and decisions, QEMU's "
+        "own switchover; the target resumes the peer's way (plain QEMU: by itself, "
+        "started without `-S`; Proxmox: `cont` once its poll saw the source complete; "
+        "libvirt (Nova, oVirt): `cont` once the target completed), with no RAM check. "
+        "**(emulated)**: the same peer preset emulated in livemig's engine (RAM check "
+        "and repair before `cont`, target started with `-S`).",
         "- **repaired pages**: pages QEMU 7.2's TCG pre-copy left stale on the target "
         "(upstream fix 03bfc2188f), found by livemig's RAM check and copied from the "
         "stopped source before the target resumed.",
+        "- **RAM check ok / guest check ok / corrupted**: runs whose RAM livemig's engine "
+        "compared and found equal (raw peers have no RAM check); runs whose guest "
+        "checked itself on the target and passed (a memory-dirtying workload verifies "
+        "its pattern, openssl must keep reporting, no kernel oops); runs after which the "
+        "guest's check failed (listed below the comparisons).",
         "- **OpenSSL MB/s**: the guest's `openssl speed sha256` figure (guest clock, 16 KiB "
         "blocks) from lines that arrived in the warm-up before `migrate`, between `migrate` "
         "and the target's resume, and on the target after it.",

@@ -27,6 +27,9 @@ FORMAT_VERSION = 1
 RESULTS_FILE = "results.json"
 #: The largest results.json read back; the default suite's is about 0.5 MiB.
 MAX_RESULTS_BYTES = 256 * 1024 * 1024
+#: A run's ``integrity`` when the guest's own check failed on the target, whatever
+#: the engine's RAM check said (raw peers have none: the guest's check is all there is).
+CORRUPTED = "corrupted"
 
 
 class RunStatus(StrEnum):
@@ -90,8 +93,11 @@ class RunResult:
     ``downtime_ms``/``qemu_total_time_ms`` QEMU's own figures, ``total_time_ms``
     ours (``migrate`` issued → VM running on the target). ``nonzero_ram_bytes`` is
     the guest RAM that was not zero just before the migration (what must cross the
-    link in full at least once). ``other_processes`` are the pytest or QEMU
-    processes of others that ran on the machine when the run started (noise).
+    link in full at least once). ``integrity`` is the engine's RAM check (``ok``,
+    ``failed``, ``unchecked``: raw peers have no RAM check), or ``corrupted`` when the
+    guest's own check on the target (``guest_check``) failed. ``other_processes`` are
+    the pytest or QEMU processes of others that ran on the machine when the run
+    started (noise).
     """
 
     config: str

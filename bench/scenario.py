@@ -1,7 +1,11 @@
 """What a benchmark runs, as data: scenarios, comparisons, suites.
 
 A :class:`Scenario` is one configuration to migrate: the guest (RAM, workload), the
-migration link (an optional tbf cap) and how to migrate (strategy and policy). A
+migration link (an optional tbf cap) and how to migrate: livemig's engine with a
+strategy and a policy (livemig's own, or a peer's preset *emulated* in the engine:
+its settings and schedule, with livemig's RAM check and ``-S`` target), or a peer
+run *raw*, as its users get it (``runner="raw"``, :mod:`lab.raw`: QEMU's own
+switchover driven over plain QMP, no RAM check). A
 :class:`Comparison` puts scenarios side by side that differ only in how they migrate,
 repeated; a :class:`Suite` is a list of comparisons with a wall-time budget. The
 suites live in :data:`SUITES`, a declarative table in the spirit of QEMU's guestperf
@@ -19,6 +23,13 @@ from migrate.errors import ConfigError
 PEER_POLICIES = ("qemu-default", "proxmox", "nova", "ovirt-minimal-downtime")
 BASELINE_POLICY = "qemu-default"
 LIVEMIG_POLICY = "livemig"
+#: How a scenario migrates: through livemig's engine, or as the peer's users do.
+ENGINE_RUNNER = "engine"
+RAW_RUNNER = "raw"
+RUNNERS = (ENGINE_RUNNER, RAW_RUNNER)
+RAW_PREFIX = "raw-"
+#: What the suites compare against: QEMU as a plain QEMU user gets it.
+BASELINE_SCENARIO = RAW_PREFIX + BASELINE_POLICY
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,9 @@ class Scenario:
     Sizes in MiB, ``bandwidth_mbit`` the tbf cap on the A↔B migration link (None:
     uncapped veth), ``warmup_s`` the time the workload runs before the migration
     (after it first reported), ``settle_s`` the time observed on the target after it.
+    ``runner`` is ``engine`` (livemig's engine migrates with ``strategy`` and
+    ``policy``) or ``raw`` (the peer preset ``policy`` as its users run it; strategy
+    ``native``, QEMU's stream).
     """
 
     name: str
@@ -39,18 +53,28 @@ class Scenario:
     bandwidth_mbit: float | None = None
     warmup_s: float = 2.0
     settle_s: float = 2.5
+    runner: str = ENGINE_RUNNER
 
     @property
     def label(self) -> str:
-        """How tables name it: ``livemig native``, ``qemu-default``..."""
+        """How tables name it: ``livemig native``, ``raw:proxmox``, ``proxmox
+        (emulated)`` (a peer preset run inside livemig's engine)."""
+        if self.is_raw:
+            return f"raw:{self.policy}"
         if self.policy == LIVEMIG_POLICY:
             return f"{self.policy} {self.strategy}"
-        return self.policy if self.strategy == "native" else f"{self.policy} {self.strategy}"
+        name = self.policy if self.strategy == "native" else f"{self.policy} {self.strategy}"
+        return f"{name} (emulated)" if self.is_peer else name
 
     @property
     def is_peer(self) -> bool:
         """A peer preset (someone else's defaults), not livemig's own policy."""
         return self.policy in PEER_POLICIES
+
+    @property
+    def is_raw(self) -> bool:
+        """A peer run as its users get it (not through livemig's engine)."""
+        return self.runner == RAW_RUNNER
 
     def validate(self) -> None:
         """Raises :class:`SuiteError` for impossible values."""
@@ -66,13 +90,22 @@ class Scenario:
             raise SuiteError(f"scenario {self.name}: sizes must be positive")
         if self.bandwidth_mbit is not None and self.bandwidth_mbit <= 0:
             raise SuiteError(f"scenario {self.name}: bandwidth must be positive")
+        if self.runner not in RUNNERS:
+            raise SuiteError(f"scenario {self.name}: unknown runner {self.runner!r}")
+        if self.is_raw and (not self.is_peer or self.strategy != "native"):
+            raise SuiteError(
+                f"scenario {self.name}: a raw run is a peer preset ({', '.join(PEER_POLICIES)}) "
+                "with QEMU's own stream (strategy native)"
+            )
 
 
 @dataclass(frozen=True)
 class Comparison:
     """Scenarios compared side by side, each run ``repetitions`` times.
 
-    ``baseline`` names the policy every ratio is taken against.
+    ``baseline`` names the scenario every "x baseline" ratio is taken against (in
+    results written before raw peers existed: the policy; scenario and policy
+    names of the peer presets were the same).
     """
 
     name: str
@@ -141,12 +174,17 @@ class Omitted:
 
 @dataclass(frozen=True)
 class Availability:
-    """The strategies and policies this build can run."""
+    """The strategies, policies and raw peers this build can run."""
 
     strategies: frozenset[str]
     policies: frozenset[str]
+    raw_peers: frozenset[str] = frozenset()
 
     def reason_missing(self, scenario: Scenario) -> str | None:
+        if scenario.is_raw:
+            if scenario.policy not in self.raw_peers:
+                return f"raw peer {scenario.policy!r} is not available"
+            return None
         if scenario.strategy not in self.strategies:
             return f"strategy {scenario.strategy!r} is not registered"
         if scenario.policy not in self.policies:
@@ -180,13 +218,20 @@ def runnable(suite: Suite, available: Availability) -> tuple[Suite, tuple[Omitte
 
 
 def _side_by_side(
-    workload: str, memory_mib: int = 256, dirty_mib: int = 64, bandwidth_mbit: float | None = None
+    workload: str,
+    memory_mib: int = 256,
+    dirty_mib: int = 64,
+    bandwidth_mbit: float | None = None,
+    warmup_s: float = 2.0,
+    settle_s: float = 2.5,
 ) -> tuple[Scenario, ...]:
-    """livemig's strategies and every peer preset on the same guest and link."""
+    """livemig's strategies, every peer preset emulated in livemig's engine, and every
+    peer raw (as its users get it), on the same guest and link."""
     methods = [
-        ("livemig-native", "native", LIVEMIG_POLICY),
-        ("livemig-pagestream", "pagestream", LIVEMIG_POLICY),
-        *((policy, "native", policy) for policy in PEER_POLICIES),
+        ("livemig-native", "native", LIVEMIG_POLICY, ENGINE_RUNNER),
+        ("livemig-pagestream", "pagestream", LIVEMIG_POLICY, ENGINE_RUNNER),
+        *((policy, "native", policy, ENGINE_RUNNER) for policy in PEER_POLICIES),
+        *((RAW_PREFIX + policy, "native", policy, RAW_RUNNER) for policy in PEER_POLICIES),
     ]
     return tuple(
         Scenario(
@@ -197,27 +242,58 @@ def _side_by_side(
             memory_mib=memory_mib,
             dirty_mib=dirty_mib,
             bandwidth_mbit=bandwidth_mbit,
+            warmup_s=warmup_s,
+            settle_s=settle_s,
+            runner=runner,
         )
-        for name, strategy, policy in methods
+        for name, strategy, policy, runner in methods
     )
 
 
-_SMOKE_NAMES = ("livemig-native", "livemig-pagestream", BASELINE_POLICY)
+def _picked(names: tuple[str, ...], scenarios: tuple[Scenario, ...]) -> tuple[Scenario, ...]:
+    """``scenarios`` named in ``names``, in the order of ``names``."""
+    by_name = {s.name: s for s in scenarios}
+    return tuple(by_name[name] for name in names)
+
+
+_SMOKE_NAMES = ("livemig-native", "livemig-pagestream", BASELINE_SCENARIO)
+_CI_NAMES = ("livemig-native", BASELINE_SCENARIO, RAW_PREFIX + "proxmox")
 
 # One run (boot, warm-up, migration, settle, guest check) of a 256 MiB guest takes
 # ~9-11 s of wall time on 2 TCG cores; the budgets below count 12 s a run.
 SUITES: dict[str, Suite] = {
+    "ci": Suite(
+        name="ci",
+        description=(
+            "short, for CI: a 128 MiB openssl guest, uncapped link: livemig native, "
+            "raw:qemu-default and raw:proxmox; once"
+        ),
+        comparisons=(
+            Comparison(
+                name="openssl",
+                description="128 MiB guest running openssl speed in a loop, uncapped veth",
+                scenarios=_picked(
+                    _CI_NAMES,
+                    _side_by_side(workload="openssl", memory_mib=128, warmup_s=1.5, settle_s=1.5),
+                ),
+                repetitions=1,
+                baseline=BASELINE_SCENARIO,
+            ),
+        ),
+        budget_s=60.0,
+    ),
     "smoke": Suite(
         name="smoke",
-        description="openssl guest, uncapped link: livemig native, pagestream, qemu-default; once",
+        description=(
+            "openssl guest, uncapped link: livemig native, pagestream, raw:qemu-default; once"
+        ),
         comparisons=(
             Comparison(
                 name="openssl",
                 description="256 MiB guest running openssl speed in a loop, uncapped veth",
-                scenarios=tuple(
-                    s for s in _side_by_side(workload="openssl") if s.name in _SMOKE_NAMES
-                ),
+                scenarios=_picked(_SMOKE_NAMES, _side_by_side(workload="openssl")),
                 repetitions=1,
+                baseline=BASELINE_SCENARIO,
             ),
         ),
         budget_s=180.0,
@@ -225,7 +301,8 @@ SUITES: dict[str, Suite] = {
     "default": Suite(
         name="default",
         description=(
-            "every strategy and peer preset: an openssl guest on the uncapped link, and an "
+            "every strategy, every peer preset emulated in livemig's engine and every peer "
+            "raw (as its users get it): an openssl guest on the uncapped link, and an "
             "openssl guest that also dirties memory on a 400 Mbit/s link"
         ),
         comparisons=(
@@ -234,6 +311,7 @@ SUITES: dict[str, Suite] = {
                 description="256 MiB guest running openssl speed in a loop, uncapped veth",
                 scenarios=_side_by_side(workload="openssl"),
                 repetitions=5,
+                baseline=BASELINE_SCENARIO,
             ),
             Comparison(
                 name="openssl-dirty-400mbit",
@@ -245,9 +323,10 @@ SUITES: dict[str, Suite] = {
                     workload="openssl+dirty:16", memory_mib=128, dirty_mib=32, bandwidth_mbit=400.0
                 ),
                 repetitions=3,
+                baseline=BASELINE_SCENARIO,
             ),
         ),
-        budget_s=900.0,
+        budget_s=1080.0,
     ),
 }
 
@@ -264,8 +343,11 @@ def suite_named(name: str) -> Suite:
 
 __all__ = [
     "BASELINE_POLICY",
+    "BASELINE_SCENARIO",
+    "ENGINE_RUNNER",
     "LIVEMIG_POLICY",
     "PEER_POLICIES",
+    "RAW_RUNNER",
     "SUITES",
     "Availability",
     "Comparison",

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.results import BenchResults, RunResult
+from bench.results import CORRUPTED, BenchResults, RunResult
 from bench.scenario import Comparison, Scenario
 
 
@@ -74,6 +74,8 @@ class ConfigSummary:
     runs: int
     completed: int
     integrity_ok: int
+    guest_check_ok: int
+    corrupted: int
     repaired_pages: int
     runs_repaired: int
     guest_downtime_ms: Distribution | None
@@ -105,8 +107,9 @@ class ConfigSummary:
 
 @dataclass(frozen=True)
 class Ratios:
-    """A configuration's medians relative to the baseline and to the best peer
-    (the peer preset with the lowest median guest downtime in the comparison)."""
+    """A configuration's medians relative to the baseline and to the best peer (the
+    raw peer with the lowest median guest downtime in the comparison; the best
+    emulated peer preset where no raw peer ran)."""
 
     guest_downtime_vs_baseline: float | None
     guest_downtime_vs_best_peer: float | None
@@ -122,6 +125,7 @@ class ComparisonSummary:
     best_peer: str | None
     ratios: dict[str, Ratios]
     link_limit_bytes_per_s: float | None
+    best_peer_is_raw: bool = False
 
 
 def _values(
@@ -166,6 +170,8 @@ def summarize_config(
         runs=len(runs),
         completed=len(ok),
         integrity_ok=sum(1 for run in runs if run.integrity == "ok"),
+        guest_check_ok=sum(1 for run in runs if (run.guest_check or "").startswith("ok")),
+        corrupted=sum(1 for run in runs if run.integrity == CORRUPTED),
         repaired_pages=sum(run.repaired_pages for run in runs),
         runs_repaired=sum(1 for run in runs if run.repaired_pages > 0),
         guest_downtime_ms=_values(ok, lambda r: r.guest_downtime_ms),
@@ -204,11 +210,14 @@ def summarize(results: BenchResults) -> tuple[ComparisonSummary, ...]:
             link_limit = link_limit or limit
             config = comparison.config(scenario)
             configs.append(summarize_config(config, scenario, results.runs_of(config), limit))
-        baseline = next(
-            (c for c in configs if c.scenario.policy == comparison.baseline and c.completed), None
-        )
-        peers = [c for c in configs if c.scenario.is_peer and c.median_guest_downtime_ms]
-        best = min(peers, key=lambda c: c.median_guest_downtime_ms or math.inf, default=None)
+        baseline = _baseline(comparison, configs)
+        # Raw peers when the comparison has any (even if none completed), else the
+        # emulated presets (results from before raw peers).
+        peers = [c for c in configs if c.scenario.is_raw] or [
+            c for c in configs if c.scenario.is_peer
+        ]
+        measured = [c for c in peers if c.median_guest_downtime_ms]
+        best = min(measured, key=lambda c: c.median_guest_downtime_ms or math.inf, default=None)
         ratios = {
             c.config: Ratios(
                 guest_downtime_vs_baseline=ratio(
@@ -235,9 +244,23 @@ def summarize(results: BenchResults) -> tuple[ComparisonSummary, ...]:
                 best_peer=best.config if best else None,
                 ratios=ratios,
                 link_limit_bytes_per_s=link_limit,
+                best_peer_is_raw=best is not None and best.scenario.is_raw,
             )
         )
     return tuple(out)
+
+
+def _baseline(comparison: Comparison, configs: Sequence[ConfigSummary]) -> ConfigSummary | None:
+    """The completed configuration named by ``comparison.baseline``: a scenario name,
+    or (results from before raw peers) a policy run in the engine."""
+    completed = [c for c in configs if c.completed]
+    for c in completed:
+        if c.scenario.name == comparison.baseline:
+            return c
+    for c in completed:
+        if c.scenario.policy == comparison.baseline and not c.scenario.is_raw:
+            return c
+    return None
 
 
 def representative(runs: Sequence[RunResult]) -> RunResult | None:

@@ -197,6 +197,25 @@ async def prepare_guest(config: DemoConfig) -> tuple[GuestImage, AccelChoice, De
     return guest, accel, environment
 
 
+@dataclass(frozen=True)
+class LabPair:
+    """What a migration in the lab works with: the lab, the guest's spec, the booted
+    source on host A and the incoming target on host B (both launched, QMP open)."""
+
+    lab: Lab
+    spec: VMSpec
+    source: QemuProcess
+    target: QemuProcess
+
+    @property
+    def migration_uri(self) -> str:
+        return self.lab.host_b.migration_uri(MIGRATION_PORT)
+
+
+#: Migrates the lab's guest and returns the report (also when the migration failed).
+LabMigrator = Callable[[LabPair], Awaitable[MigrationReport]]
+
+
 async def run_demo(
     config: DemoConfig, events: EventBus | None = None, hooks: DemoHooks | None = None
 ) -> DemoResult:
@@ -208,6 +227,59 @@ async def run_demo(
     if config.log_dir is not None:
         check_output_dir(config.log_dir, "log directory")
     events = events or EventBus()
+    hooks = hooks or DemoHooks()
+
+    async def migrate(pair: LabPair) -> MigrationReport:
+        lab, source, target = pair.lab, pair.source, pair.target
+        request = MigrationRequest(
+            source=HostEndpoint(
+                f"host-a ({lab.host_a.netns})", source.site.qmp_socket, netns=lab.host_a.netns
+            ),
+            target=HostEndpoint(
+                f"host-b ({lab.host_b.netns})",
+                target.site.qmp_socket,
+                pair.migration_uri,
+                netns=lab.host_b.netns,
+            ),
+            strategy=config.strategy,
+            policy=config.policy,
+            link_mbit=config.bandwidth_mbit,
+            predict=config.predict,
+            offline=config.offline,
+            verify=config.verify,
+            repair=config.repair,
+            force=config.force,
+            cpu_model=pair.spec.cpu_model,
+            vm=pair.spec.name,
+            hooks=_engine_hooks(hooks, source, target),
+        )
+        migration = Migration(request, source=source.qmp, target=target.qmp, events=events)
+        await migration.start()
+        if hooks.after_migration_started is not None:
+            await hooks.after_migration_started(source, target)
+        return await migration.run()
+
+    return await run_in_lab(config, migrate, hooks, target_paused=True)
+
+
+async def run_in_lab(
+    config: DemoConfig,
+    migrate: LabMigrator,
+    hooks: DemoHooks | None = None,
+    *,
+    target_paused: bool = True,
+) -> DemoResult:
+    """Boot the guest in a fresh lab, probe it, migrate it with ``migrate``, check it.
+
+    The source boots on host A with ``config``'s workload; the target waits on host B
+    (``-incoming defer``, plus ``-S`` when ``target_paused``: otherwise QEMU starts
+    the VM by itself once the incoming migration completes). After the warm-up,
+    ``hooks.before_migration`` runs, then ``migrate``; the target is watched for
+    ``config.settle_s`` and, if the migration completed, the guest checks itself
+    (:func:`guest_check`). The report gets the probe's view (guest-visible
+    downtime) and the bytes on the migration link. Raises
+    :class:`~migrate.errors.LivemigError` subclasses for set-up failures.
+    """
     hooks = hooks or DemoHooks()
     guest, accel, environment = await prepare_guest(config)
     with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
@@ -230,7 +302,7 @@ async def run_demo(
                 netns=lab.host_b.netns,
                 taps={"net0": tap_b},
                 incoming=True,
-                paused=True,
+                paused=target_paused,
                 log_dir=config.log_dir,
             )
             async with (
@@ -240,38 +312,10 @@ async def run_demo(
                 probe_started = time.time()
                 await asyncio.sleep(config.warmup_s)
                 link_before = lab.migration_link_stats(lab.host_a).tx_bytes
-                request = MigrationRequest(
-                    source=HostEndpoint(
-                        f"host-a ({lab.host_a.netns})",
-                        source.site.qmp_socket,
-                        netns=lab.host_a.netns,
-                    ),
-                    target=HostEndpoint(
-                        f"host-b ({lab.host_b.netns})",
-                        target.site.qmp_socket,
-                        lab.host_b.migration_uri(MIGRATION_PORT),
-                        netns=lab.host_b.netns,
-                    ),
-                    strategy=config.strategy,
-                    policy=config.policy,
-                    link_mbit=config.bandwidth_mbit,
-                    predict=config.predict,
-                    offline=config.offline,
-                    verify=config.verify,
-                    repair=config.repair,
-                    force=config.force,
-                    cpu_model=spec.cpu_model,
-                    vm=spec.name,
-                    hooks=_engine_hooks(hooks, source, target),
-                )
                 console_mark = len(target.console.lines)
                 if hooks.before_migration is not None:
                     await hooks.before_migration(source, target)
-                migration = Migration(request, source=source.qmp, target=target.qmp, events=events)
-                await migration.start()
-                if hooks.after_migration_started is not None:
-                    await hooks.after_migration_started(source, target)
-                report = await migration.run()
+                report = await migrate(LabPair(lab, spec, source, target))
                 await asyncio.sleep(config.settle_s)
                 wire = lab.migration_link_stats(lab.host_a).tx_bytes - link_before
                 if report.status == "completed":

@@ -51,6 +51,21 @@ class Controller(Protocol):
 
 
 @runtime_checkable
+class PeerPollLoop(Protocol):
+    """A controller that reproduces a peer's own poll loop (Proxmox, Nova, vdsm).
+
+    It looks at ``query-migrate`` only at the times its peer does; samples fed to
+    :meth:`Controller.on_sample` before :attr:`next_poll_ms` are ignored. A driver
+    that runs the peer as its users get it (``lab.raw``) queries QEMU at that time.
+    """
+
+    @property
+    def next_poll_ms(self) -> float:
+        """When the peer polls next, in ms after ``migrate`` was issued."""
+        ...
+
+
+@runtime_checkable
 class PredictionAware(Protocol):
     """A controller that can use the forecast made before the start."""
 

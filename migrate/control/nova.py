@@ -73,10 +73,18 @@ class NovaController:
             )
         ]
 
+    @property
+    def next_poll_ms(self) -> float:
+        """When the peer polls next (ms after ``migrate``; see ``PeerPollLoop``)."""
+        return self._next_poll_ms
+
     def on_sample(self, sample: Sample) -> list[Decision]:
-        if sample.elapsed_ms < self._next_poll_ms or sample.status not in ("active", "setup"):
+        if sample.elapsed_ms < self._next_poll_ms:
             return []
+        # Nova's monitor sleeps 0.5 s after every look, whatever it found.
         self._next_poll_ms = sample.elapsed_ms + self.poll_ms
+        if sample.status not in ("active", "setup"):
+            return []
         elapsed_s = sample.elapsed_ms / 1e3
         if self._timeout_s and elapsed_s > self._timeout_s:
             return [

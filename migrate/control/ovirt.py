@@ -43,11 +43,17 @@ class OvirtController:
         static = StaticController(self.policy).start(context)
         return [Decision(d.time, f"ovirt: initial action: {d.reason}", d.intents) for d in static]
 
+    @property
+    def next_poll_ms(self) -> float:
+        """When the peer polls next (ms after ``migrate``; see ``PeerPollLoop``)."""
+        return self._next_poll_ms
+
     def on_sample(self, sample: Sample) -> list[Decision]:
-        if sample.elapsed_ms < self._next_poll_ms or not self._schedule:
+        if sample.elapsed_ms < self._next_poll_ms:
             return []
+        # vdsm's monitor keeps waking every interval, whatever it finds.
         self._next_poll_ms = sample.elapsed_ms + self.poll_ms
-        if sample.status not in ("active", "setup"):
+        if not self._schedule or sample.status not in ("active", "setup"):
             return []
         iteration = sample.dirty_sync_count
         if self._initial is None:

@@ -59,6 +59,11 @@ class ProxmoxController:
             )
         ]
 
+    @property
+    def next_poll_ms(self) -> float:
+        """When the peer polls next (ms after ``migrate``; see ``PeerPollLoop``)."""
+        return self._next_poll_ms
+
     def on_sample(self, sample: Sample) -> list[Decision]:
         if sample.elapsed_ms < self._next_poll_ms:
             return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -12,8 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.backend import run_integrity
 from bench.errors import ResultsError, SuiteError
 from bench.measure import CpuMeter, count_nonzero_bytes, guest_throughput, openssl_points
+from bench.policies import availability
+from bench.report import render_report
 from bench.results import (
     FORMAT_VERSION,
     BenchEnvironment,
@@ -25,7 +29,10 @@ from bench.results import (
     RunResult,
     RunStatus,
 )
+from bench.runner import PlannedRun, schedule
 from bench.scenario import (
+    BASELINE_SCENARIO,
+    PEER_POLICIES,
     SUITES,
     Availability,
     Comparison,
@@ -38,7 +45,8 @@ from bench.scenario import (
 from bench.stats import distribution, percentile, representative, summarize
 from lab.qemu import ConsoleLine
 from migrate.control.intents import SetDowntimeLimit
-from migrate.report import Decision, Sample, Timeline
+from migrate.phase import Phase
+from migrate.report import Decision, Integrity, MigrationReport, Sample, Status, Timeline
 
 MIB = 1 << 20
 
@@ -48,6 +56,8 @@ NATIVE = Scenario("livemig-native")
 PAGESTREAM = Scenario("livemig-pagestream", strategy="pagestream")
 QEMU_DEFAULT = Scenario("qemu-default", policy="qemu-default")
 PROXMOX = Scenario("proxmox", policy="proxmox")
+RAW_QEMU = Scenario("raw-qemu-default", policy="qemu-default", runner="raw")
+RAW_PROXMOX = Scenario("raw-proxmox", policy="proxmox", runner="raw")
 
 
 def tiny_suite(repetitions: int = 2) -> Suite:
@@ -295,19 +305,50 @@ def test_declared_suites_are_valid_and_fit_their_budgets() -> None:
     (comparison,) = smoke.comparisons
     assert comparison.repetitions == 1
     assert {s.label for s in comparison.scenarios} == {
-        "livemig native", "livemig pagestream", "qemu-default"
+        "livemig native", "livemig pagestream", "raw:qemu-default"
     }  # fmt: skip
     assert all(s.workload == "openssl" for s in comparison.scenarios)
+    assert comparison.baseline == BASELINE_SCENARIO == "raw-qemu-default"
     default = suite_named("default")
     for comparison in default.comparisons:
         policies = {s.policy for s in comparison.scenarios}
         assert policies == {"livemig", "qemu-default", "proxmox", "nova", "ovirt-minimal-downtime"}
         assert {s.strategy for s in comparison.scenarios} == {"native", "pagestream"}
+        # Every peer twice: emulated in livemig's engine, and raw as its users get it.
+        raw = {s.policy for s in comparison.scenarios if s.is_raw}
+        emulated = {s.policy for s in comparison.scenarios if s.is_peer and not s.is_raw}
+        assert raw == emulated == set(PEER_POLICIES)
+        assert comparison.baseline == BASELINE_SCENARIO
+        assert "raw:proxmox" in {s.label for s in comparison.scenarios}
+        assert "proxmox (emulated)" in {s.label for s in comparison.scenarios}
     assert any("dirty:" in s.workload for c in default.comparisons for s in c.scenarios)
     assert default.bandwidths() == (None, 400.0)
+    # The raw peers run in the same interleaved order as livemig's configurations.
+    first_round = [p.scenario.label for p in schedule(default)[:10]]
+    assert first_round[0] == "livemig native" and first_round[-1] == "raw:ovirt-minimal-downtime"
+    ci = suite_named("ci")
+    (comparison,) = ci.comparisons
+    assert [s.label for s in comparison.scenarios] == [
+        "livemig native", "raw:qemu-default", "raw:proxmox"
+    ]  # fmt: skip
+    assert all(s.memory_mib == 128 for s in comparison.scenarios)
+    assert ci.run_count == 3 and ci.budget_s <= 60
     with pytest.raises(SuiteError, match="unknown suite") as info:
         suite_named("huge")
     assert "default" in info.value.known
+
+
+def test_raw_scenarios_are_peers_with_qemus_stream() -> None:
+    assert RAW_PROXMOX.is_raw and RAW_PROXMOX.is_peer and not PROXMOX.is_raw
+    assert RAW_PROXMOX.label == "raw:proxmox" and NATIVE.label == "livemig native"
+    RAW_PROXMOX.validate()
+    for bad, why in (
+        (replace(RAW_PROXMOX, policy="livemig"), "peer preset"),
+        (replace(RAW_PROXMOX, strategy="pagestream"), "strategy native"),
+        (replace(RAW_PROXMOX, runner="libvirt"), "unknown runner"),
+    ):
+        with pytest.raises(SuiteError, match=why):
+            bad.validate()
 
 
 def test_invalid_suites_are_refused() -> None:
@@ -329,7 +370,16 @@ def test_runnable_leaves_out_what_this_build_lacks() -> None:
     nothing = Availability(frozenset(), frozenset())
     with pytest.raises(SuiteError, match="nothing can run"):
         runnable(tiny_suite(), nothing)
-    assert PAGESTREAM.label == "livemig pagestream" and PROXMOX.label == "proxmox"
+    assert PAGESTREAM.label == "livemig pagestream" and PROXMOX.label == "proxmox (emulated)"
+    # Raw peers need their driver, not the engine's strategies.
+    raw_suite = Suite("r", "d", (Comparison("c", "d", (NATIVE, RAW_PROXMOX, RAW_QEMU), 1),), 60)
+    suite, omitted = runnable(raw_suite, available)
+    assert [s.name for s in suite.comparisons[0].scenarios] == ["livemig-native"]
+    assert omitted[0] == Omitted("c/raw-proxmox", "raw peer 'proxmox' is not available")
+    with_raw = replace(available, raw_peers=frozenset({"proxmox"}))
+    suite, omitted = runnable(raw_suite, with_raw)
+    assert [s.name for s in suite.comparisons[0].scenarios] == ["livemig-native", "raw-proxmox"]
+    assert availability().raw_peers == frozenset(PEER_POLICIES)
 
 
 # -- measurements ----------------------------------------------------------------------
@@ -430,3 +480,163 @@ def test_cpu_meter_counts_helpers_as_engine_but_not_the_probe_or_the_qemus() -> 
     # The probe burnt as much again and is not in it; the "QEMU" is the source's.
     assert usage.engine_s < spent[helper.pid] + spent[probe.pid] * 0.5
     assert usage.source_s <= spent[qemu.pid]
+
+
+# -- raw peers beside the emulated presets ----------------------------------------------
+
+
+def _raw_suite() -> Suite:
+    return Suite(
+        name="raw",
+        description="livemig against raw and emulated peers",
+        comparisons=(
+            Comparison(
+                "openssl",
+                "openssl guest",
+                (NATIVE, QEMU_DEFAULT, PROXMOX, RAW_QEMU, RAW_PROXMOX),
+                3,
+                baseline=BASELINE_SCENARIO,
+            ),
+        ),
+        budget_s=200.0,
+    )
+
+
+def _raw_results() -> BenchResults:
+    downtimes = {
+        NATIVE: 50.0,
+        QEMU_DEFAULT: 70.0,
+        PROXMOX: 40.0,
+        RAW_QEMU: 60.0,
+        RAW_PROXMOX: 900.0,
+    }
+    runs = []
+    for rep in range(3):
+        for scenario, downtime in downtimes.items():
+            run = completed_run("openssl", scenario, rep, len(runs), downtime + rep)
+            if scenario.is_raw:
+                run = replace(run, integrity="unchecked", repaired_pages=0)
+            runs.append(run)
+    # One raw run lost pages: the guest noticed, the run counts as corrupted.
+    runs[3] = replace(
+        runs[3], integrity="corrupted", guest_check="failed: MEMDIRTY pass=4 pages=8192 bad=3"
+    )
+    return bench_results(tuple(runs), _raw_suite())
+
+
+def test_ratios_are_to_plain_qemu_and_to_the_best_raw_peer() -> None:
+    (summary,) = summarize(_raw_results())
+    # The emulated proxmox preset (40 ms) is faster, but the best *raw* peer counts.
+    assert summary.best_peer == "openssl/raw-qemu-default" and summary.best_peer_is_raw
+    assert summary.baseline == "openssl/raw-qemu-default"
+    ratios = summary.ratios["openssl/livemig-native"]
+    assert ratios.guest_downtime_vs_best_peer == pytest.approx(51 / 61)
+    assert ratios.guest_downtime_vs_baseline == pytest.approx(51 / 61)
+    raw_qemu = next(c for c in summary.configs if c.config == "openssl/raw-qemu-default")
+    assert (raw_qemu.integrity_ok, raw_qemu.guest_check_ok, raw_qemu.corrupted) == (0, 2, 1)
+    native = next(c for c in summary.configs if c.config == "openssl/livemig-native")
+    assert (native.integrity_ok, native.guest_check_ok, native.corrupted) == (3, 3, 0)
+
+
+def test_without_raw_peers_the_best_emulated_preset_counts() -> None:
+    # Results recorded before raw peers existed: baseline named by its policy.
+    (summary, _capped) = summarize(
+        bench_results(
+            tuple(
+                completed_run("openssl", s, 0, i, d)
+                for i, (s, d) in enumerate(((NATIVE, 50.0), (QEMU_DEFAULT, 70.0), (PROXMOX, 40.0)))
+            )
+        )
+    )
+    assert summary.best_peer == "openssl/proxmox" and not summary.best_peer_is_raw
+    assert summary.baseline == "openssl/qemu-default"
+
+
+def test_report_names_raw_and_emulated_peers_and_lists_corrupted_runs() -> None:
+    text = render_report(_raw_results())
+    assert "`raw:qemu-default` (1 of its runs corrupted the guest) (x best peer: the raw peer" in (
+        text
+    )
+    assert "| raw:proxmox | 3/3 |" in text and "| proxmox (emulated) | 3/3 |" in text
+    assert "emulated in livemig's engine" in text
+    row = next(line for line in text.splitlines() if line.startswith("| raw:qemu-default | 110"))
+    assert "| 0 / 2 / 1 of 3 |" in row
+    corrupted = text.split("## Runs that corrupted the guest")[1].split("##")[0]
+    assert "`openssl/raw-qemu-default` #0: failed: MEMDIRTY pass=4 pages=8192 bad=3" in corrupted
+    assert "livemig-native" not in corrupted
+
+
+def test_results_from_before_raw_peers_still_load(tmp_path: Path) -> None:
+    results = bench_results((completed_run("openssl", NATIVE),))
+    data = results.to_dict()
+    for comparison in data["suite"]["comparisons"]:
+        for scenario in comparison["scenarios"]:
+            del scenario["runner"]
+    for run in data["runs"]:
+        del run["scenario"]["runner"]
+    assert BenchResults.from_dict(data) == results
+    raw = bench_results((replace(completed_run("openssl", RAW_PROXMOX), integrity="corrupted"),))
+    raw.save(tmp_path)
+    loaded = BenchResults.load(tmp_path)
+    assert loaded == raw and loaded.runs[0].scenario.is_raw
+
+
+def _report(status: Status, guest_check: str | None, integrity: Integrity) -> MigrationReport:
+    return MigrationReport(
+        status=status,
+        strategy="raw",
+        mode="live",
+        vm="demo",
+        source="a",
+        target="b",
+        policy="raw:proxmox",
+        phase=Phase.COMPLETED,
+        total_time_ms=900.0,
+        ram_bytes=128 * MIB,
+        timeline=Timeline(started_at=1000.0, source_stop_ms=150.0, target_resume_ms=900.0),
+        guest_downtime_ms=790.0,
+        integrity=integrity,
+        guest_check=guest_check,
+    )
+
+
+def test_a_failed_guest_check_makes_a_run_corrupted_whoever_migrated() -> None:
+    ok, unchecked = Integrity.OK, Integrity.UNCHECKED
+    assert run_integrity(_report(Status.COMPLETED, "ok: openssl running", unchecked)) == "unchecked"
+    assert run_integrity(_report(Status.COMPLETED, "ok: memdirty verified", ok)) == "ok"
+    failed = "failed: MEMDIRTY pass=3 pages=8192 bad=2"
+    assert run_integrity(_report(Status.COMPLETED, failed, unchecked)) == "corrupted"
+    assert run_integrity(_report(Status.COMPLETED, failed, ok)) == "corrupted"
+    assert run_integrity(_report(Status.ABORTED, None, Integrity.FAILED)) == "failed"
+
+
+def test_the_lab_backend_hands_raw_scenarios_to_the_raw_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.backend
+    from lab.demo import DemoConfig, DemoEnvironment, DemoHooks, DemoResult
+    from lab.raw import RawPeer
+
+    env = DemoEnvironment("tcg", "probe", "qemu64", "6.1", "key", "openssl", None)
+    calls: list[tuple[str, str]] = []
+
+    async def fake_raw(
+        config: DemoConfig, peer: RawPeer, events: object, hooks: DemoHooks
+    ) -> DemoResult:
+        calls.append(("raw", peer.name))
+        check = "failed: guest kernel: BUG: unable to handle page fault"
+        return DemoResult(_report(Status.COMPLETED, check, Integrity.UNCHECKED), env)
+
+    async def fake_engine(config: DemoConfig, events: object, hooks: DemoHooks) -> DemoResult:
+        calls.append(("engine", config.policy.name))
+        return DemoResult(_report(Status.COMPLETED, "ok: openssl", Integrity.OK), env)
+
+    monkeypatch.setattr(bench.backend, "run_raw_demo", fake_raw)
+    monkeypatch.setattr(bench.backend, "run_demo", fake_engine)
+    backend = bench.backend.LabBackend()
+    raw = asyncio.run(backend.run(PlannedRun(0, "c", RAW_PROXMOX, 0), tmp_path))
+    emulated = asyncio.run(backend.run(PlannedRun(1, "c", PROXMOX, 0), tmp_path))
+    assert calls == [("raw", "raw:proxmox"), ("engine", "proxmox")]
+    assert raw.integrity == "corrupted" and raw.scenario is RAW_PROXMOX
+    assert raw.guest_downtime_ms == 790.0 and raw.stop_to_resume_ms == 750.0
+    assert emulated.integrity == "ok"

@@ -192,7 +192,7 @@ def test_report_and_plots_from_a_recorded_results_json(tmp_path: Path) -> None:
     row = next(line for line in report.splitlines() if line.startswith("| livemig native | 3/3"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:7] == ["46.0", "46.8", "45.0 to 47.0", "0.41x", "0.57x"]
-    assert "| qemu-default | 0/1 |" in report
+    assert "| qemu-default (emulated) | 0/1 |" in report
     assert "**error**: QemuLaunchError: no" in report
     assert "tbf cap 400 Mbit/s" in report and "floor" in report
     assert "`openssl/livemig-pagestream`: strategy 'pagestream' is not registered" in report
@@ -223,7 +223,8 @@ def test_cli_bench_plot_list_and_bad_input(
     assert err.count("\n") == 1 and "livemig: error:" in err and "cannot read" in err
     assert main(["bench", "list"]) == 0
     out = capsys.readouterr().out
-    assert "smoke:" in out and "default:" in out and "ovirt-minimal-downtime" in out
+    assert "smoke:" in out and "default:" in out and "ci:" in out
+    assert "ovirt-minimal-downtime (emulated)" in out and "raw:ovirt-minimal-downtime" in out
     with pytest.raises(SystemExit) as info:
         main(["bench", "run", "--suite", "nope"])
     assert info.value.code == 2
@@ -243,7 +244,7 @@ def test_cli_bench_run_writes_results_report_and_plots(
     results = BenchResults.load(out)
     assert results.command == f"livemig bench run --suite smoke --out {out}"
     assert {r.config for r in results.runs} | {o.config for o in results.omitted} == {
-        "openssl/livemig-native", "openssl/livemig-pagestream", "openssl/qemu-default"
+        "openssl/livemig-native", "openssl/livemig-pagestream", "openssl/raw-qemu-default"
     }  # fmt: skip
     assert all(r.completed for r in results.runs)
     assert {p.name for p in out.iterdir()} == {
