@@ -47,31 +47,23 @@ from migrate.strategy import MigrationRequest
 log = logging.getLogger(__name__)
 
 
-class Migration:
-    """One migration, started, watched and steered by an embedding program.
+class MigrationHandle:
+    """What every handle shares: one migration's id, event bus, task and steering.
 
-    ``source``/``target``: QMP sessions the caller already holds (they stay the
-    caller's); without them the handle connects to the request's endpoints and
-    closes those sessions at the end. ``controller`` overrides the policy's own.
+    Subclasses say how the migration runs (:meth:`_execute`); ``request`` needs a
+    ``migration_id`` and a ``policy``. :class:`Migration` runs QEMU migrations
+    through the engine; :class:`migrate.libvirt.LibvirtMigration` libvirt's job.
     """
 
     def __init__(
         self,
-        request: MigrationRequest,
+        request: Any,
         *,
-        source: QmpSession | None = None,
-        target: QmpSession | None = None,
         controller: Controller | None = None,
-        connect_timeout_s: float = 5.0,
         abort_grace_s: float = 5.0,
         events: EventBus | None = None,
     ) -> None:
-        if (source is None) != (target is None):
-            raise ConfigError("give both QMP sessions or neither")
-        strategy_for(request.strategy)  # unknown names refused before anything starts
         self.request = request
-        self._sessions = (source, target) if source is not None and target is not None else None
-        self._connect_timeout_s = connect_timeout_s
         self._abort_grace_s = abort_grace_s
         self._bus = events if events is not None else EventBus(request.migration_id)
         self._bus.bind(request.migration_id)
@@ -82,7 +74,7 @@ class Migration:
 
     @property
     def id(self) -> str:
-        return self.request.migration_id
+        return str(self.request.migration_id)
 
     @property
     def policy(self) -> Policy:
@@ -106,16 +98,13 @@ class Migration:
         )
         await asyncio.sleep(0)
 
+    async def _execute(self) -> MigrationReport:
+        """Run the migration to its end (the subclass's way)."""
+        raise NotImplementedError
+
     async def _run(self) -> MigrationReport:
         try:
-            if self._sessions is not None:
-                return await run_migration(
-                    self.request, *self._sessions, controller=self._operator, events=self._bus
-                )
-            async with open_sessions(self.request, self._connect_timeout_s) as sessions:
-                return await run_migration(
-                    self.request, *sessions, controller=self._operator, events=self._bus
-                )
+            return await self._execute()
         finally:
             for event in reversed(self._bus.history):
                 if isinstance(event, Finished):
@@ -224,6 +213,43 @@ class Migration:
         if self._task is None:
             raise ConfigError(f"migration {self.id} has not been started")
         return self._task
+
+
+class Migration(MigrationHandle):
+    """One QEMU migration, started, watched and steered by an embedding program.
+
+    ``source``/``target``: QMP sessions the caller already holds (they stay the
+    caller's); without them the handle connects to the request's endpoints and
+    closes those sessions at the end. ``controller`` overrides the policy's own.
+    """
+
+    def __init__(
+        self,
+        request: MigrationRequest,
+        *,
+        source: QmpSession | None = None,
+        target: QmpSession | None = None,
+        controller: Controller | None = None,
+        connect_timeout_s: float = 5.0,
+        abort_grace_s: float = 5.0,
+        events: EventBus | None = None,
+    ) -> None:
+        if (source is None) != (target is None):
+            raise ConfigError("give both QMP sessions or neither")
+        strategy_for(request.strategy)  # unknown names refused before anything starts
+        super().__init__(request, controller=controller, abort_grace_s=abort_grace_s, events=events)
+        self._sessions = (source, target) if source is not None and target is not None else None
+        self._connect_timeout_s = connect_timeout_s
+
+    async def _execute(self) -> MigrationReport:
+        if self._sessions is not None:
+            return await run_migration(
+                self.request, *self._sessions, controller=self._operator, events=self._bus
+            )
+        async with open_sessions(self.request, self._connect_timeout_s) as sessions:
+            return await run_migration(
+                self.request, *sessions, controller=self._operator, events=self._bus
+            )
 
 
 async def migrate_once(request: MigrationRequest, **kwargs: Any) -> MigrationReport:

@@ -19,16 +19,12 @@ whose QMP options are then required only without ``--libvirt``.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
 from typing import Any
 
 from migrate.cli import EXIT_USAGE
-from migrate.cli_migrate import ABORT_GRACE_S, _Output, _policy
-from migrate.errors import MigrationError
+from migrate.cli_migrate import ABORT_GRACE_S, _Output, _policy, run_and_report
 from migrate.libvirt import LibvirtEndpoint, LibvirtMigration, LibvirtRequest
-from migrate.report import MigrationReport
 
 #: The QMP options of ``livemig migrate`` that ``--libvirt`` replaces.
 _QMP_OPTIONS = ("--source-qmp", "--target-qmp", "--target-uri")
@@ -100,38 +96,9 @@ def _migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         force=args.force,
     )
     out = _Output(args, "migrate")
-    migration = LibvirtMigration(request, events=out.bus, abort_grace_s=ABORT_GRACE_S)
-    signalled: list[int] = []
-    try:
-        report = out.run(_follow(migration, signalled))
-    except KeyboardInterrupt:
-        return out.interrupted()
-    code = out.emit(report)
-    if signalled:
-        sys.stderr.write(
-            f"livemig: {signal.Signals(signalled[0]).name}: migration {report.status}\n"
-        )
-        return 128 + signalled[0]
-    if report.status != "completed":
-        raise MigrationError(f"migration {report.status}: {report.error or 'no reason given'}")
-    return code
-
-
-async def _follow(migration: LibvirtMigration, signalled: list[int]) -> MigrationReport:
-    """Run ``migration``; SIGTERM/SIGHUP and Ctrl-C abort it."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        signalled.append(signum)
-        migration.abort(f"{signal.Signals(signum).name} received")
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        return await migration.run()
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+    return run_and_report(
+        out, LibvirtMigration(request, events=out.bus, abort_grace_s=ABORT_GRACE_S)
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from migrate import cli_args
-from migrate.api import Migration
+from migrate.api import Migration, MigrationHandle
 from migrate.cli import EXIT_INTERRUPTED, EXIT_MIGRATION, EXIT_OK, print_json
 from migrate.engine import STRATEGIES
 from migrate.errors import ConfigError, MigrationError
@@ -247,7 +247,14 @@ def _migrate(args: argparse.Namespace) -> int:
     # Refuse a VM left unfinished by a crash before connecting (the engine checks again).
     JournalStore(state_dir).check_vm_free(request)
     out = _Output(args, "migrate")
-    migration = Migration(request, events=out.bus, abort_grace_s=ABORT_GRACE_S)
+    return run_and_report(out, Migration(request, events=out.bus, abort_grace_s=ABORT_GRACE_S))
+
+
+def run_and_report(out: _Output, migration: MigrationHandle) -> int:
+    """Run ``migration`` with the output's bar/lines; print the report; the exit code.
+
+    SIGTERM/SIGHUP abort it (exit 128 + the signal), Ctrl-C too (exit 130).
+    """
     signalled: list[int] = []
     try:
         report = out.run(_follow(migration, signalled))
@@ -268,7 +275,7 @@ def _migrate(args: argparse.Namespace) -> int:
 ABORT_GRACE_S = 2.0
 
 
-async def _follow(migration: Migration, signalled: list[int]) -> MigrationReport:
+async def _follow(migration: MigrationHandle, signalled: list[int]) -> MigrationReport:
     """Run ``migration`` to its end; SIGTERM/SIGHUP and Ctrl-C abort it."""
     loop = asyncio.get_running_loop()
 
