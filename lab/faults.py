@@ -215,6 +215,7 @@ class CellWorld:
     stopped_target: bool = False
     console_mark: int = 0  # the source console's length when the engine ended
     signal_engine: Callable[[], None] | None = None  # the subprocess runner's
+    recover: str = "n/a"  # what `livemig recover` did after the engine was killed
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -513,6 +514,8 @@ async def _run_subprocess(world: CellWorld) -> EngineEnd:
         "--target-qmp", str(world.target.site.qmp_socket),
         "--target-uri", lab.host_b.migration_uri(MIGRATION_PORT),
     ]  # fmt: skip
+    state_dir = Path(tempfile.mkdtemp(prefix="livemig-faults-state-"))
+    argv += ["--state-dir", str(state_dir)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE,
@@ -550,33 +553,43 @@ async def _run_subprocess(world: CellWorld) -> EngineEnd:
     err = (await stderr_task).decode(errors="replace").strip()
     if err:
         world.note(f"engine stderr: {err.splitlines()[-1][:300]}")
-    if final is None:
-        if sig is signal.SIGKILL and world.injected:
-            await _wait_source_migration_settles(world)
-        return EngineEnd("killed" if code < 0 else "error", code, err[-300:] or None)
-    return EngineEnd(str(final.get("status")), code, final.get("error"), final)
+    try:
+        if final is None:
+            if sig is signal.SIGKILL and world.injected:
+                await _recover(world, state_dir, env)
+            return EngineEnd("killed" if code < 0 else "error", code, err[-300:] or None)
+        return EngineEnd(str(final.get("status")), code, final.get("error"), final)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
-async def _wait_source_migration_settles(world: CellWorld, timeout: float = 30.0) -> None:
-    """After the engine was killed QEMU's own migration goes on: wait for its end."""
-    deadline = time.monotonic() + timeout
-    status = "?"
-    while time.monotonic() < deadline:
-        try:
-            session = await QmpSession.connect(world.source.site.qmp_socket, "source", 3)
-        except LivemigError:
-            return
-        try:
-            info = await session.execute("query-migrate", timeout=3)
-            status = str(info.get("status")) if isinstance(info, dict) else "?"
-        except QemuError:
-            return
-        finally:
-            await session.close()
-        if status not in ("setup", "active", "pre-switchover", "device"):
-            break
-        await asyncio.sleep(0.5)
-    world.note(f"without the engine, the source's own migration ended {status}")
+async def _recover(world: CellWorld, state_dir: Path, env: dict[str, str]) -> None:
+    """`livemig recover --json` after the engine was killed: one running copy again."""
+    argv = [sys.executable, "-m", "migrate.cli", "recover", "--json",
+            "--state-dir", str(state_dir)]  # fmt: skip
+    began = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        world.recover = "`livemig recover` did not finish within 90 s"
+        return
+    wall = time.monotonic() - began
+    try:
+        data = json.loads(out)
+        results = ", ".join(str(m.get("result")) for m in data.get("migrations", []))
+        world.recover = (
+            f"`livemig recover`: {results or 'nothing to do'} "
+            f"({float(data.get('seconds', 0)) * 1e3:.0f} ms; {wall:.1f} s with the CLI start)"
+        )
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        world.recover = f"`livemig recover` exited {proc.returncode}: {tail[0][:200]}"
 
 
 async def runstate(vm: QemuProcess) -> str | None:
@@ -723,10 +736,8 @@ def _vm_destroyed(world: CellWorld, end: EngineEnd) -> bool:
     return False
 
 
-def _recover_note(cell: Cell) -> str:
-    if cell.fault is not Fault.ENGINE_SIGKILL:
-        return "n/a"
-    return "`livemig recover` not available (no journal on this branch)"
+def _recover_note(world: CellWorld) -> str:
+    return world.recover
 
 
 @contextlib.contextmanager
@@ -782,7 +793,7 @@ async def run_cell(cell: Cell, guest: GuestImage, accel: AccelChoice, log_dir: P
     if tmpfs is not None and os.path.ismount(tmpfs):
         leftovers.append(f"tmpfs still mounted at {tmpfs}")
     destroyed = _vm_destroyed(world, end)
-    recover = _recover_note(cell)
+    recover = _recover_note(world)
     problems = judge(
         cell, end.status, seen["running_on"], seen["memory_intact"], tuple(leftovers),
         end.exit_code, end.error, destroyed, world.injected, recover,
