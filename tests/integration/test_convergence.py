@@ -167,7 +167,8 @@ def test_livemig_aborts_cleanly_when_the_limits_are_impossible(vms: VmFactory) -
 
 
 def test_livemig_switches_to_postcopy_when_allowed(tmp_path: Path) -> None:
-    config = _demo(tmp_path, "livemig", postcopy_allowed=True)
+    # Post-copy as the lever left: no throttle (the default would throttle first).
+    config = _demo(tmp_path, "livemig", postcopy_allowed=True, max_throttle_pct=0)
     report = asyncio.run(run_demo(config)).report
     assert report.status is Status.COMPLETED, report.error
     assert [d.action for d in report.decisions].count("postcopy") == 1
