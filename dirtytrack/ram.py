@@ -41,7 +41,7 @@ def filesystem_type(path: Path) -> str | None:
     return kind
 
 
-def _require_room(path: Path, fd: int, size: int) -> None:
+def require_room(path: Path, fd: int, size: int) -> None:
     """Refuse to touch every page of a file its tmpfs cannot hold (SIGBUS otherwise).
 
     Raises :class:`RamMappingError` naming the room there is.
@@ -106,7 +106,7 @@ class RamMapping:
                     f"guest RAM file {self.path} has {size} bytes, not a positive multiple of {PAGE_SIZE}"
                 )
             if self.populate:
-                _require_room(self.path, fd, size)
+                require_room(self.path, fd, size)
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
             self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
             if self.populate:

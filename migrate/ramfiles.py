@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dirtytrack.errors import RamMappingError
+from dirtytrack.ram import require_room
 from migrate.errors import ConfigError, QemuError
 from migrate.qmp import QmpSession
 
@@ -57,19 +59,18 @@ def refuse_shared_file(source: Path, target: Path) -> None:
 def check_ram_space(target_ram: Path) -> None:
     """Refuse (:class:`ConfigError`, with the numbers) when the filesystem holding the
     target's RAM file cannot take the rest of it: on a full tmpfs, QEMU (and any
-    reader of the mapping) would die of SIGBUS mid-migration instead."""
+    reader of the mapping) would die of SIGBUS mid-migration instead. Filesystems
+    that reserve at mmap (hugetlbfs) already refused QEMU if they lacked room."""
     try:
-        st = target_ram.stat()
-        fs = os.statvfs(target_ram.parent)
+        fd = os.open(target_ram, os.O_RDONLY)
     except OSError:
         return  # not on this host
-    needed = max(0, st.st_size - st.st_blocks * 512)
-    free = fs.f_bavail * fs.f_frsize
-    if needed > free:
-        raise ConfigError(
-            f"the target's RAM file {target_ram} needs {needed >> 20} MiB more but its "
-            f"filesystem has {free >> 20} MiB free"
-        )
+    try:
+        require_room(target_ram, fd, os.fstat(fd).st_size)
+    except RamMappingError as exc:
+        raise ConfigError(f"the target's RAM does not fit: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 async def known_tcg_dirty_bug(session: QmpSession) -> bool:

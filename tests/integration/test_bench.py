@@ -78,8 +78,9 @@ def test_tiny_suite_end_to_end(guest: GuestImage, tmp_path: Path) -> None:
     for png in written[:-1]:
         assert png.read_bytes()[:8] == PNG_MAGIC
     report = (tmp_path / "report.md").read_text()
-    for label in ("livemig native", "qemu-default"):
+    # A peer preset run inside livemig's engine is labelled as such (raw peers are not).
+    for label in ("livemig native", "qemu-default (emulated)"):
         assert f"| {label} | 1/1 |" in report
-    assert "| qemu-default | 1/1 | " in report and "| 1.00x |" in report
+    assert "| qemu-default (emulated) | 1/1 | " in report and "| 1.00x |" in report
     assert "None: every run completed." in report
     assert not (tmp_path / "logs").exists()  # completed runs leave no logs behind

@@ -88,7 +88,8 @@ def test_repair_only_where_the_known_bug_applies(kvm: bool, major: int, expected
 def test_a_target_ram_file_that_cannot_fit_is_refused_with_the_numbers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from migrate import ramfiles as strategy
+    from dirtytrack import ram as ram_module
+    from migrate import ramfiles
 
     ram = tmp_path / "ram"
     with open(ram, "wb") as f:
@@ -97,8 +98,13 @@ def test_a_target_ram_file_that_cannot_fit_is_refused_with_the_numbers(
     class Full:
         f_bavail, f_frsize = 16, 1 << 20  # 16 MiB free
 
-    monkeypatch.setattr(strategy.os, "statvfs", lambda _path: Full())
-    with pytest.raises(ConfigError, match=r"needs 256 MiB more but .* has 16 MiB free"):
-        strategy.check_ram_space(ram)
+    monkeypatch.setattr(ram_module, "filesystem_type", lambda _path: "tmpfs")
+    monkeypatch.setattr(ram_module.os, "fstatvfs", lambda _fd: Full())
+    with pytest.raises(ConfigError, match=r"needs 256 MiB but its filesystem has room for 16"):
+        ramfiles.check_ram_space(ram)
     Full.f_bavail = 512
-    strategy.check_ram_space(ram)
+    ramfiles.check_ram_space(ram)
+    # hugetlbfs reserves at mmap: nothing to check there
+    Full.f_bavail = 0
+    monkeypatch.setattr(ram_module, "filesystem_type", lambda _path: "hugetlbfs")
+    ramfiles.check_ram_space(ram)

@@ -42,6 +42,7 @@ class FakeJobDomain:
 
     def _call(self, name: str, value: int = 0) -> int:
         if name == self.refuse:
+            libvirt.virResetLastError()  # libvirtError reads the process-wide last error
             raise libvirt.libvirtError(f"{name} refused")
         self.calls.append((name, value))
         return 0
