@@ -57,6 +57,9 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected an object for {tp.__name__}")
+        upgrade = getattr(tp, "upgrade_legacy", None)
+        if upgrade is not None:
+            data = upgrade(data)  # an older form of this type, read as today's
         hints = get_type_hints(tp)
         kwargs = {}
         for f in dataclasses.fields(tp):

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from migrate.codec import from_dict, to_dict
-from migrate.control.intents import Intent, action_of, qemu_command
+from migrate.control.intents import Intent, action_of, intents_from_qmp, qemu_command
 from migrate.phase import Phase
 
 #: Version of the report's JSON form (docs/schema/report.json); bump it with any
@@ -149,6 +149,24 @@ class Decision:
         object.__setattr__(self, "command", command)
         object.__setattr__(self, "arguments", arguments)
         object.__setattr__(self, "side", side)
+
+    @staticmethod
+    def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+        """A decision recorded before intents and outcomes (action, command,
+        arguments, side only), as today's: intents read back from its QMP command,
+        outcome ``proposed`` (what became of it was not recorded)."""
+        if "intents" in data:
+            return data
+        intents = intents_from_qmp(
+            str(data.get("action", "")), data.get("command"), dict(data.get("arguments") or {})
+        )
+        return {
+            "time": data.get("time", 0.0),
+            "reason": data.get("reason", ""),
+            "intents": [to_dict(i) for i in intents],
+            "outcome": Outcome.PROPOSED.value,
+            "outcome_detail": "recorded before decisions had outcomes",
+        }
 
     def has(self, kind: type[Intent]) -> bool:
         """Whether one of the intents is of ``kind``."""

@@ -223,3 +223,45 @@ def qemu_command(intents: tuple[Intent, ...]) -> tuple[str | None, dict[str, Any
 def action_of(intents: tuple[Intent, ...]) -> str:
     """A short name for a decision: its intents' kinds, joined."""
     return "+".join(i.kind for i in intents) or "none"
+
+
+def intents_from_qmp(
+    action: str, command: str | None, arguments: dict[str, Any]
+) -> tuple[Intent, ...]:
+    """The intents a decision recorded before intents existed (QMP only) stood for."""
+    if action == "abort":
+        return (Abort(),)
+    if action == "switchover":
+        return (Switchover(),)
+    if action == "switchover-now":
+        return (SwitchoverNow(),)
+    if command == "migrate-start-postcopy":
+        return (StartPostcopy(),)
+    found: list[Intent] = []
+    if command == _CAPS:
+        for cap in arguments.get("capabilities", []):
+            name = cap.get("capability") if isinstance(cap, dict) else None
+            if name in ("xbzrle", "multifd"):
+                found.append(Compress(str(name)))
+            elif name == "auto-converge":
+                found.append(ArmAutoConverge())
+            elif name == "postcopy-ram":
+                found.append(ArmPostcopy())
+        return tuple(found)
+    a = arguments
+    if "downtime-limit" in a:
+        found.append(SetDowntimeLimit(int(a["downtime-limit"])))
+    if "max-bandwidth" in a:
+        found.append(CapBandwidth(int(a["max-bandwidth"])))
+    if "cpu-throttle-initial" in a:
+        found.append(Throttle(int(a["cpu-throttle-initial"]),
+                              int(a.get("cpu-throttle-increment", 10)),
+                              int(a.get("max-cpu-throttle", 99))))  # fmt: skip
+    if "xbzrle-cache-size" in a:
+        found.append(SetXbzrleCache(int(a["xbzrle-cache-size"])))
+    if "multifd-channels" in a or "multifd-compression" in a:
+        found.append(SetMultifd(int(a.get("multifd-channels", 2)),
+                                str(a.get("multifd-compression", "none"))))  # fmt: skip
+    if "announce-initial" in a:
+        found.append(AnnounceEarly(int(a["announce-initial"])))
+    return tuple(found)

@@ -15,6 +15,7 @@ from migrate.control.intents import (
     CapBandwidth,
     Compress,
     SetDowntimeLimit,
+    SetXbzrleCache,
     StartPostcopy,
     SwitchoverNow,
     Throttle,
@@ -59,3 +60,22 @@ def test_decision_fields_derive_from_intents_and_survive_json() -> None:
     assert from_dict(Decision, to_dict(Decision(1.0, "x", (StartPostcopy(),)))).has(StartPostcopy)
     with pytest.raises(ValueError):
         from_dict(Decision, {**data, "intents": [{"kind": "teleport"}]})
+
+
+def test_a_decision_recorded_before_intents_reads_back() -> None:
+    legacy = {"time": 1.0, "action": "set-parameters", "reason": "start",
+              "command": "migrate-set-parameters", "side": "source",
+              "arguments": {"downtime-limit": 20, "max-bandwidth": 1 << 40,
+                            "xbzrle-cache-size": 1 << 24}}  # fmt: skip
+    decision = from_dict(Decision, legacy)
+    assert decision.intents == (
+        SetDowntimeLimit(20),
+        CapBandwidth(1 << 40),
+        SetXbzrleCache(1 << 24),
+    )
+    assert decision.arguments == legacy["arguments"] and decision.outcome is Outcome.PROPOSED
+    caps = {"time": 1.0, "action": "set-capabilities", "reason": "r",
+            "command": "migrate-set-capabilities", "side": "both",
+            "arguments": {"capabilities": [{"capability": "auto-converge", "state": True}]}}  # fmt: skip
+    assert from_dict(Decision, caps).intents == (ArmAutoConverge(),)
+    assert from_dict(Decision, {"time": 2.0, "action": "abort", "reason": "x"}).has(Abort)
