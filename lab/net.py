@@ -25,12 +25,15 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from lab.errors import LabError
@@ -263,7 +266,8 @@ def lab_namespaces() -> list[str]:
 
 
 def sweep(all_labs: bool = False) -> list[str]:
-    """Remove labs whose owning process is gone (or every lab); return what was removed."""
+    """Remove labs whose owning process is gone (or every lab), and the QEMU sites
+    (RAM files, sockets under /dev/shm) nothing uses any more; return what was removed."""
     removed = []
     for ns in lab_namespaces():
         match = _NAME_RE.match(ns)
@@ -272,7 +276,41 @@ def sweep(all_labs: bool = False) -> list[str]:
         if all_labs or not _pid_alive(owner):
             remove_namespace(ns)
             removed.append(ns)
+    return removed + sweep_sites()
+
+
+_SITE_RE = re.compile(r"^livemig-(?:(\d+)-)?")
+
+
+def sweep_sites(root: Path = Path("/dev/shm")) -> list[str]:
+    """Remove QEMU site directories left by dead owners: the owner's PID (in the name)
+    is gone, or (older names) nothing listens on the site's QMP socket."""
+    removed = []
+    for site in sorted(root.glob("livemig-*")) if root.is_dir() else []:
+        match = _SITE_RE.match(site.name)
+        if match is None or not site.is_dir():
+            continue
+        owner = match.group(1)
+        if owner is not None and _pid_alive(int(owner)):
+            continue
+        qmp = site / "qmp.sock"
+        if not qmp.exists() or _listening(qmp):
+            continue  # not a QEMU site, or a QEMU still serves it
+        shutil.rmtree(site, ignore_errors=True)
+        removed.append(str(site))
     return removed
+
+
+def _listening(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:

@@ -165,7 +165,11 @@ class QemuProcess:
         self.incoming = incoming
         self.paused = paused
         self.launch_timeout = launch_timeout
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"livemig-{spec.name}-{role}-", dir=RAM_DIR))
+        # The owner's PID in the name: `python -m lab.net sweep` removes the sites of
+        # dead owners (a SIGKILLed test or engine runs no cleanup).
+        self.workdir = Path(
+            tempfile.mkdtemp(prefix=f"livemig-{os.getpid()}-{spec.name}-{role}-", dir=RAM_DIR)
+        )
         self.log_dir = log_dir or self.workdir
         self.serial_log = self.log_dir / f"{role}.serial.log"
         self.qemu_log = self.log_dir / f"{role}.qemu.log"
