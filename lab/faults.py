@@ -338,10 +338,18 @@ class Trigger:
             await asyncio.sleep(0.02)
 
     async def _fire_once_target_runs(self) -> None:
-        """Post-copy: fire once the guest writes to the target's console (it runs there)."""
-        with contextlib.suppress(QemuError):
-            await self.world.target.console.wait_for(r"^MEMDIRTY pass=", 10)
-        self.world.fire(self.phase)
+        """Post-copy: fire as soon as the target runs the guest, while post-copy still
+        moves pages (a fault after post-copy's end is the `after` phase's cell)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.phase == Phase.POSTCOPY.value:
+            with contextlib.suppress(QemuError):
+                if await self.world.target.qmp.status(timeout=1.0) == "running":
+                    break
+            await asyncio.sleep(0.02)
+        if self.phase == Phase.POSTCOPY.value:
+            self.world.fire(self.phase)
+        else:
+            self.world.note(f"post-copy ended ({self.phase}) before the target was seen running")
 
 
 # --- the lost `cont` reply: a QMP proxy ------------------------------------------------
