@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -60,6 +62,7 @@ class QmpSession:
         self.client = client
         self.address = address
         self.timeout_s = timeout_s
+        self.peer_pid: int | None = _peer_pid(client)
 
     @classmethod
     async def connect(cls, path: str | Path, name: str, timeout: float = 10.0) -> QmpSession:
@@ -166,6 +169,20 @@ class QmpSession:
 
     async def close(self) -> None:
         await _quiet_disconnect(self.client)
+
+
+def _peer_pid(client: QMPClient) -> int | None:
+    """The QEMU process at the other end of a UNIX QMP socket (SO_PEERCRED), if any."""
+    writer = getattr(client, "_writer", None)  # qemu.qmp keeps its stream here
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = int(struct.unpack("3i", creds)[0])
+    return pid if pid > 0 else None
 
 
 async def _quiet_disconnect(client: QMPClient) -> None:

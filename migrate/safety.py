@@ -11,6 +11,8 @@ of them runs when.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -343,7 +345,8 @@ async def _cancel_outgoing(source: QmpSession, notes: list[str]) -> None:
 
 
 async def _stop_target(target: QmpSession, notes: list[str]) -> bool:
-    """Quit the target; whether it is proven gone (answered, or nothing listens)."""
+    """Quit the target; whether it is proven gone (answered, nothing listens, or —
+    a silent QEMU on this host, never resumed — its process killed and gone)."""
     try:
         await target.execute("quit", timeout=min(target.timeout_s, QUIT_TIMEOUT_S))
         notes.append("stopped the target QEMU")
@@ -353,7 +356,39 @@ async def _stop_target(target: QmpSession, notes: list[str]) -> bool:
         if gone:
             notes.append("target QEMU already gone")
             return True
+        pid = target.peer_pid
+        if pid is not None and await _kill_and_reap(pid):
+            notes.append(
+                f"killed the target QEMU (pid {pid}): it did not answer `quit` ({exc}) and "
+                "had never been resumed"
+            )
+            return True
         notes.append(f"could not stop the target QEMU ({exc}); it may still hold the VM")
+        return False
+
+
+async def _kill_and_reap(pid: int, timeout: float = 5.0) -> bool:
+    """SIGKILL ``pid`` (also when stopped) and wait until it is gone; whether it is."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still exists as a process that is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
 
 

@@ -411,3 +411,22 @@ def test_progress_watch() -> None:
     assert not watch.stalled(10, now=0.9)
     assert watch.stalled(10, now=1.1)
     assert not watch.stalled(11, now=1.2)
+
+
+def test_a_silent_process_on_this_host_is_killed_for_proof() -> None:
+    """A stopped (SIGSTOP) process answers nothing; SIGKILL still ends it, and the
+    reaped (or zombie) process counts as gone."""
+    import signal
+    import subprocess
+
+    from migrate.safety import _alive, _kill_and_reap
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        proc.send_signal(signal.SIGSTOP)
+        assert _alive(proc.pid)
+        assert asyncio.run(_kill_and_reap(proc.pid)) is True
+        assert not _alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
