@@ -121,23 +121,37 @@ class QmpSession:
 
     async def gone(self) -> bool | None:
         """Whether this QEMU has provably exited: True when nothing listens on its
-        QMP socket any more, False when something still does, None when that cannot
-        be told (not a UNIX socket path)."""
+        QMP socket any more (or whatever accepts hangs up at once), False when a
+        QEMU greets, None when that cannot be told (not a UNIX socket path, or a
+        listener that stays silent: it may serve another client, or be stuck)."""
         path = Path(self.address)
         if not path.is_absolute():
             return None
-        if not path.exists():
-            return True
-        try:
-            _reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return True
-        except (OSError, TimeoutError):
-            return None
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return False
+        for _attempt in range(3):  # a dying QEMU may still hold its listener a moment
+            if not path.exists():
+                return True
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(path)), 2.0
+                )
+            except (ConnectionRefusedError, FileNotFoundError):
+                return True
+            except (OSError, TimeoutError):
+                return None
+            try:
+                greeting: bytes | None = await asyncio.wait_for(reader.read(6), 1.0)
+            except (OSError, TimeoutError):
+                greeting = None
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            if greeting:
+                return False
+            if greeting is None:
+                return None
+            await asyncio.sleep(0.2)  # hung up at once: look again
+        return True
 
     async def _send(self, command: str, arguments: dict[str, Any] | None) -> Any:
         try:
