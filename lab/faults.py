@@ -738,7 +738,9 @@ def _vm_destroyed(world: CellWorld, end: EngineEnd) -> bool:
         return False
     cell = world.cell
     if cell.fault is Fault.KILL_SOURCE:
-        return cell.phase is not FaultPhase.AFTER and cell.phase is not FaultPhase.POSTCOPY
+        # In post-copy (it fires only while pages still move) the source holds pages
+        # the target lacks: killing it destroys the VM too.
+        return cell.phase is not FaultPhase.AFTER
     if cell.fault is Fault.KILL_TARGET:
         return cell.phase in (FaultPhase.AFTER, FaultPhase.POSTCOPY)
     return False

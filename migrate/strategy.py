@@ -207,12 +207,24 @@ class StrategyRun:
                 await asyncio.shield(self._stop_data_plane())
                 if self.switchover.resumed and self.phase.phase is Phase.POSTCOPY:
                     # Post-copy did not finish: the VM runs on the target, part of its
-                    # RAM still on the source. Nothing rolls back and nothing is quit.
+                    # RAM still on the source. Nothing rolls back. Only if the source
+                    # is gone (its pages with it) is the VM lost, and the target, which
+                    # can never get them, is stopped.
                     self.phase.advance(Phase.FAILED)
-                    why = (
-                        f"post-copy did not finish: {describe(exc)}; the VM is on the target "
-                        "and pages it lacks are still on the source: keep the source QEMU"
-                    )
+                    why = f"post-copy did not finish: {describe(exc)}; "
+                    if await asyncio.shield(self.source.gone()) is True:
+                        with contextlib.suppress(QemuError):
+                            await asyncio.shield(self.target.execute("quit", timeout=5.0))
+                        why += (
+                            "the source QEMU is gone with pages the target never received: "
+                            "the VM is lost (the target, which cannot run without them, "
+                            "was stopped)"
+                        )
+                    else:
+                        why += (
+                            "the VM is on the target and pages it lacks are still on the "
+                            "source: keep the source QEMU"
+                        )
                     report = self._report(src_log, tgt_log, error=why)
                     self.events.emit(Finished(report))
                     if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
