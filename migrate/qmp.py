@@ -124,6 +124,11 @@ class QmpSession:
         QMP socket any more (or whatever accepts hangs up at once), False when a
         QEMU greets, None when that cannot be told (not a UNIX socket path, or a
         listener that stays silent: it may serve another client, or be stuck)."""
+        if self.peer_pid is not None:
+            # The QEMU at the other end of this session is a process on this host:
+            # gone, a zombie or exiting (a SIGKILLed QEMU tears its RAM down before it
+            # closes its sockets) is gone; otherwise it lives.
+            return process_exited(self.peer_pid)
         path = Path(self.address)
         if not path.is_absolute():
             return None
@@ -183,6 +188,21 @@ class QmpSession:
 
     async def close(self) -> None:
         await _quiet_disconnect(self.client)
+
+
+#: ``PF_EXITING`` in /proc/PID/stat's flags: the process is in do_exit.
+_PF_EXITING = 0x4
+
+
+def process_exited(pid: int) -> bool:
+    """Whether ``pid`` is gone, a zombie, or already exiting."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    state, flags = fields[0], int(fields[6])
+    return state in (b"Z", b"X") or bool(flags & _PF_EXITING)
 
 
 def _peer_pid(client: QMPClient) -> int | None:

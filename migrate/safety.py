@@ -21,7 +21,7 @@ from migrate import journal
 from migrate.errors import MigrationAborted, MigrationError, QemuError
 from migrate.events import EventBus
 from migrate.integrity import IntegrityResult
-from migrate.qmp import EventRecorder, QmpSession, migration_status_is
+from migrate.qmp import EventRecorder, QmpSession, migration_status_is, process_exited
 from migrate.report import Integrity
 from migrate.request import MigrationHooks
 
@@ -377,19 +377,10 @@ async def _kill_and_reap(pid: int, timeout: float = 5.0) -> bool:
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if process_exited(pid):
             return True
         await asyncio.sleep(0.02)
     return False
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still exists as a process that is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 async def _describe_unknown(source: QmpSession, target: QmpSession, why: str) -> str:

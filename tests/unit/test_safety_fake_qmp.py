@@ -419,14 +419,15 @@ def test_a_silent_process_on_this_host_is_killed_for_proof() -> None:
     import signal
     import subprocess
 
-    from migrate.safety import _alive, _kill_and_reap
+    from migrate.qmp import process_exited
+    from migrate.safety import _kill_and_reap
 
     proc = subprocess.Popen(["sleep", "30"])
     try:
         proc.send_signal(signal.SIGSTOP)
-        assert _alive(proc.pid)
+        assert not process_exited(proc.pid)
         assert asyncio.run(_kill_and_reap(proc.pid)) is True
-        assert not _alive(proc.pid)
+        assert process_exited(proc.pid)
     finally:
         proc.kill()
         proc.wait()
