@@ -119,8 +119,10 @@ def render_report(report: MigrationReport, environment: Mapping[str, object] | N
         if check.verdict != "ok":
             lines.append(f"  preflight {check.name}: {check.verdict} — {check.detail}")
     for d in report.decisions:
+        outcome = "" if d.outcome == "applied" else f" [{d.outcome}: {d.outcome_detail}]"
         lines.append(
             f"  decision @{(d.time - tl.started_at) * 1e3:8.1f} ms: {d.action} — {d.reason}"
+            + outcome
         )
     if environment:
         lines.append(
