@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from migrate.cli import EXIT_USAGE
-from migrate.cli_migrate import ABORT_GRACE_S, _Output, _policy, run_and_report
+from migrate.cli_migrate import ABORT_GRACE_S, _Output, _policy, demo_config, run_and_report
 from migrate.libvirt import LibvirtEndpoint, LibvirtMigration, LibvirtRequest
 
 #: The QMP options of ``livemig migrate`` that ``--libvirt`` replaces.
@@ -102,27 +102,12 @@ def _migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lab.demo import DemoConfig, Workload
     from lab.libvirt_demo import run_libvirt_demo
 
     if args.strategy != "native":
         sys.stderr.write("livemig: error: --libvirt is its own strategy (leave out --strategy)\n")
         return EXIT_USAGE
-    config = DemoConfig(
-        strategy="libvirt",
-        workload=Workload.parse(args.workload),
-        memory_mib=args.memory_mib,
-        dirty_mib=args.dirty_mib,
-        bandwidth_mbit=args.bandwidth_mbit,
-        offline=args.offline,
-        verify=not args.no_verify,
-        repair=not args.no_repair,
-        policy=_policy(args),
-        log_dir=args.log_dir,
-        cpu_model=args.cpu,
-        force=args.force,
-        predict=False,
-    )
+    config = demo_config(args, "libvirt", predict=False)
     if not (args.json or args.events):
         print(f"livemig demo --libvirt: {config.workload.text} guest, {config.memory_mib} MiB, "
               f"policy {config.policy.name}; starting two libvirt daemons...", file=sys.stderr)  # fmt: skip

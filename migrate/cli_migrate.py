@@ -185,11 +185,12 @@ class _Output:
         return EXIT_INTERRUPTED
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from lab.demo import DemoConfig, Workload, run_demo
+def demo_config(args: argparse.Namespace, strategy: str, predict: bool) -> Any:
+    """The lab's DemoConfig from ``livemig demo``'s arguments (imports the lab)."""
+    from lab.demo import DemoConfig, Workload
 
-    config = DemoConfig(
-        strategy=args.strategy,
+    return DemoConfig(
+        strategy=strategy,
         workload=Workload.parse(args.workload),
         memory_mib=args.memory_mib,
         dirty_mib=args.dirty_mib,
@@ -201,8 +202,14 @@ def _demo(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         cpu_model=args.cpu,
         force=args.force,
-        predict=not args.no_predict,
+        predict=predict,
     )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lab.demo import run_demo
+
+    config = demo_config(args, args.strategy, predict=not args.no_predict)
     if config.log_dir is not None:  # before the line below: an error stays one line
         check_output_dir(config.log_dir, "log directory")
     if not (args.json or args.events):
