@@ -22,7 +22,6 @@ from migrate.journal import (
     JournalRecord,
     JournalStore,
     MigrationJournal,
-    MigrationSettings,
 )
 from migrate.journal import active as journal_active
 from migrate.native import NativeStrategy
@@ -35,6 +34,7 @@ from migrate.ramfiles import ram_backing_file
 from migrate.recover import observe_held, vm_location
 from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
 from migrate.request import MigrationRequest
+from migrate.safety import snapshot_settings
 from migrate.strategy import Strategy, check_start
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,7 @@ async def _begin_journal(
     store = JournalStore(request.state_dir)
     store.check_vm_free(request)
     start = await check_start(source, target, request)
-    caps = await source.execute("query-migrate-capabilities")
-    params = await source.execute("query-migrate-parameters")
-    settings = MigrationSettings(
-        {str(c["capability"]): bool(c["state"]) for c in caps}, dict(params)
-    )
+    settings = await snapshot_settings(source)
     record = JournalRecord.for_request(request, start.was_running, settings)
     return store.begin(request, record)
 

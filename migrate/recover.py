@@ -47,7 +47,7 @@ from migrate.journal import (
     MigrationSettings,
 )
 from migrate.qmp import QmpSession
-from migrate.safety import ACTIVE_STATUSES, ANNOUNCE_NOW
+from migrate.safety import ACTIVE_STATUSES, ANNOUNCE_NOW, restore_settings
 
 T = TypeVar("T")
 
@@ -451,32 +451,11 @@ class _Recoverer:
 
     async def _restore_settings(self, settings: MigrationSettings) -> None:
         """Put back the capabilities and parameters the source had at the start."""
-        try:
-            caps = await self.src.execute("query-migrate-capabilities")
-            now_caps = {c["capability"]: bool(c["state"]) for c in caps}
-            caps_back = [
-                {"capability": k, "state": v}
-                for k, v in settings.capabilities.items()
-                if k in now_caps and now_caps[k] != v
-            ]
-            if caps_back:
-                await self.src.execute("migrate-set-capabilities", {"capabilities": caps_back})
-            now_params = await self.src.execute("query-migrate-parameters")
-            params_back = {
-                k: v
-                for k, v in settings.parameters.items()
-                if k in now_params and now_params[k] != v
-            }
-            if params_back:
-                await self.src.execute("migrate-set-parameters", params_back)
-        except QemuError as exc:
-            self.did(f"could not restore the source's migration settings: {exc}")
+        if self.src.session is None:
+            self.did("could not restore the source's migration settings: no QMP session")
             return
-        if caps_back or params_back:
-            self.did(
-                f"restored the source's migration settings ({len(caps_back)} capabilities, "
-                f"{len(params_back)} parameters)"
-            )
+        for note in await restore_settings(self.src.session, settings):
+            self.did(note)
 
     # --- the verdict ------------------------------------------------------------------
 

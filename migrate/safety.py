@@ -15,12 +15,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from migrate import journal
 from migrate.errors import MigrationAborted, MigrationError, QemuError
 from migrate.events import EventBus
 from migrate.integrity import IntegrityResult
+from migrate.journal import MigrationSettings
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is, process_exited
 from migrate.report import Integrity
 from migrate.request import MigrationHooks
@@ -184,27 +185,19 @@ async def _runstate(session: QmpSession) -> str | None:
         return None
 
 
-@dataclass
-class SettingsSnapshot:
-    """A QEMU's migration capabilities and parameters, as found before the migration."""
-
-    capabilities: dict[str, bool]
-    parameters: dict[str, Any]
-
-
-async def snapshot_settings(session: QmpSession) -> SettingsSnapshot:
+async def snapshot_settings(session: QmpSession) -> MigrationSettings:
     """Read ``session``'s migration capabilities and parameters (to restore them later)."""
     caps = await session.execute("query-migrate-capabilities")
     params = await session.execute("query-migrate-parameters")
     if not isinstance(caps, list) or not isinstance(params, dict):
         raise QemuError("unexpected answer to query-migrate-capabilities/-parameters")
-    return SettingsSnapshot(
+    return MigrationSettings(
         {str(c["capability"]): bool(c["state"]) for c in caps if isinstance(c, dict)},
         dict(params),
     )
 
 
-async def restore_settings(session: QmpSession, snapshot: SettingsSnapshot) -> list[str]:
+async def restore_settings(session: QmpSession, snapshot: MigrationSettings) -> list[str]:
     """Put back whatever differs from ``snapshot``; notes of what was done or failed."""
     notes: list[str] = []
     try:
@@ -214,12 +207,14 @@ async def restore_settings(session: QmpSession, snapshot: SettingsSnapshot) -> l
     caps = [
         {"capability": name, "state": state}
         for name, state in snapshot.capabilities.items()
-        if now.capabilities.get(name) != state
+        if name in now.capabilities and now.capabilities[name] != state
     ]
     params = {
         name: value
         for name, value in snapshot.parameters.items()
-        if now.parameters.get(name) != value and name != "block-bitmap-mapping"
+        if name in now.parameters
+        and now.parameters[name] != value
+        and name != "block-bitmap-mapping"
     }
     try:
         if caps:
@@ -251,7 +246,7 @@ async def rollback(
     target: QmpSession,
     was_running: bool,
     events: EventBus,
-    settings: SettingsSnapshot | None = None,
+    settings: MigrationSettings | None = None,
     target_may_run: bool = False,
 ) -> RollbackResult:
     """Put the VM back on the source: cancel, stop the target, resume the source.

@@ -19,6 +19,7 @@ from migrate.control.intents import Abort
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged
 from migrate.integrity import RamComparison, RamComparisons
+from migrate.journal import MigrationSettings
 from migrate.phase import Phase, PhaseTracker
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
 from migrate.report import (
@@ -37,7 +38,6 @@ from migrate.request import MigrationHooks as MigrationHooks
 from migrate.request import MigrationRequest as MigrationRequest
 from migrate.safety import (
     ACTIVE_STATUSES,
-    SettingsSnapshot,
     Switchover,
     rollback,
     snapshot_settings,
@@ -194,7 +194,7 @@ class StrategyRun:
         self.comparison: RamComparison | RamComparisons | None = None
         self.running = start.was_running  # the VM runs on the source
         self.setup_ms: float | None = None
-        self.settings: SettingsSnapshot | None = None  # the source's, before we changed them
+        self.settings: MigrationSettings | None = None  # the source's, before we changed them
         self.unknown: str | None = None  # why neither copy could be resumed
 
     async def execute(self) -> MigrationReport:
