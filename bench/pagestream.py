@@ -411,7 +411,7 @@ def host_info() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pagestream", description=__doc__)
     parser.add_argument(
-        "--out", type=cli_args.path, required=True, help="directory for JSON + Markdown"
+        "--out", type=cli_args.out_dir, required=True, help="directory for JSON + Markdown"
     )
     parser.add_argument(
         "--sizes",

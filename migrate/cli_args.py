@@ -68,6 +68,14 @@ def path(text: str) -> Path:
     return Path(text)
 
 
+def out_dir(text: str) -> Path:
+    """A directory to write into: a :func:`path` that is not an existing non-directory."""
+    where = path(text)
+    if where.exists() and not where.is_dir():
+        raise argparse.ArgumentTypeError(f"{where} exists and is not a directory")
+    return where
+
+
 def plain_text(text: str) -> str:
     """A string without whitespace or control characters (a ``-cpu`` string, a name)."""
     try:
