@@ -101,7 +101,9 @@ async def serve(
 def _tls_reason(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     if isinstance(reason, str) and reason:
-        return reason.lower().replace("_", " ")
+        detail = getattr(exc, "verify_message", None)
+        text = reason.lower().replace("_", " ")
+        return f"{text} ({detail})" if isinstance(detail, str) and detail else text
     return str(exc) or type(exc).__name__
 
 
