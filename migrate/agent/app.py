@@ -79,7 +79,7 @@ class AgentContext:
 CONTEXT = web.AppKey("livemig_agent_context", AgentContext)
 ROUTES = web.AppKey("livemig_agent_routes", list)  # list[RouteSpec]
 PUBLIC = web.AppKey("livemig_agent_public", set)  # set[tuple[method, path]]
-PEER = "livemig_peer"
+PEER = web.RequestKey("livemig_peer", Peer)
 
 
 class Refusal(Exception):
