@@ -36,6 +36,7 @@ from migrate.agent.tlsgate import peer_text
 from migrate.cluster import pki
 from migrate.cluster.errors import TrustError
 from migrate.cluster.state import NodeIdentity, StateDir
+from migrate.errors import LivemigError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RouteModule = Callable[["Router"], None]
@@ -199,12 +200,13 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = exc.status
         ctx.log.warning("%s -> %d: %s", line, exc.status, exc.reason)
         raise
+    except LivemigError as exc:  # e.g. a state file that cannot be read
+        ctx.log.error("%s -> 500: %s", line, exc)
+        return json_response({"error": str(exc), "reason": "internal"}, status=500)
     finally:
         ctx.metrics.requests.labels(method=request.method, route=route, code=str(status)).inc()
         if status < 400:
             ctx.log.info("%s -> %d (%.1f ms)", line, status, (time.monotonic() - start) * 1000)
-        elif status >= 500:
-            ctx.log.error("%s -> %d", line, status)
 
 
 def default_modules() -> list[RouteModule]:
