@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 
 from migrate.agent.app import AgentContext, Refusal, Router, context, json_response, peer, read_json
 from migrate.cluster import pki
@@ -76,15 +77,18 @@ async def join(request: web.Request) -> web.Response:
         csr = pki.load_csr(_field(body, "csr_pem").encode("ascii", "replace"))
         if pki.common_name(csr) != name:
             raise TrustError(f"the CSR is for {pki.common_name(csr)!r}, not {name!r}")
-        ca_cert = state.ca_cert()
-        cert = pki.sign_node(csr, name, address.host, ca_cert, pki.load_key(state.ca_key_pem()))
     except TrustError as exc:
         raise Refusal(400, str(exc), "bad-csr") from None
-    member = Member(name, str(address), False, pki.fingerprint(cert), time.time())
+    ca_cert = state.ca_cert()
+    issued: list[tuple[x509.Certificate, Member]] = []
 
     def admit() -> tuple[Member, ...]:
+        # Runs only for a valid, unused token: nothing is signed for anyone else.
+        cert = pki.sign_node(csr, name, address.host, ca_cert, pki.load_key(state.ca_key_pem()))
+        member = Member(name, str(address), False, pki.fingerprint(cert), time.time())
         members = with_member(state.members(), member)
         state.write_members(members)
+        issued.append((cert, member))
         return members
 
     try:
@@ -93,6 +97,7 @@ async def join(request: web.Request) -> web.Response:
         raise Refusal(403, str(exc), f"token-{exc.reason}") from None
     except ConfigError as exc:
         raise Refusal(409, str(exc), "member-exists") from None
+    cert, member = issued[0]
     ctx.log.info("JOINED %s at %s (certificate %s)", name, address, member.cert_sha256[:16])
     ctx.spawn(push_members(ctx, members, skip={name, ctx.identity.name}))
     return json_response(
