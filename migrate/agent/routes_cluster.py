@@ -11,6 +11,7 @@ member list to the other members (best effort, logged).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from migrate.cluster.state import (
 from migrate.cluster.tokens import TokenStore, well_formed
 from migrate.errors import ConfigError
 
+_HEX = re.compile(r"[0-9a-fA-F]+")
 #: Deadline (s) for pushing the member list to one member.
 PUSH_TIMEOUT_S = 5.0
 
@@ -46,10 +48,21 @@ def register(router: Router) -> None:
 
 
 async def get_ca(request: web.Request) -> web.Response:
+    """The CA. A joining node names the fingerprint its key carries (``?expect=``):
+    when it is not this cluster's the request is refused, so the agent's log shows
+    the failed join too. The joining node compares the fingerprint itself anyway;
+    a fingerprint is no secret."""
     state = context(request).state
-    return json_response(
-        {"ca_pem": state.ca_pem().decode("ascii"), "ca_sha256": state.ca_fingerprint()}
-    )
+    ours = state.ca_fingerprint()
+    expect = request.query.get("expect")
+    if expect is not None and expect.lower() != ours:
+        shown = expect[:16] if _HEX.fullmatch(expect[:16]) else "(not hex)"
+        raise Refusal(
+            409,
+            f"the join key's CA fingerprint {shown}... is not this cluster's ({ours[:16]}...)",
+            "ca-fingerprint",
+        )
+    return json_response({"ca_pem": state.ca_pem().decode("ascii"), "ca_sha256": ours})
 
 
 def _field(body: dict[str, Any], name: str) -> str:

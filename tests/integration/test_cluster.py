@@ -119,6 +119,7 @@ def test_two_agents_join_refuse_and_list(tmp_path: Path) -> None:
         # Wrong fingerprint, key well-formed: refused before the token is sent.
         wrong_fp = dataclasses.replace(key, ca_sha256=hashlib.sha256(b"other").hexdigest())
         _refused(join(dir_b, "b", wrong_fp.encode()), "refusing to send the token")
+        assert "is not this cluster's" in _log(cluster, "a")
 
         # Tampered token (well-formed key): the agent does not know it.
         other_token = key.token[:-1] + ("A" if key.token[-1] != "A" else "B")
@@ -188,6 +189,7 @@ def test_two_agents_join_refuse_and_list(tmp_path: Path) -> None:
         # the client may try the handshake twice (aiohttp retries a dropped connection)
         assert counts["tls-handshake"] >= 1 and counts["no-client-cert"] == 1, counts
         assert counts["token-used"] == counts["token-expired"] == counts["token-unknown"] == 1
+        assert counts["ca-fingerprint"] == 1
 
         assert cluster.stop_agent(a) == 0 and cluster.stop_agent(b) == 0
     assert time.monotonic() - started < 30
