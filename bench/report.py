@@ -148,6 +148,14 @@ def _comparison(results: BenchResults, summary: ComparisonSummary) -> list[str]:
             "resumed the peer's way, no RAM check); `(emulated)` presets are the peers' "
             "settings and schedule emulated in livemig's engine (its RAM check, `-S` target)."
         )
+    if any(s.is_libvirt for s in comparison.scenarios):
+        out.append(
+            "libvirt runs migrate a libvirt domain between two libvirt daemons with libvirt's "
+            "own job (`migrateToURI3`, live, peer-to-peer): `livemig libvirt` steers it and "
+            "keeps the target paused until its RAM matched; `libvirt-default` leaves libvirt "
+            "alone; `libvirt:nova` runs Nova's driver's schedule (no RAM check: libvirt "
+            "resumes the target itself)."
+        )
     out.append("")
     out.append("### Downtime and total time (ms)")
     out.append("")
