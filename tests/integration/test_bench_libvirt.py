@@ -42,11 +42,16 @@ def test_libvirt_ci_suite_runs_livemig_beside_libvirt_default_and_nova(
         assert run.total_time_ms is not None and run.transferred_bytes, label
         assert run.probe_sent and run.guest_check is not None, label
         assert run.samples and run.timeline is not None, label
-        assert not run.guest_check.startswith("failed"), (label, run.guest_check)
-    assert runs["livemig libvirt"].integrity == "ok"
+    livemig = runs["livemig libvirt"]
+    assert livemig.integrity == "ok" and livemig.guest_check.startswith("ok"), livemig.guest_check
     for label in ("libvirt-default", "libvirt:nova"):
-        # libvirt resumed the target itself: no RAM check, the guest's verdict only.
-        assert runs[label].integrity == "unchecked", label
+        # libvirt resumed the target itself: no RAM check, the guest's own verdict only
+        # (QEMU 7.2's TCG dirty-log bug corrupts such guests now and then: counted, shown).
+        run = runs[label]
+        assert run.integrity == (
+            "corrupted" if run.guest_check.startswith("failed") else "unchecked"
+        ), label
+        assert run.repaired_pages == 0, label
 
     # Nobody steers libvirt at its defaults; Nova's monitor set its first downtime step.
     assert runs["libvirt-default"].decisions == ()
