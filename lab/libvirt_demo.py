@@ -79,7 +79,8 @@ LIBVIRT_WAYS: dict[str, LibvirtWay] = {
         "libvirt-default",
         LIBVIRT_DEFAULT_POLICY,
         False,
-        "migrateToURI3 LIVE|PEER2PEER (virsh migrate --live --p2p) at libvirt's defaults: "
+        "migrateToURI3 LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE (virsh migrate --live "
+        "--p2p --persistent --undefinesource) at libvirt's defaults: "
         "QEMU's 300 ms downtime limit, libvirt's unlimited bandwidth, nobody steers; "
         "libvirt resumes the target in its Finish phase",
     ),
