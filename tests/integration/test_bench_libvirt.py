@@ -36,7 +36,8 @@ def test_libvirt_ci_suite_runs_livemig_beside_libvirt_default_and_nova(
     assert list(runs) == ["livemig libvirt", "libvirt-default", "libvirt:nova"]
     for label, run in runs.items():
         assert run.status == "completed", (label, run.error)
-        assert run.guest_downtime_ms is not None and run.guest_downtime_ms > 0, label
+        # A guest that crashed on the target never answers again: no downtime to give.
+        assert (run.guest_downtime_ms or 0) > 0 or run.integrity == "corrupted", label
         assert run.stop_to_resume_ms is not None and run.stop_to_resume_ms >= 0, label
         assert run.downtime_ms is not None and run.downtime_ms > 0, label  # libvirt's figure
         assert run.total_time_ms is not None and run.transferred_bytes, label
