@@ -141,6 +141,8 @@ def render_libvirt_plan(planned: LibvirtPlan, policy: Policy) -> str:
         lines.append(f"    {check.name:<14} {check.verdict.value:<8} {check.detail}")
     if planned.refused:
         lines.append(f"  refused: {', '.join(c.name for c in planned.refused)}")
+    if planned.not_measured is not None:
+        lines.append(f"  {planned.not_measured}")
     if planned.predicted is not None:
         lines.append(render_plan(planned.predicted, policy))
     return "\n".join(lines)

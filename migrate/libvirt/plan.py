@@ -7,8 +7,9 @@ local, blocking devices, the target's free memory, versions), and the guest's di
 rate measured by QEMU through libvirt (``virDomainStartDirtyRateCalc`` in
 page-sampling mode, read back from the ``dirtyrate`` domain statistics; the
 dirty-bitmap mode is never asked for: it kills QEMU 7.2 under TCG). The forecast
-is :func:`migrate.plan.forecast` on those figures, as for a QEMU VM. Nothing
-changes on either host.
+is :func:`migrate.plan.forecast` on those figures, as for a QEMU VM; when QEMU
+cannot measure the rate, the plan has the preflight, no forecast, and says why.
+Nothing changes on either host.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class LibvirtPlan:
     memory_bytes: int
     preflight: tuple[PreflightCheck, ...]
     predicted: Predicted | None
+    #: Why there is no forecast for a running domain (the dirty rate was not measured).
+    not_measured: str | None = None
 
     @property
     def refused(self) -> tuple[PreflightCheck, ...]:
@@ -65,6 +68,7 @@ class LibvirtPlan:
             memory_bytes=self.memory_bytes,
             preflight=[to_dict(c) for c in self.preflight],
             refused=bool(self.refused),
+            not_measured=self.not_measured,
         )
         return data
 
@@ -129,9 +133,12 @@ def plan_domain(
         raise translate(exc, "lookup the domain") from exc
     facts = domain_facts(domain)
     checks = run_preflight(facts, source, target).checks
-    predicted = None
+    predicted, not_measured = None, None
     if facts.active:
-        predicted = _forecast(source, domain, facts, policy, bandwidth, calc_time_s)
+        try:
+            predicted = _forecast(source, domain, facts, policy, bandwidth, calc_time_s)
+        except LibvirtError as exc:
+            not_measured = f"no forecast: the dirty rate could not be measured ({exc})"
     return LibvirtPlan(
         domain=facts.name,
         source=hosts[0],
@@ -140,6 +147,7 @@ def plan_domain(
         memory_bytes=facts.memory_bytes,
         preflight=checks,
         predicted=predicted,
+        not_measured=not_measured,
     )
 
 

@@ -135,6 +135,12 @@ class FakeDomain:
         return 0
 
 
+class NoDirtyRateDomain(FakeDomain):
+    def startDirtyRateCalc(self, seconds: int, flags: int = 0) -> int:
+        libvirt.virResetLastError()
+        raise libvirt.libvirtError("calc-dirty-rate not supported")
+
+
 class FakeConn:
     """One daemon: a domain (or none), its host CPU, free memory and verdicts."""
 
@@ -223,6 +229,14 @@ def test_plan_domain_runs_the_preflight_and_forecasts_from_libvirts_dirty_rate()
     planned = plan_domain(FakeConn(off), FakeConn(), "web", preset("livemig"), bandwidth)
     assert off.dirty_rate_calls == [] and planned.predicted is None
     assert planned.to_dict()["mode"] == "offline"
+    # A QEMU that cannot measure its dirty rate: judged, no forecast, and why.
+    planned = plan_domain(
+        FakeConn(NoDirtyRateDomain()), FakeConn(), "web", preset("livemig"), bandwidth
+    )
+    assert planned.predicted is None and not planned.refused
+    assert planned.not_measured is not None and "calc-dirty-rate not supported" in (
+        planned.not_measured
+    )
 
 
 def test_plan_cli_prints_json_and_exits_3_when_the_move_would_be_refused(
