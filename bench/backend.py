@@ -1,9 +1,12 @@
 """The real backend: migrations of the test guest in the namespace lab.
 
 Each run is one :func:`lab.demo.run_demo` (its own lab, a freshly booted
-source, an incoming target, the ICMP probe), or for a raw peer one
+source, an incoming target, the ICMP probe), for a raw peer one
 :func:`lab.raw.run_raw_demo` (the same lab, guest, probe and guest check; the peer
-migrates instead of livemig's engine). Both are observed through the demo's hooks
+migrates instead of livemig's engine), or for a libvirt run one
+:func:`lab.libvirt_demo.run_libvirt_demo` (a libvirtd per lab host, the guest as a
+domain; libvirt's job run one of ``LIBVIRT_WAYS``; no CPU meter: libvirt owns the
+QEMUs). Both are observed through the demo's hooks
 and the same event stream: the source's RAM is scanned for non-zero pages before
 the migration task starts, CPU time is read from the start of pre-copy at every
 progress sample and before the target resumes (engine runs: a raw peer's downtime
@@ -116,13 +119,20 @@ class LabBackend:
         """Raises :class:`~migrate.errors.LivemigError` (set-up failures) and
         :class:`~bench.errors.BenchError`; a failed migration is a result."""
         scenario = planned.scenario
+        way = None
+        if scenario.is_libvirt:
+            # Imported here: only libvirt runs need libvirt-python.
+            from lab.libvirt_demo import libvirt_way
+
+            way = libvirt_way(scenario.policy)
         config = DemoConfig(
             strategy=scenario.strategy,
             workload=Workload.parse(scenario.workload),
             memory_mib=scenario.memory_mib,
             dirty_mib=scenario.dirty_mib,
             bandwidth_mbit=scenario.bandwidth_mbit,
-            policy=policy_named(scenario.policy),
+            policy=way.policy if way is not None else policy_named(scenario.policy),
+            verify=way.verify if way is not None else True,
             warmup_s=scenario.warmup_s,
             settle_s=scenario.settle_s,
             log_dir=log_dir,
@@ -131,7 +141,11 @@ class LabBackend:
         events = EventBus()
         events.add_callback(observer.on_event)
         started_at, t0 = time.time(), time.monotonic()
-        if scenario.is_raw:
+        if way is not None:
+            from lab.libvirt_demo import run_libvirt_demo
+
+            demo = await run_libvirt_demo(config, events, observer.libvirt_hooks())
+        elif scenario.is_raw:
             peer = raw_peer_named(scenario.policy)
             demo = await run_raw_demo(config, peer, events, observer.hooks())
         else:
@@ -159,6 +173,14 @@ class _RunObserver:
             self.nonzero_ram_bytes = await asyncio.to_thread(count_nonzero_bytes, source.ram_path)
         # Started when pre-copy begins: preflight and the forecast are not migration work.
         self.meter = CpuMeter({"source": source.pid, "target": target.pid})
+
+    def libvirt_hooks(self) -> DemoHooks:
+        """For a libvirt run: the consoles only (libvirt owns the QEMUs, and the
+        target's does not exist before the migration, so no CPU meter)."""
+        return DemoHooks(before_migration=self.consoles)
+
+    async def consoles(self, source: QemuProcess, target: QemuProcess) -> None:
+        self.source, self.target = source, target
 
     async def before_resume(self, source: QemuProcess, target: QemuProcess) -> None:
         # The source has sent everything by now; it may quit before the next sample.

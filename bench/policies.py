@@ -9,11 +9,14 @@ suite this build can run.
 
 from __future__ import annotations
 
+import shutil
+
 from bench.errors import SuiteError
 from bench.scenario import Availability
 from lab.raw import RAW_PEERS, RawPeer, raw_peer
 from migrate.engine import STRATEGIES
 from migrate.errors import ConfigError
+from migrate.libvirt.conn import require_libvirt
 from migrate.policy import Policy
 from migrate.presets import PRESET_NAMES, preset
 
@@ -34,9 +37,20 @@ def raw_peer_named(name: str) -> RawPeer:
         raise SuiteError(str(exc), tuple(RAW_PEERS)) from exc
 
 
+def libvirt_missing() -> str | None:
+    """Why libvirt runs cannot happen here (the daemon, virsh, libvirt-python), or None."""
+    missing = [tool for tool in ("libvirtd", "virsh", "unshare") if shutil.which(tool) is None]
+    try:
+        require_libvirt()
+    except ConfigError:
+        missing.append("libvirt-python")
+    return f"missing {', '.join(missing)} (scripts/setup-system.sh)" if missing else None
+
+
 def availability() -> Availability:
     return Availability(
         strategies=frozenset(STRATEGIES),
         policies=frozenset(PRESET_NAMES),
         raw_peers=frozenset(RAW_PEERS),
+        libvirt_missing=libvirt_missing(),
     )

@@ -128,7 +128,11 @@ def _comparison(results: BenchResults, summary: ComparisonSummary) -> list[str]:
         (c.scenario.label for c in summary.configs if c.config == summary.baseline), None
     )
     best_config = next((c for c in summary.configs if c.config == summary.best_peer), None)
-    kind = "raw peer" if summary.best_peer_is_raw else "peer preset"
+    kind = "peer preset"
+    if best_config is not None and best_config.scenario.is_libvirt:
+        kind = "peer run through libvirt as its users run it"
+    elif summary.best_peer_is_raw:
+        kind = "raw peer"
     best = f"`{best_config.scenario.label}`" if best_config else "no peer"
     if best_config is not None and best_config.corrupted:
         best += f" ({best_config.corrupted} of its runs corrupted the guest)"
@@ -142,11 +146,19 @@ def _comparison(results: BenchResults, summary: ComparisonSummary) -> list[str]:
         f"{best} (x best peer: the {kind} with the lowest median "
         "guest downtime here)."
     )
-    if any(s.is_raw for s in comparison.scenarios) or any(s.is_peer for s in comparison.scenarios):
+    if any(s.is_raw or (s.is_peer and not s.is_libvirt) for s in comparison.scenarios):
         out.append(
             "`raw:` peers run as their users get them (QEMU's own switchover, the target "
             "resumed the peer's way, no RAM check); `(emulated)` presets are the peers' "
             "settings and schedule emulated in livemig's engine (its RAM check, `-S` target)."
+        )
+    if any(s.is_libvirt for s in comparison.scenarios):
+        out.append(
+            "libvirt runs migrate a libvirt domain between two libvirt daemons with libvirt's "
+            "own job (`migrateToURI3`, live, peer-to-peer): `livemig libvirt` steers it and "
+            "keeps the target paused until its RAM matched; `libvirt-default` leaves libvirt "
+            "alone; `libvirt:nova` runs Nova's driver's schedule (no RAM check: libvirt "
+            "resumes the target itself)."
         )
     out.append("")
     out.append("### Downtime and total time (ms)")
@@ -237,6 +249,14 @@ def _definitions() -> list[str]:
         "libvirt (Nova, oVirt): `cont` once the target completed), with no RAM check. "
         "**(emulated)**: the same peer preset emulated in livemig's engine (RAM check "
         "and repair before `cont`, target started with `-S`).",
+        "- **libvirt runs**: a libvirt domain moved between two libvirt daemons by "
+        "libvirt's own job (`migrateToURI3`, live, peer-to-peer). `livemig libvirt`: "
+        "livemig's controller through libvirt's calls, the target kept paused "
+        "(`VIR_MIGRATE_PAUSED`) until its RAM matched the source's; `libvirt-default`: "
+        "libvirt's defaults, nobody steers; `libvirt:nova`: Nova's driver's flags and "
+        "its monitor's downtime steps. The last two have no RAM check (libvirt resumes "
+        "the target itself) and count as peers as their users run them. libvirt owns "
+        "the QEMUs: no CPU or non-zero RAM figures.",
         "- **repaired pages**: pages QEMU 7.2's TCG pre-copy left stale on the target "
         "(upstream fix 03bfc2188f), found by livemig's RAM check and copied from the "
         "stopped source before the target resumed.",

@@ -26,7 +26,13 @@ LIVEMIG_POLICY = "livemig"
 #: How a scenario migrates: through livemig's engine, or as the peer's users do.
 ENGINE_RUNNER = "engine"
 RAW_RUNNER = "raw"
-RUNNERS = (ENGINE_RUNNER, RAW_RUNNER)
+#: libvirt's migration job (a libvirtd per lab host), run one of lab.libvirt_demo's ways.
+LIBVIRT_RUNNER = "libvirt"
+RUNNERS = (ENGINE_RUNNER, RAW_RUNNER, LIBVIRT_RUNNER)
+#: The ways a libvirt run can go (``lab.libvirt_demo.LIBVIRT_WAYS``, named here so
+#: that the CLI's parser loads no lab module): livemig steering libvirt's job,
+#: libvirt at its defaults, Nova's libvirt driver.
+LIBVIRT_POLICIES = (LIVEMIG_POLICY, "libvirt-default", "nova")
 RAW_PREFIX = "raw-"
 #: What the suites compare against: QEMU as a plain QEMU user gets it.
 BASELINE_SCENARIO = RAW_PREFIX + BASELINE_POLICY
@@ -41,7 +47,9 @@ class Scenario:
     (after it first reported), ``settle_s`` the time observed on the target after it.
     ``runner`` is ``engine`` (livemig's engine migrates with ``strategy`` and
     ``policy``) or ``raw`` (the peer preset ``policy`` as its users run it; strategy
-    ``native``, QEMU's stream).
+    ``native``, QEMU's stream) or ``libvirt`` (libvirt's own migration job between
+    two libvirt daemons, run the way ``policy`` names: ``livemig`` steering it,
+    ``libvirt-default`` or ``nova``; strategy ``libvirt``).
     """
 
     name: str
@@ -61,6 +69,10 @@ class Scenario:
         (emulated)`` (a peer preset run inside livemig's engine)."""
         if self.is_raw:
             return f"raw:{self.policy}"
+        if self.is_libvirt:
+            if self.policy == LIVEMIG_POLICY:
+                return f"{self.policy} libvirt"
+            return self.policy if self.policy.startswith("libvirt") else f"libvirt:{self.policy}"
         if self.policy == LIVEMIG_POLICY:
             return f"{self.policy} {self.strategy}"
         name = self.policy if self.strategy == "native" else f"{self.policy} {self.strategy}"
@@ -69,12 +81,23 @@ class Scenario:
     @property
     def is_peer(self) -> bool:
         """A peer preset (someone else's defaults), not livemig's own policy."""
-        return self.policy in PEER_POLICIES
+        return self.policy in PEER_POLICIES or (self.is_libvirt and self.policy != LIVEMIG_POLICY)
 
     @property
     def is_raw(self) -> bool:
         """A peer run as its users get it (not through livemig's engine)."""
         return self.runner == RAW_RUNNER
+
+    @property
+    def is_libvirt(self) -> bool:
+        """Migrated by libvirt's own job (the lab's two libvirt daemons)."""
+        return self.runner == LIBVIRT_RUNNER
+
+    @property
+    def as_users_run_it(self) -> bool:
+        """A peer exactly as its users get it: raw over QMP, or libvirt not steered by
+        livemig (libvirt's defaults, Nova)."""
+        return self.is_raw or (self.is_libvirt and self.is_peer)
 
     def validate(self) -> None:
         """Raises :class:`SuiteError` for impossible values."""
@@ -97,6 +120,15 @@ class Scenario:
                 f"scenario {self.name}: a raw run is a peer preset ({', '.join(PEER_POLICIES)}) "
                 "with QEMU's own stream (strategy native)"
             )
+        if self.is_libvirt and (
+            self.policy not in LIBVIRT_POLICIES or self.strategy != LIBVIRT_RUNNER
+        ):
+            raise SuiteError(
+                f"scenario {self.name}: a libvirt run is strategy libvirt with one of "
+                f"{', '.join(LIBVIRT_POLICIES)}"
+            )
+        if self.strategy == LIBVIRT_RUNNER and not self.is_libvirt:
+            raise SuiteError(f"scenario {self.name}: strategy libvirt needs runner libvirt")
 
 
 @dataclass(frozen=True)
@@ -179,8 +211,12 @@ class Availability:
     strategies: frozenset[str]
     policies: frozenset[str]
     raw_peers: frozenset[str] = frozenset()
+    #: Why libvirt runs cannot happen here (None: they can).
+    libvirt_missing: str | None = "not checked"
 
     def reason_missing(self, scenario: Scenario) -> str | None:
+        if scenario.is_libvirt:
+            return None if self.libvirt_missing is None else f"libvirt: {self.libvirt_missing}"
         if scenario.is_raw:
             if scenario.policy not in self.raw_peers:
                 return f"raw peer {scenario.policy!r} is not available"
@@ -247,6 +283,46 @@ def _side_by_side(
             runner=runner,
         )
         for name, strategy, policy, runner in methods
+    )
+
+
+_LIBVIRT_SCENARIO_NAMES = {
+    LIVEMIG_POLICY: "livemig-libvirt",
+    "libvirt-default": "libvirt-default",
+    "nova": "libvirt-nova",
+}
+
+
+def _libvirt_ways(
+    workload: str, memory_mib: int = 256, warmup_s: float = 2.0, settle_s: float = 2.5
+) -> tuple[Scenario, ...]:
+    """livemig steering libvirt's job, libvirt at its defaults and Nova, same guest."""
+    return tuple(
+        Scenario(
+            name=_LIBVIRT_SCENARIO_NAMES[policy],
+            strategy=LIBVIRT_RUNNER,
+            policy=policy,
+            workload=workload,
+            memory_mib=memory_mib,
+            warmup_s=warmup_s,
+            settle_s=settle_s,
+            runner=LIBVIRT_RUNNER,
+        )
+        for policy in LIBVIRT_POLICIES
+    )
+
+
+def _libvirt_comparison(repetitions: int, memory_mib: int = 256, **kwargs: float) -> Comparison:
+    return Comparison(
+        name="libvirt-openssl",
+        description=(
+            f"{memory_mib} MiB guest running openssl speed in a loop as a libvirt domain "
+            "(shared file-backed RAM), a libvirtd per lab host, uncapped veth: livemig "
+            "steering libvirt's job vs libvirt at its defaults vs Nova's libvirt driver"
+        ),
+        scenarios=_libvirt_ways("openssl", memory_mib, **kwargs),
+        repetitions=repetitions,
+        baseline="libvirt-default",
     )
 
 
@@ -325,8 +401,29 @@ SUITES: dict[str, Suite] = {
                 repetitions=3,
                 baseline=BASELINE_SCENARIO,
             ),
+            _libvirt_comparison(repetitions=3),
         ),
-        budget_s=1080.0,
+        budget_s=1260.0,
+    ),
+    "libvirt": Suite(
+        name="libvirt",
+        description=(
+            "libvirt's migration job: livemig steering it, libvirt's defaults, Nova's "
+            "driver; a 256 MiB openssl guest on the uncapped link, 5 times each"
+        ),
+        comparisons=(_libvirt_comparison(repetitions=5),),
+        budget_s=300.0,
+    ),
+    "libvirt-ci": Suite(
+        name="libvirt-ci",
+        description=(
+            "short, for CI: livemig steering libvirt's job, libvirt's defaults and Nova, "
+            "a 128 MiB openssl guest, once each"
+        ),
+        comparisons=(
+            _libvirt_comparison(repetitions=1, memory_mib=128, warmup_s=1.0, settle_s=1.0),
+        ),
+        budget_s=60.0,
     ),
 }
 
@@ -345,6 +442,8 @@ __all__ = [
     "BASELINE_POLICY",
     "BASELINE_SCENARIO",
     "ENGINE_RUNNER",
+    "LIBVIRT_POLICIES",
+    "LIBVIRT_RUNNER",
     "LIVEMIG_POLICY",
     "PEER_POLICIES",
     "RAW_RUNNER",

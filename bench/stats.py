@@ -213,7 +213,7 @@ def summarize(results: BenchResults) -> tuple[ComparisonSummary, ...]:
         baseline = _baseline(comparison, configs)
         # Raw peers when the comparison has any (even if none completed), else the
         # emulated presets (results from before raw peers).
-        peers = [c for c in configs if c.scenario.is_raw] or [
+        peers = [c for c in configs if c.scenario.as_users_run_it] or [
             c for c in configs if c.scenario.is_peer
         ]
         measured = [c for c in peers if c.median_guest_downtime_ms]
@@ -244,7 +244,7 @@ def summarize(results: BenchResults) -> tuple[ComparisonSummary, ...]:
                 best_peer=best.config if best else None,
                 ratios=ratios,
                 link_limit_bytes_per_s=link_limit,
-                best_peer_is_raw=best is not None and best.scenario.is_raw,
+                best_peer_is_raw=best is not None and best.scenario.as_users_run_it,
             )
         )
     return tuple(out)

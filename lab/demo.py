@@ -367,7 +367,10 @@ def _engine_hooks(hooks: DemoHooks, source: QemuProcess, target: QemuProcess) ->
 def _with_probe(
     report: MigrationReport, record: ProbeRecord, probe_started: float
 ) -> MigrationReport:
-    """Add the guest-visible downtime and the probe's view of the timeline."""
+    """Add the guest-visible downtime and the probe's view of the timeline.
+
+    No guest downtime when the target resumed and the guest never answered after it.
+    """
     tl = report.timeline
     start = tl.started_at
     end = start + tl.ended_ms / 1e3
@@ -388,11 +391,13 @@ def _with_probe(
             max_send_gap_ms=record.max_send_gap_ms(start, end),
             baseline_gap_ms=baseline.duration_ms if baseline else None,
         )
+    guest_downtime = summary.longest_gap_ms if summary else None
+    if resume_at is not None and first_reply is None:
+        # The guest never answered on the target (crashed or hung): its gap never
+        # closed, so a shorter gap found before it is no downtime to report.
+        guest_downtime = None
     return dataclasses.replace(
-        report,
-        timeline=timeline,
-        probe=summary,
-        guest_downtime_ms=summary.longest_gap_ms if summary else None,
+        report, timeline=timeline, probe=summary, guest_downtime_ms=guest_downtime
     )
 
 

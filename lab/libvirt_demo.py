@@ -6,6 +6,9 @@ persistent domain (shared file-backed RAM, its NIC on A's bridge, its serial
 console on a socket under the daemon's private /var/lib/libvirt, which is the
 same path on B); probed from the client every millisecond while the engine's
 ``libvirt`` strategy migrates it to B; then the guest's own check on B's console.
+
+The benchmark runs the same demo three ways (:data:`LIBVIRT_WAYS`): livemig steering
+libvirt's job, libvirt left at its defaults, and Nova's libvirt driver's schedule.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from lab.demo import (
     DemoConfig,
+    DemoHooks,
     DemoResult,
     _with_probe,
     guest_check,
@@ -31,13 +36,75 @@ from lab.libvirt import DomainSite, LibvirtHost, LibvirtLab, domain_xml
 from lab.net import Lab
 from lab.probe import NetworkProbe
 from lab.qemu import QemuProcess, SerialConsole
+from migrate.errors import ConfigError
 from migrate.events import EventBus
 from migrate.libvirt import LibvirtEndpoint, LibvirtMigration, LibvirtRequest
+from migrate.policy import Policy
+from migrate.presets import preset
 from migrate.vmspec import VMSpec
 
 #: The console socket, inside each daemon's private /var/lib/libvirt: one path in the
 #: domain XML, a different file per host.
 CONSOLE_DIR = Path("/var/lib/libvirt")
+
+
+@dataclass(frozen=True)
+class LibvirtWay:
+    """How a libvirt migration is run: who steers libvirt's job (``policy``'s
+    controller) and whether livemig keeps the target paused to compare its RAM
+    (``verify``; otherwise libvirt resumes it in its Finish phase). ``follows`` says
+    whose behaviour it reproduces."""
+
+    name: str
+    policy: Policy
+    verify: bool
+    follows: str
+
+
+#: libvirt as ``virsh migrate --live --p2p`` leaves it: nothing set, nothing steered.
+LIBVIRT_DEFAULT_POLICY = Policy(
+    name="libvirt-default", controller="none", announce_initial_ms=None,
+    compression_allowed=False, max_throttle_pct=0,
+)  # fmt: skip
+
+LIBVIRT_WAYS: dict[str, LibvirtWay] = {
+    "livemig": LibvirtWay(
+        "livemig",
+        preset("livemig"),
+        True,
+        "livemig's controller carried out through libvirt's calls; the target kept "
+        "paused (VIR_MIGRATE_PAUSED) until its RAM matched the source's",
+    ),
+    "libvirt-default": LibvirtWay(
+        "libvirt-default",
+        LIBVIRT_DEFAULT_POLICY,
+        False,
+        "migrateToURI3 LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE (virsh migrate --live "
+        "--p2p --persistent --undefinesource) at libvirt's defaults: "
+        "QEMU's 300 ms downtime limit, libvirt's unlimited bandwidth, nobody steers; "
+        "libvirt resumes the target in its Finish phase",
+    ),
+    "nova": LibvirtWay(
+        "nova",
+        preset("nova"),
+        False,
+        "Nova's libvirt driver (nova/virt/libvirt/driver.py, migration.py): migrateToURI3 "
+        "LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE, live_migration_bandwidth 0 (libvirt's "
+        "unlimited), _live_migration_monitor every 0.5 s raising the downtime by "
+        "downtime_steps (50 ms at once ... 500 ms, one step per 75 s/GiB), abort past "
+        "800 s/GiB; libvirt resumes the target",
+    ),
+}
+
+
+def libvirt_way(name: str) -> LibvirtWay:
+    """The way called ``name``. Raises :class:`ConfigError` for unknown names."""
+    try:
+        return LIBVIRT_WAYS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown libvirt way {name!r} (known: {', '.join(LIBVIRT_WAYS)})"
+        ) from None
 
 
 class DomainConsole:
@@ -116,10 +183,13 @@ async def start_guest(daemons: LibvirtLab, spec: VMSpec, config: DemoConfig) -> 
     return console
 
 
-async def run_libvirt_demo(config: DemoConfig, events: EventBus | None = None) -> DemoResult:
+async def run_libvirt_demo(
+    config: DemoConfig, events: EventBus | None = None, hooks: DemoHooks | None = None
+) -> DemoResult:
     """The demo through libvirt; the result carries the report also when it failed.
 
-    Raises :class:`~migrate.errors.LivemigError` subclasses for set-up failures and
+    ``hooks.before_migration`` gets both consoles (as QEMU processes: ``.console``
+    only; the target's QEMU does not exist yet). Raises :class:`~migrate.errors.LivemigError` subclasses for set-up failures and
     refusals.
     """
     events = events or EventBus()
@@ -141,6 +211,8 @@ async def run_libvirt_demo(config: DemoConfig, events: EventBus | None = None) -
             ) as probe:
                 probe_started = time.time()
                 await asyncio.sleep(config.warmup_s)
+                if hooks is not None and hooks.before_migration is not None:
+                    await hooks.before_migration(source.as_qemu(), target.as_qemu())
                 link_before = lab.migration_link_stats(lab.host_a).tx_bytes
                 migration = LibvirtMigration(lab_request(daemons, spec.name, config), events=events)
                 report = await migration.run()

@@ -1,11 +1,13 @@
 """``livemig cpu ...``: CPU descriptions, compatibility checks, cluster baselines.
 
-    livemig cpu show [--qmp SOCKET | FILE]
+    livemig cpu show [--qmp SOCKET | --libvirt URI | FILE]
     livemig cpu check --model MODEL --source FILE --target FILE
-    livemig cpu baseline FILE...
+    livemig cpu baseline [FILE...] [--libvirt URI...]
     livemig cpu models
 
-FILE is /proc/cpuinfo text, lscpu output, a raw CPUID dump, libvirt ``<cpu>`` XML or
+``--libvirt URI`` asks that host's libvirt daemon: its capabilities' host CPU, or
+with ``--virt-type TYPE`` (kvm, qemu) what that hypervisor gives a guest (the
+domain capabilities' host-model). FILE is /proc/cpuinfo text, lscpu output, a raw CPUID dump, libvirt ``<cpu>`` XML or
 QMP/livemig JSON; its kind is detected from its content. ``cpu check`` exits 0 when
 the move is compatible and 3 (refused) when it is not.
 """
@@ -99,6 +101,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _virt_type(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--virt-type", choices=("kvm", "qemu"), default=None,
+        help="with --libvirt: the CPU this hypervisor gives a guest, not the host's own",
+    )  # fmt: skip
+
+
+def _libvirt_hosts(uris: list[str], args: argparse.Namespace, ctx: _Context) -> list[HostCpu]:
+    from migrate.libvirt.hostcpu import host_cpus  # libvirt-python loads only here
+
+    return host_cpus(uris, ctx.resolver(), args.virt_type)
+
+
 def register(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
         "cpu", help="CPU model checks", description=__doc__,
@@ -116,8 +131,11 @@ def register(sub: Any) -> None:
     source = show.add_mutually_exclusive_group(required=True)
     source.add_argument("--qmp", type=cli_args.path, metavar="SOCKET",
                         help="QMP socket of a running QEMU")  # fmt: skip
+    source.add_argument("--libvirt", metavar="URI", default=None,
+                        help="the host whose libvirt daemon is at URI")  # fmt: skip
     source.add_argument("file", nargs="?", type=cli_args.path, help="CPU description file")
     _common(show)
+    _virt_type(show)
     show.set_defaults(func=_show)
 
     check = cmds.add_parser("check", help="can a VM with this CPU move from source to target?")
@@ -131,9 +149,12 @@ def register(sub: Any) -> None:
     check.set_defaults(func=_check)
 
     baseline = cmds.add_parser("baseline", help="the best CPU every host can run")
-    baseline.add_argument("files", nargs="+", type=cli_args.path,
+    baseline.add_argument("files", nargs="*", type=cli_args.path,
                           help="one CPU description per host")  # fmt: skip
+    baseline.add_argument("--libvirt", nargs="+", metavar="URI", default=[],
+                          help="hosts whose libvirt daemons are at these URIs")  # fmt: skip
     _common(baseline)
+    _virt_type(baseline)
     baseline.set_defaults(func=_baseline)
 
     models = cmds.add_parser("models", help="the QEMU CPU models this tool knows")
@@ -193,6 +214,8 @@ def _show(args: argparse.Namespace) -> int:
     if args.qmp:
         qmp = host_view_from_qmp(str(args.qmp))
         hosts = [qmp.host]
+    elif args.libvirt:
+        hosts = _libvirt_hosts([args.libvirt], args, ctx)
     else:
         hosts = load_hosts(args.file, ctx.resolver())
     entries = []
@@ -240,9 +263,14 @@ def _check(args: argparse.Namespace) -> int:
 
 def _baseline(args: argparse.Namespace) -> int:
     ctx = _Context(args)
+    if not args.files and not args.libvirt:
+        sys.stderr.write("livemig: error: name CPU description files or --libvirt URIs\n")
+        return EXIT_USAGE
     hosts: list[HostCpu] = []
     for name in args.files:
         hosts += load_hosts(name, ctx.resolver())
+    if args.libvirt:
+        hosts += _libvirt_hosts(args.libvirt, args, ctx)
     baseline = compute_baseline(hosts, ctx.catalog())
     if args.json:
         print_json(baseline.to_dict())

@@ -8,6 +8,11 @@ Two ways to point it at a VM:
 - ``--lab``: boots the test guest on lab host A with ``--workload`` (root), as
   ``livemig demo`` would, and measures it there; ``--bandwidth-mbit`` caps the
   lab's migration link and is the forecast's bandwidth.
+- ``--libvirt SRC_URI DOMAIN --to DST_URI``: a libvirt domain, judged and measured
+  through both hosts' libvirt daemons (:mod:`migrate.libvirt.plan`): the libvirt
+  preflight (CPU against the target's hypervisor, disks shared or local, blocking
+  devices, the target's free memory, versions) and, for a running domain, the
+  dirty rate QEMU measures through libvirt; exit 3 when the move would be refused.
 
 It prints the dirty rate (QEMU's ``calc-dirty-rate``, page-sampling), bandwidth,
 RAM and what a sample of pages shows, then per setting (downtime limit,
@@ -23,10 +28,10 @@ import argparse
 import asyncio
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrate import cli_args
-from migrate.cli import EXIT_OK, print_json
+from migrate.cli import EXIT_OK, EXIT_PREFLIGHT, print_json
 from migrate.codec import to_dict
 from migrate.errors import ConfigError
 from migrate.plan import BandwidthHint, allowed, plan_migration
@@ -35,6 +40,9 @@ from migrate.presets import PRESET_NAMES, preset
 from migrate.qmp import QmpSession
 from migrate.ramfiles import ram_backing_file
 from migrate.report import Predicted
+
+if TYPE_CHECKING:
+    from migrate.libvirt.plan import LibvirtPlan
 
 MIB = 1 << 20
 
@@ -49,6 +57,10 @@ def register(sub: Any) -> None:
     where = plan.add_mutually_exclusive_group(required=True)
     where.add_argument("--source-qmp", type=cli_args.path, help="QMP socket of the running VM")
     where.add_argument("--lab", action="store_true", help="boot the test guest in the lab (root)")
+    where.add_argument("--libvirt", nargs=2, metavar=("SRC_URI", "DOMAIN"), default=None,
+                       help="libvirt domain DOMAIN on the daemon at SRC_URI (needs --to)")  # fmt: skip
+    plan.add_argument("--to", metavar="DST_URI", default=None,
+                      help="with --libvirt: the target host's libvirt daemon")  # fmt: skip
     plan.add_argument("--link-mbit", type=cli_args.MBIT, default=None,
                       help="migration link speed in Mbit/s (with --source-qmp)")  # fmt: skip
     plan.add_argument("--policy", choices=PRESET_NAMES, default="livemig")
@@ -71,6 +83,10 @@ def _plan(args: argparse.Namespace) -> int:
     if args.max_downtime_ms is not None:
         policy = dataclasses.replace(policy, max_downtime_ms=args.max_downtime_ms)
     environment: dict[str, Any] | None = None
+    if (args.libvirt is None) != (args.to is None):
+        raise ConfigError("--libvirt SRC_URI DOMAIN and --to DST_URI go together")
+    if args.libvirt is not None:
+        return _plan_libvirt(args, policy)
     if args.lab:
         from lab.demo import DemoConfig, Workload, plan_on_lab  # the lab loads only here
 
@@ -98,6 +114,38 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         print(render_plan(predicted, policy))
     return EXIT_OK
+
+
+def _plan_libvirt(args: argparse.Namespace, policy: Policy) -> int:
+    from migrate.libvirt.plan import plan_libvirt  # libvirt-python loads only here
+
+    src_uri, domain = args.libvirt
+    bandwidth = BandwidthHint.for_policy(policy, args.link_mbit)
+    planned = plan_libvirt(src_uri, domain, args.to, policy, bandwidth, args.calc_time_s)
+    if args.json:
+        print_json(planned.to_dict() | {"policy": policy.name})
+    else:
+        print(render_libvirt_plan(planned, policy))
+    return EXIT_PREFLIGHT if planned.refused else EXIT_OK
+
+
+def render_libvirt_plan(planned: LibvirtPlan, policy: Policy) -> str:
+    """A libvirt domain's plan as text: the preflight, then the forecast (if running)."""
+    state = "running: live migration" if planned.active else "shut off: only its definition moves"
+    lines = [
+        f"domain {planned.domain} ({planned.memory_bytes / MIB:.0f} MiB, {state})",
+        f"  {planned.source} -> {planned.target}",
+        "  preflight:",
+    ]
+    for check in planned.preflight:
+        lines.append(f"    {check.name:<14} {check.verdict.value:<8} {check.detail}")
+    if planned.refused:
+        lines.append(f"  refused: {', '.join(c.name for c in planned.refused)}")
+    if planned.not_measured is not None:
+        lines.append(f"  {planned.not_measured}")
+    if planned.predicted is not None:
+        lines.append(render_plan(planned.predicted, policy))
+    return "\n".join(lines)
 
 
 async def _plan_qmp(path: Path, policy: Policy, bandwidth: BandwidthHint,

@@ -40,7 +40,7 @@ from migrate.control.livemig import LivemigController
 from migrate.control.nova import NovaController
 from migrate.control.ovirt import OvirtController
 from migrate.control.proxmox import ProxmoxController
-from migrate.control.static import StaticController
+from migrate.control.static import HandsOffController, StaticController
 from migrate.errors import ConfigError
 from migrate.policy import Policy
 from migrate.report import Predicted
@@ -117,6 +117,7 @@ def preset(name: str) -> Policy:
 _CONTROLLERS: dict[str, Callable[[Policy], Controller]] = {
     "livemig": LivemigController,
     "static": StaticController,
+    "none": HandsOffController,
     "proxmox": ProxmoxController,
     "nova": NovaController,
     "ovirt": OvirtController,

@@ -47,3 +47,22 @@ class StaticController:
                 )
             ]
         return []
+
+
+class HandsOffController:
+    """Sets nothing and steers nothing: the migration runs at its own defaults.
+
+    What an operator gets who starts libvirt's (or QEMU's) migration and leaves it
+    alone: no start settings, no changes while it runs, no abort.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def start(self, context: ControlContext) -> list[Decision]:
+        del context
+        return []
+
+    def on_sample(self, sample: Sample) -> list[Decision]:
+        del sample
+        return []

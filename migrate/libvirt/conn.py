@@ -51,6 +51,10 @@ def translate(exc: Exception, call: str) -> LibvirtError:
     return LibvirtError(f"{call}: {message or exc}", call, code)
 
 
+def _ignore_error(_context: object, _error: object) -> None:
+    return None
+
+
 def _run_event_loop() -> None:
     lv = require_libvirt()
     while True:
@@ -64,6 +68,10 @@ def ensure_event_loop() -> None:
     with _loop_lock:
         if _loop_started:
             return
+        # libvirt's default handler prints every error to stderr, also those the
+        # engine expects and handles (a lookup that finds nothing): errors reach the
+        # caller as exceptions only.
+        lv.registerErrorHandler(_ignore_error, None)
         lv.virEventRegisterDefaultImpl()
         threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
         _loop_started = True

@@ -9,6 +9,11 @@
 - ``target-memory``: the domain's memory plus QEMU's overhead against the target
   node's free memory (free + buffers + cache, from ``getMemoryStats``).
 - ``target-domain``: no domain of that name or UUID already active on the target.
+- ``disks``: each disk shared (network disks, files on a shared filesystem as this
+  machine mounts it, ``<shareable/>``) or local (writable and on local storage:
+  libvirt would need ``--copy-storage-all``, which the libvirt strategy does not do).
+- ``devices``: devices QEMU or libvirt cannot migrate (host PCI/USB/mdev devices,
+  virtio-fs, ivshmem, a passthrough TPM): never forceable.
 - ``versions``: both daemons' libvirt and hypervisor versions (older target: warning).
 
 Refusals become :class:`~migrate.errors.PreflightError` through
@@ -18,7 +23,9 @@ Refusals become :class:`~migrate.errors.PreflightError` through
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cpumodel import CpuModelError
@@ -148,6 +155,134 @@ def target_domain_check(facts: DomainFacts, target: Any) -> PreflightCheck:
     return PreflightCheck("target-domain", Verdict.OK, "no such domain running on the target")
 
 
+#: Filesystems both hosts can see the same file on (as /proc/mounts names them).
+SHARED_FS_TYPES = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "fuse.glusterfs", "ocfs2", "gfs2",
+     "gpfs", "lustre", "beegfs", "fuse.quobyte", "9p", "virtiofs", "fuse.cephfs"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DiskFacts:
+    """One ``<disk>`` of the domain: where it lives and whether the target sees it too."""
+
+    target: str
+    device: str
+    source: str
+    shared: bool
+    why: str
+
+
+def mount_table(text: str) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) from /proc/mounts text, longest mount point first."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            mounts.append((fields[1].replace("\\040", " "), fields[2]))
+    return sorted(mounts, key=lambda m: len(m[0]), reverse=True)
+
+
+def _fs_type(path: str, mounts: Iterable[tuple[str, str]]) -> str | None:
+    for point, fstype in mounts:
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            return fstype
+    return None
+
+
+def classify_disks(domain_xml: str, mounts: Iterable[tuple[str, str]] = ()) -> list[DiskFacts]:
+    """Every disk of ``domain_xml``, shared or local (``mounts``: :func:`mount_table`)."""
+    mounts = list(mounts)
+    disks = []
+    for disk in ET.fromstring(domain_xml).findall("devices/disk"):
+        kind, device = disk.get("type", "file"), disk.get("device", "disk")
+        target_element = disk.find("target")
+        target = target_element.get("dev", "?") if target_element is not None else "?"
+        src = disk.find("source")
+        if kind == "network":
+            name = src.get("name", "") if src is not None else ""
+            protocol = src.get("protocol", "network") if src is not None else "network"
+            disks.append(DiskFacts(target, device, f"{protocol}:{name}", True, "network disk"))
+            continue
+        path = ""
+        if src is not None:
+            path = src.get("file") or src.get("dev") or src.get("volume") or src.get("dir") or ""
+        if not path:
+            disks.append(DiskFacts(target, device, "(empty)", True, "no medium"))
+            continue
+        if disk.find("shareable") is not None:
+            disks.append(DiskFacts(target, device, path, True, "<shareable/>"))
+            continue
+        fstype = _fs_type(path, mounts)
+        if fstype in SHARED_FS_TYPES:
+            disks.append(DiskFacts(target, device, path, True, f"on {fstype}"))
+            continue
+        readonly = disk.find("readonly") is not None or device == "cdrom"
+        where = f"on {fstype}" if fstype else "not on a filesystem mounted here"
+        why = f"read-only, {where}: the target needs the same file" if readonly else where
+        disks.append(DiskFacts(target, device, path, readonly, why))
+    return disks
+
+
+def disk_check(facts: DomainFacts, mounts_text: str | None = None) -> PreflightCheck:
+    """Shared disks migrate as they are; a local writable disk would need a storage copy."""
+    if mounts_text is None:
+        try:
+            mounts_text = Path("/proc/mounts").read_text()
+        except OSError:
+            mounts_text = ""
+    disks = classify_disks(facts.xml, mount_table(mounts_text))
+    if not disks:
+        return PreflightCheck("disks", Verdict.OK, "no disks (only RAM and device state move)")
+    shown = "; ".join(
+        f"{d.target} {d.source} {'shared' if d.shared else 'LOCAL'} ({d.why})" for d in disks
+    )
+    local = [d for d in disks if not d.shared]
+    if local:
+        return PreflightCheck(
+            "disks", Verdict.REFUSED,
+            f"{shown}: local disks need libvirt's storage copy (--copy-storage-all), which "
+            "the libvirt strategy does not do; put them on shared storage",
+        )  # fmt: skip
+    readonly = [d for d in disks if d.why.startswith("read-only")]
+    return PreflightCheck("disks", Verdict.WARNING if readonly else Verdict.OK, shown)
+
+
+#: Devices that keep a domain from migrating: (XPath under devices/, what it is).
+_BLOCKING_DEVICES = (
+    ("hostdev", "a host device passed through"),
+    ("interface[@type='hostdev']", "a host network device passed through (SR-IOV VF)"),
+    ("filesystem/driver[@type='virtiofs']", "virtio-fs (QEMU 7.2 cannot migrate its state)"),
+    ("shmem", "ivshmem shared memory"),
+    ("tpm/backend[@type='passthrough']", "a passthrough TPM"),
+    ("smartcard[@mode='passthrough']", "a passthrough smartcard"),
+)
+
+
+def blocking_devices(domain_xml: str) -> list[str]:
+    """What in ``domain_xml`` blocks migration, one description per device."""
+    devices = ET.fromstring(domain_xml).find("devices")
+    if devices is None:
+        return []
+    found = []
+    for path, what in _BLOCKING_DEVICES:
+        for element in devices.findall(path):
+            alias = element.find("alias")
+            name = alias.get("name") if alias is not None else None
+            found.append(f"{what}{f' ({name})' if name else ''}")
+    return found
+
+
+def device_check(facts: DomainFacts) -> PreflightCheck:
+    blockers = blocking_devices(facts.xml)
+    if blockers:
+        return PreflightCheck(
+            "devices", Verdict.REFUSED, "migration blocked by " + "; ".join(blockers),
+            forceable=False,
+        )  # fmt: skip
+    return PreflightCheck("devices", Verdict.OK, "no device that blocks migration")
+
+
 def _version(number: int) -> tuple[int, int, int]:
     return number // 1_000_000, number // 1000 % 1000, number % 1000
 
@@ -174,7 +309,12 @@ def version_check(source: Any, target: Any) -> PreflightCheck:
 
 def run_preflight(facts: DomainFacts, source: Any, target: Any) -> PreflightReport:
     """Every check (blocking libvirt calls: run it in a thread)."""
-    checks = [cpu_check(facts, target), target_domain_check(facts, target)]
+    checks = [
+        cpu_check(facts, target),
+        target_domain_check(facts, target),
+        disk_check(facts),
+        device_check(facts),
+    ]
     if facts.active:
         checks.append(memory_check(facts, target))
     checks.append(version_check(source, target))

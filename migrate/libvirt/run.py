@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -411,11 +412,13 @@ class LibvirtRun:
             self.phase.advance(Phase.COMPLETED)
             self.events.emit(Finished(self._report(error=_describe(exc))))
             return None
-        notes = await asyncio.shield(self._rollback(dst))
+        notes, cancelled = await _to_the_end(self._rollback(dst))
         aborted = isinstance(exc, MigrationAborted | asyncio.CancelledError | KeyboardInterrupt)
         self.phase.advance(Phase.ABORTED if aborted else Phase.FAILED)
         report = self._report(error=f"{_describe(exc)} ({'; '.join(notes)})")
         self.events.emit(Finished(report))
+        if cancelled:
+            raise asyncio.CancelledError("cancelled during rollback (rolled back first)")
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             return None
         where = "the VM is paused on the target" if self.stranded else "the VM stays on the source"
@@ -527,6 +530,21 @@ class LibvirtRun:
             error=error,
             migration_id=self.request.migration_id,
         )
+
+
+async def _to_the_end(rollback: Coroutine[Any, Any, list[str]]) -> tuple[list[str], bool]:
+    """Run ``rollback`` to its end even if this task is cancelled meanwhile (an abort's
+    grace period can expire while libvirt ends its job): its notes, and whether a
+    cancellation came in the meantime (the caller raises it once it has reported)."""
+    task = asyncio.ensure_future(rollback)
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(task), cancelled
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
 
 
 def _state_of(conn: Any, uuid: str) -> str:

@@ -32,7 +32,8 @@ def test_ci_suite_runs_raw_peers_beside_livemig(guest: GuestImage, tmp_path: Pat
     assert list(runs) == ["livemig native", "raw:qemu-default", "raw:proxmox"]
     for label, run in runs.items():
         assert run.status == "completed", (label, run.error)
-        assert run.guest_downtime_ms is not None and run.guest_downtime_ms > 0, label
+        # A guest that crashed on the target never answers again: no downtime to give.
+        assert (run.guest_downtime_ms or 0) > 0 or run.integrity == "corrupted", label
         assert run.stop_to_resume_ms is not None and run.stop_to_resume_ms >= 0, label
         assert run.total_time_ms is not None and run.transferred_bytes, label
         assert run.probe_sent and run.guest_check is not None, label

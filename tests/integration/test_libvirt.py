@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
+import signal
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from lab.accel import AccelChoice
-from lab.demo import DemoConfig, Workload, guest_spec
+from lab.demo import DemoConfig, Workload, guest_check, guest_spec
 from lab.guest import GuestImage, cache_dir
 from lab.libvirt import LibvirtLab, sweep
-from lab.libvirt_demo import define_guest, lab_request, start_guest
+from lab.libvirt_demo import DomainConsole, define_guest, lab_request, start_guest
 from lab.net import Lab
 from migrate.cli import main as livemig_main
 from migrate.errors import PreflightError
 from migrate.events import Progress
 from migrate.libvirt import LibvirtMigration, migrate_domain
 from migrate.libvirt.conn import require_libvirt
+from migrate.libvirt.ram import qemu_ram_file
 from migrate.policy import Policy
 from migrate.report import Integrity, Status
 from tests.integration.conftest import guest_answers
@@ -171,3 +175,148 @@ def test_offline_migration_of_a_shut_off_domain(
     assert "definition" in report["integrity_detail"]
     assert _state(daemons, "a", spec.name) == "absent"
     assert _state(daemons, "b", spec.name) == "shut off"
+
+
+async def _cli(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "migrate.cli", *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_plan_cpu_ctrl_c_and_postcopy_on_one_running_domain(
+    lab: Lab, daemons: LibvirtLab, guest: GuestImage, accel: AccelChoice
+) -> None:
+    """One running domain, four things through the hosts' libvirt: ``plan --libvirt``
+    and ``cpu show|baseline --libvirt``; Ctrl-C on ``livemig migrate --libvirt`` (the
+    domain stays running on A, nothing on B); then post-copy, forced through the
+    handle, moves it to B with the guest's own memory check ok."""
+    # The guest writes 8 MiB/s over a 16 MiB working set and checks every page it wrote.
+    config = _config("dirty:8", policy=dataclasses.replace(Policy(), postcopy_allowed=True))
+    address = lab.next_guest_address()
+    guest_ip = address.split("/")[0]
+    spec = guest_spec(config, guest, accel, address)
+    define_guest(daemons, lab, spec)
+    a, b = daemons.host_a, daemons.host_b
+    to_b = ("--to", b.uri)
+
+    async def scenario() -> None:
+        console = await start_guest(daemons, spec, config)
+        try:
+            await plan_and_cpu()
+            await ctrl_c()
+            await postcopy()
+        finally:
+            await console.console.close()
+
+    async def plan_and_cpu() -> None:
+        code, out, err = await _cli("plan", "--libvirt", a.uri, spec.name, *to_b, "--json")
+        assert code == 0, err
+        planned = json.loads(out)
+        assert planned["mode"] == "live" and planned["refused"] is False
+        assert planned["memory_bytes"] == 128 * MIB == planned["ram_bytes"]
+        verdicts = {c["name"]: c["verdict"] for c in planned["preflight"]}
+        assert verdicts == {
+            "cpu": "ok", "target-domain": "ok", "disks": "ok", "devices": "ok",
+            "target-memory": "ok", "versions": "ok",
+        }  # fmt: skip
+        # QEMU measured the writer through libvirt (page sampling): ~8 MiB/s.
+        assert planned["dirty_rate_bytes_per_s"] > 1 * MIB, planned["dirty_rate_method"]
+        assert "through libvirt" in planned["dirty_rate_method"]
+        assert planned["recommendation"]
+        code, out, err = await _cli("cpu", "show", "--libvirt", a.uri, "--json")
+        assert code == 0, err
+        shown = json.loads(out)
+        assert shown["name"] == f"livemig-{a.name}" and shown["flags"]
+        code, out, err = await _cli(
+            "cpu", "baseline", "--libvirt", a.uri, b.uri, "--virt-type", "qemu", "--json"
+        )
+        assert code == 0, err
+        baseline = json.loads(out)
+        assert [h["name"] for h in baseline["hosts"]] == [f"livemig-{a.name}", f"livemig-{b.name}"]
+        assert baseline["cpu"]
+
+    async def ctrl_c() -> None:
+        # A 40 Mbit/s link keeps pre-copy of 128 MiB going for ~25 s: time to interrupt.
+        lab.set_bandwidth(40)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "migrate.cli", "migrate", "--libvirt", a.uri, spec.name,
+            *to_b, "--peer-uri", b.peer_uri, "--events",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            while True:
+                line = await asyncio.wait_for(proc.stdout.readline(), 60)
+                assert line, "the CLI ended before the migration ran"
+                record = json.loads(line)
+                sample = record.get("sample", {})
+                if (
+                    record["event"] == "progress"
+                    and sample.get("ram_transferred_bytes", 0) > 4 * MIB
+                ):
+                    break
+            proc.send_signal(signal.SIGINT)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        lab.set_bandwidth(None)
+        assert proc.returncode == 130, err.decode()
+        # One clear line, no traceback, no libvirt chatter.
+        assert err.decode().strip().splitlines() == [
+            "livemig: interrupted: migration aborted; the VM stays on the source"
+        ]
+        report = json.loads(out.decode().splitlines()[-1])["report"]
+        assert report["status"] == "aborted" and "cancelled by the operator" in report["error"]
+        assert "nothing left on the target" in report["error"]
+        assert _state(daemons, "a", spec.name) == "running"
+        assert b.virsh("list", "--all", "--name").split() == []
+        uuid = a.virsh("domuuid", spec.name).strip()
+        assert qemu_ram_file(uuid, incoming=True)[0] is None  # no target QEMU left
+        assert await guest_answers(lab, guest_ip) > 0
+
+    async def postcopy() -> None:
+        target = DomainConsole(b, spec.name)
+        attach = asyncio.create_task(target.attach(120))
+        try:
+            migration = LibvirtMigration(lab_request(daemons, spec.name, config))
+            await migration.start()
+            async for event in migration.events():
+                if isinstance(event, Progress) and event.sample.ram_transferred_bytes > 4 * MIB:
+                    migration.start_postcopy()
+                    break
+            report = await migration.wait()
+            assert report.status is Status.COMPLETED, report.error
+            postcopy = [d for d in report.decisions if d.action == "postcopy"]
+            assert [d.outcome for d in postcopy] == ["applied"], report.decisions
+            flags = [d for d in report.decisions if "VIR_MIGRATE_POSTCOPY" in d.outcome_detail]
+            assert flags, report.decisions
+            assert any(s.status == "postcopy-active" for s in report.samples)
+            # libvirt resumed the target at the switch: the RAM compare cannot vouch for
+            # pages that arrived afterwards; the guest's own check on B does.
+            assert (
+                report.integrity is Integrity.UNCHECKED and "post-copy" in report.integrity_detail
+            )
+            assert _state(daemons, "a", spec.name) == "absent"
+            assert _state(daemons, "b", spec.name) == "running"
+            await asyncio.wait_for(asyncio.shield(attach), 10)
+            check = await guest_check(target.as_qemu(), config.workload, 0)
+            assert check.startswith("ok: memdirty"), check
+            assert await guest_answers(lab, guest_ip) > 0
+        finally:
+            attach.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, OSError):
+                await attach
+            await target.console.close()
+
+    asyncio.run(scenario())

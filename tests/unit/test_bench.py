@@ -310,7 +310,8 @@ def test_declared_suites_are_valid_and_fit_their_budgets() -> None:
     assert all(s.workload == "openssl" for s in comparison.scenarios)
     assert comparison.baseline == BASELINE_SCENARIO == "raw-qemu-default"
     default = suite_named("default")
-    for comparison in default.comparisons:
+    *qemu_comparisons, libvirt = default.comparisons
+    for comparison in qemu_comparisons:
         policies = {s.policy for s in comparison.scenarios}
         assert policies == {"livemig", "qemu-default", "proxmox", "nova", "ovirt-minimal-downtime"}
         assert {s.strategy for s in comparison.scenarios} == {"native", "pagestream"}
@@ -321,6 +322,16 @@ def test_declared_suites_are_valid_and_fit_their_budgets() -> None:
         assert comparison.baseline == BASELINE_SCENARIO
         assert "raw:proxmox" in {s.label for s in comparison.scenarios}
         assert "proxmox (emulated)" in {s.label for s in comparison.scenarios}
+    # libvirt's job three ways: steered by livemig, at libvirt's defaults, Nova's driver.
+    assert [s.label for s in libvirt.scenarios] == [
+        "livemig libvirt", "libvirt-default", "libvirt:nova"
+    ]  # fmt: skip
+    assert all(s.is_libvirt and s.strategy == "libvirt" for s in libvirt.scenarios)
+    assert [s.as_users_run_it for s in libvirt.scenarios] == [False, True, True]
+    assert libvirt.baseline == "libvirt-default"
+    for name in ("libvirt", "libvirt-ci"):
+        (comparison,) = suite_named(name).comparisons
+        assert {s.name for s in comparison.scenarios} == {s.name for s in libvirt.scenarios}
     assert any("dirty:" in s.workload for c in default.comparisons for s in c.scenarios)
     assert default.bandwidths() == (None, 400.0)
     # The raw peers run in the same interleaved order as livemig's configurations.
@@ -345,7 +356,10 @@ def test_raw_scenarios_are_peers_with_qemus_stream() -> None:
     for bad, why in (
         (replace(RAW_PROXMOX, policy="livemig"), "peer preset"),
         (replace(RAW_PROXMOX, strategy="pagestream"), "strategy native"),
-        (replace(RAW_PROXMOX, runner="libvirt"), "unknown runner"),
+        (replace(RAW_PROXMOX, runner="ssh"), "unknown runner"),
+        (replace(NATIVE, runner="libvirt"), "a libvirt run is strategy libvirt"),
+        (replace(NATIVE, runner="libvirt", strategy="libvirt", policy="proxmox"), "a libvirt run"),
+        (replace(NATIVE, strategy="libvirt"), "needs runner libvirt"),
     ):
         with pytest.raises(SuiteError, match=why):
             bad.validate()
@@ -380,6 +394,21 @@ def test_runnable_leaves_out_what_this_build_lacks() -> None:
     suite, omitted = runnable(raw_suite, with_raw)
     assert [s.name for s in suite.comparisons[0].scenarios] == ["livemig-native", "raw-proxmox"]
     assert availability().raw_peers == frozenset(PEER_POLICIES)
+    # libvirt runs need the daemon and libvirt-python, and say so when missing.
+    libvirt_suite = suite_named("libvirt-ci")
+    suite, omitted = runnable(
+        Suite(
+            "l",
+            "d",
+            (Comparison("c", "d", (NATIVE, *libvirt_suite.comparisons[0].scenarios), 1),),
+            60,
+        ),
+        replace(available, libvirt_missing="missing libvirtd"),
+    )
+    assert [s.name for s in suite.comparisons[0].scenarios] == ["livemig-native"]
+    assert [o.reason for o in omitted] == ["libvirt: missing libvirtd"] * 3
+    suite, omitted = runnable(libvirt_suite, replace(available, libvirt_missing=None))
+    assert omitted == ()
 
 
 # -- measurements ----------------------------------------------------------------------

@@ -210,3 +210,28 @@ def test_cli_libvirt_options(capsys: pytest.CaptureFixture[str]) -> None:
             livemig_main(list(argv))
         assert exited.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_rollback_runs_to_its_end_through_a_second_cancellation() -> None:
+    import asyncio
+
+    from migrate.libvirt.run import _to_the_end
+
+    done: list[str] = []
+
+    async def rollback() -> list[str]:
+        await asyncio.sleep(0.2)  # libvirt ending its job
+        done.append("rolled back")
+        return ["libvirt job aborted"]
+
+    async def failing_task() -> tuple[list[str], bool]:
+        return await _to_the_end(rollback())
+
+    async def scenario() -> tuple[list[str], bool]:
+        task = asyncio.create_task(failing_task())
+        await asyncio.sleep(0.05)
+        task.cancel()  # the abort's grace period ran out meanwhile
+        return await task
+
+    notes, cancelled = asyncio.run(scenario())
+    assert done == ["rolled back"] and notes == ["libvirt job aborted"] and cancelled

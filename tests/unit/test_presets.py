@@ -11,7 +11,7 @@ from migrate.control.livemig import LivemigController
 from migrate.control.nova import NovaController, nova_data_gb, nova_downtime_steps
 from migrate.control.ovirt import OvirtController
 from migrate.control.proxmox import ProxmoxController
-from migrate.control.static import StaticController
+from migrate.control.static import HandsOffController, StaticController
 from migrate.errors import ConfigError
 from migrate.presets import PRESET_NAMES, controller_for, preset
 from migrate.report import Decision, Sample
@@ -75,6 +75,14 @@ def test_qemu_default_is_qemus_defaults_and_never_aborts() -> None:
     assert policy.capabilities == () and policy.max_total_time_s is None
     controller = controller_for(policy)
     assert controller.on_sample(_sample(10_000_000)) == []
+
+
+def test_the_hands_off_controller_sets_and_steers_nothing() -> None:
+    # libvirt-default in the bench: libvirt's migration left alone.
+    controller = controller_for(dataclasses.replace(preset("livemig"), controller="none"))
+    assert isinstance(controller, HandsOffController)
+    assert controller.start(_ctx()) == []
+    assert controller.on_sample(_sample(10_000_000, remaining=MIB)) == []
 
 
 def test_livemig_starts_at_20_ms_and_announces_early() -> None:

@@ -52,3 +52,27 @@ def test_lost_requests_are_counted() -> None:
     assert gap is not None and gap.lost == 5
     assert record.first_reply_after(0.0025) is not None
     assert abs(record.max_send_gap_ms(0.0, 0.010) - 1.0) < 1e-9
+
+
+def test_a_guest_that_never_answers_on_the_target_has_no_downtime() -> None:
+    from lab.demo import _with_probe
+    from migrate.phase import Phase
+    from migrate.report import Integrity, MigrationReport, Status, Timeline
+
+    def report(resume_ms: float) -> MigrationReport:
+        return MigrationReport(
+            status=Status.COMPLETED, strategy="libvirt", mode="live", vm="demo",
+            source="a", target="b", policy="nova", phase=Phase.COMPLETED,
+            total_time_ms=resume_ms, ram_bytes=1, integrity=Integrity.UNCHECKED,
+            timeline=Timeline(started_at=0.0, target_resume_ms=resume_ms, ended_ms=150.0),
+        )  # fmt: skip
+
+    # Replies every ms, a 5 ms gap at 50 ms, then silence from 100 ms on (a crash).
+    replies = [float(t) for t in range(50)] + [float(t) for t in range(55, 100)]
+    record = _record(replies, [float(t) for t in range(200)])
+    crashed = _with_probe(report(resume_ms=100.5), record, 0.0)
+    assert crashed.guest_downtime_ms is None and crashed.timeline.first_probe_reply_ms is None
+    assert crashed.probe is not None and crashed.probe.lost > 0
+    # The same record with the resume before the gap: the guest came back.
+    alive = _with_probe(report(resume_ms=52.0), record, 0.0)
+    assert alive.guest_downtime_ms is not None and alive.guest_downtime_ms > 4
