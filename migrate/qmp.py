@@ -44,6 +44,8 @@ class QmpEvent:
 
 #: How long a QMP command may take to answer before the peer counts as silent (s).
 DEFAULT_COMMAND_TIMEOUT_S = 10.0
+#: How long closing a session may take before its connection is aborted (s).
+CLOSE_TIMEOUT_S = 2.0
 
 
 class QmpTimeout(QemuError):
@@ -233,7 +235,19 @@ class QmpSession:
             yield events
 
     async def close(self) -> None:
-        await _quiet_disconnect(self.client)
+        """End the session; a peer that does not let it end within
+        :data:`CLOSE_TIMEOUT_S` (QEMU 7.2's TLS chardev) has its connection aborted."""
+        task = asyncio.ensure_future(_quiet_disconnect(self.client))
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+        if not done:
+            writer = getattr(self.client, "_writer", None)  # qemu.qmp keeps its stream here
+            if writer is not None:
+                writer.transport.abort()
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 #: ``PF_EXITING`` in /proc/PID/stat's flags: the process is in do_exit.
