@@ -52,7 +52,8 @@ T = TypeVar("T")
 RUNS = [
     (strategy, tls == "tls")
     for strategy, tls in (
-        item.split(":") for item in os.environ.get(
+        item.split(":")
+        for item in os.environ.get(
             "LIVEMIG_TLS_RUNS", "native:plain,native:tls,pagestream:tls"
         ).split(",")
     )
