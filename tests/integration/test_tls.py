@@ -22,7 +22,6 @@ import dataclasses
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -33,13 +32,12 @@ from dirtytrack.ram import PAGE_SIZE, RamMapping
 from lab.demo import MIGRATION_PORT, Workload, wait_workload_started
 from lab.net import MIGRATION_IFACE
 from lab.probe import NetworkProbe
-from lab.qemu import QemuProcess
 from migrate.engine import migrate
 from migrate.remoteram import RamOwner
 from migrate.report import Integrity, MigrationReport, Status
 from migrate.request import HostEndpoint, MigrationRequest, QmpTcpAddress
 from migrate.tls import MigrationTls, NodeCredentials, write_qemu_creds_dir
-from tests.integration.conftest import VmFactory
+from tests.integration.conftest import VmFactory, guest_answers
 from tests.jsonschemas import validate_report
 from tests.pki_helper import ThrowawayCa
 
@@ -248,16 +246,10 @@ async def _move(
         report = dataclasses.replace(
             report, guest_downtime_ms=gap.duration_ms if gap is not None else None
         )
-        assert await guest_alive(target, ip, lab)
+        assert await guest_answers(lab, ip) > 0, "the guest does not answer on the target"
         source_gone = await source.wait_exited(5.0)
         assert source_gone is not None, "the source QEMU still runs after a completed move"
     return Run(report, _marker_in(wire, marker), bool(on_target and on_target[0]), calls, len(wire))
-
-
-async def guest_alive(target: QemuProcess, ip: str, lab: object) -> bool:
-    from tests.integration.conftest import guest_answers
-
-    return await guest_answers(lab, ip) > 0  # type: ignore[arg-type]
 
 
 def test_tls_data_paths_between_hosts_hide_guest_pages(vms: VmFactory, tmp_path: Path) -> None:
@@ -296,4 +288,3 @@ def test_tls_data_paths_between_hosts_hide_guest_pages(vms: VmFactory, tmp_path:
         assert run.report.transport == "tls"
         assert run.pieces_on_wire == 0, f"{name}: guest memory crossed the link in clear"
     del plain_name
-    time.sleep(0)
