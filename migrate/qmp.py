@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from qemu.qmp.events import ListenerError
+from qemu.qmp.message import Message
 
 from migrate.errors import ConfigError, QemuError
 
@@ -42,6 +44,8 @@ class QmpEvent:
 
 #: How long a QMP command may take to answer before the peer counts as silent (s).
 DEFAULT_COMMAND_TIMEOUT_S = 10.0
+#: How long closing a session may take before its connection is aborted (s).
+CLOSE_TIMEOUT_S = 2.0
 
 
 class QmpTimeout(QemuError):
@@ -99,6 +103,50 @@ class QmpSession:
         if last is None:
             raise ConfigError(f"no QMP socket at {path}")
         raise QemuError(f"cannot open a QMP session on {path}: {last}") from last
+
+    @classmethod
+    async def connect_tcp(
+        cls,
+        host: str,
+        port: int,
+        name: str,
+        ssl_context: ssl.SSLContext,
+        timeout: float = 10.0,
+    ) -> QmpSession:
+        """Connect to a QMP server on ``host:port`` over TLS (QEMU's ``-chardev
+        socket,host=,port=,server=on,tls-creds=``), within ``timeout`` s.
+
+        The server's certificate is checked against ``ssl_context`` (and against
+        ``host`` when the context checks host names). Raises :class:`QemuError`
+        if nothing answers, the TLS handshake fails or the peer does not speak QMP.
+        """
+        address = f"{host}:{port}"
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            client = _TlsQmpClient(name)
+            try:
+                remaining = max(0.5, deadline - time.monotonic())
+                await asyncio.wait_for(client.connect((host, port), ssl=ssl_context), remaining)
+                return cls(client, address)
+            except TimeoutError:
+                await _quiet_disconnect(client)
+                raise QemuError(
+                    f"no QMP greeting from {address} within {timeout:.0f} s "
+                    "(QEMU serves one QMP client at a time: is another one connected?)"
+                ) from None
+            except ssl.SSLError as exc:
+                await _quiet_disconnect(client)
+                raise QemuError(f"TLS with the QMP server at {address} failed: {exc}") from exc
+            except (QMPError, OSError) as exc:
+                last = exc
+                await _quiet_disconnect(client)
+                if isinstance(getattr(exc, "exc", None), ssl.SSLError):
+                    raise QemuError(f"TLS with the QMP server at {address} failed: {exc}") from exc
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        raise QemuError(f"cannot open a QMP session on {address}: {last}") from last
 
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
@@ -187,7 +235,21 @@ class QmpSession:
             yield events
 
     async def close(self) -> None:
-        await _quiet_disconnect(self.client)
+        """End the session; a peer that does not let it end within
+        :data:`CLOSE_TIMEOUT_S` (QEMU 7.2's TLS chardev) has its connection aborted."""
+        if isinstance(self.client, _TlsQmpClient):
+            # QEMU 7.2 never reads our TLS close_notify (see _TlsQmpClient), and
+            # QMP has no goodbye: drop the connection instead of waiting on it.
+            _abort(self.client)
+        task = asyncio.ensure_future(_quiet_disconnect(self.client))
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+        if not done:
+            _abort(self.client)
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 #: ``PF_EXITING`` in /proc/PID/stat's flags: the process is in do_exit.
@@ -203,6 +265,37 @@ def process_exited(pid: int) -> bool:
         return True
     state, flags = fields[0], int(fields[6])
     return state in (b"Z", b"X") or bool(flags & _PF_EXITING)
+
+
+class _TlsQmpClient(QMPClient):
+    """A QMP client for QEMU's TLS chardev, with a workaround for QEMU's reads.
+
+    QEMU 7.2 reads a TLS chardev only when its socket turns readable, and its
+    QMP monitor takes few bytes per read: the rest of a TLS record that gnutls
+    already decrypted waits in gnutls until more bytes reach the socket (checked
+    here: a command is answered only once something else is sent). Each message
+    is therefore followed by a whitespace-only record (QMP ignores whitespace
+    between messages), whose arrival keeps the socket readable until the
+    command's record is consumed. Upstream QEMU later made its TLS channel
+    report gnutls' pending data as readable.
+    """
+
+    def _do_send(self, msg: Message) -> None:
+        super()._do_send(msg)
+        writer = self._writer
+        if writer is not None:
+            writer.write(b"\n")  # a separate write: a separate TLS record
+
+
+def _abort(client: QMPClient) -> None:
+    """End the connection under the session: the peer's end is shut down at the
+    socket, so the transport sees end-of-stream rather than an abort (asyncio
+    3.11's TLS transport logs a spurious error when aborted)."""
+    writer = getattr(client, "_writer", None)  # qemu.qmp keeps its stream here
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _peer_pid(client: QMPClient) -> int | None:

@@ -42,16 +42,22 @@ from migrate.pagestream.planner import SwitchoverPlanner
 from migrate.pagestream.totals import StreamTotals
 from migrate.pagestream.verifier import StreamVerifier
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
+from migrate.remoteram import RemoteRamComparison
 from migrate.report import Decision, MigrationReport, Outcome, Sample
 from migrate.request import MigrationRequest
 from migrate.safety import finish_on_target
 from migrate.strategy import StartState, StrategyRun, send_to_qemu
+from migrate.tls import NodeCredentials
 
 #: xxh3 chunk digests of RAM, bytes/s on one core here (~9 ms per 256 MiB).
 DIGEST_BYTES_PER_S: Final = 25e9
 #: How long a sender error waits for the receiver to report the cause (seconds).
 _PEER_REPORT_S: Final = 2.0
 #: Commands that only make sense for QEMU's RAM stream, which pagestream replaces.
+
+
+def _tls_args(creds: NodeCredentials) -> dict[str, str]:
+    return {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)}
 
 
 class PagestreamRun(StrategyRun):
@@ -108,7 +114,12 @@ class PagestreamRun(StrategyRun):
 
     async def _setup(self) -> None:
         if self.request.verify and self.options.engine_compare:
-            self.comparison = RamComparison(self.source_ram, self.target_ram)
+            remote = self.request.target_ram
+            self.comparison = (
+                RamComparison(self.source_ram, self.target_ram)
+                if remote is None
+                else RemoteRamComparison(self.source_ram, remote)
+            )
             self.comparison.prepare()
         await self._start_agents()
 
@@ -137,6 +148,7 @@ class PagestreamRun(StrategyRun):
                 "host": self.host,
                 "port": 0,
                 "session": session,
+                "tls": _tls_args(request.tls.stream_server()) if request.tls else None,
             },
             timeout=options.setup_timeout_s,
         )
@@ -149,6 +161,10 @@ class PagestreamRun(StrategyRun):
             "start_level": options.start_level,
             "rate_limit_bytes_per_s": self.rate_limit,
         }
+        tls = request.tls
+        if tls is not None:
+            args["tls"] = _tls_args(tls.stream_client())
+            args["tls_hostname"] = tls.hostname or self.host
         if options.tracker is not None:
             args["tracker"] = [kind.value for kind in options.tracker]
         if options.batch_pages is not None:
