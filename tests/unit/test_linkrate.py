@@ -16,7 +16,6 @@ from migrate.plan.forecasting import (
 from migrate.plan.linkrate import MIN_WINDOW_BYTES, StreamMeter, StreamRate, revised_forecast
 from migrate.presets import preset
 from migrate.report import Sample, Timeline
-
 from tests.unit.test_plan import _report
 
 MIB = 1 << 20
@@ -58,7 +57,7 @@ def _idle(nonzero_mib: float) -> Measurement:
             zstd_bytes_per_s=300 * MIB,
             xbzrle_ratio=None,
             changed_fraction=0.0,
-        ),  # fmt: skip
+        ),
         measure_time_ms=1000,
     )
 
