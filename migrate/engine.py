@@ -26,7 +26,14 @@ from migrate.journal import (
 from migrate.journal import active as journal_active
 from migrate.native import NativeStrategy
 from migrate.pagestream.strategy import PagestreamStrategy
-from migrate.plan import BandwidthHint, Measurement, forecast, measure, measured_from
+from migrate.plan import (
+    BandwidthHint,
+    Measurement,
+    bandwidth_known,
+    forecast,
+    measure,
+    measured_from,
+)
 from migrate.plan.linkrate import StreamMeter, revised_forecast
 from migrate.preflight import run_preflight
 from migrate.presets import controller_for
@@ -95,9 +102,11 @@ class _StrategyEvents(EventBus):
 class _Replanner:
     """Forecasts again once QEMU's own stream shows what the link carries.
 
-    The forecast before the start had only a hint for the bandwidth (see
-    :mod:`migrate.plan.linkrate`); the first ``query-migrate`` samples of a native
-    migration measure it. The revised forecast is emitted as a second
+    When nobody said what the link carries, the forecast before the start had to
+    assume QEMU's default cap (see :mod:`migrate.plan.linkrate`); the first
+    ``query-migrate`` samples of a native migration measure it. A known link (the
+    operator's ``link_mbit``, a policy cap) is kept: a tbf-capped link lets a
+    burst through at first, so a 100 ms window would read it too fast. The revised forecast is emitted as a second
     :class:`Planned` and is the one the report compares with.
     """
 
@@ -168,7 +177,12 @@ async def run_migration(
                     events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
             checks.enforce(request.force)
             measurement, predicted = await _predict(request, source, events)
-            if measurement is not None and predicted is not None and request.strategy == "native":
+            if (
+                measurement is not None
+                and predicted is not None
+                and request.strategy == "native"
+                and not bandwidth_known(predicted)
+            ):
                 relay.replan = _Replanner(measurement, predicted, request)
             if controller is None:
                 controller = controller_for(request.policy, predicted)
