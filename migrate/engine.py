@@ -105,8 +105,9 @@ class _Replanner:
     When nobody said what the link carries, the forecast before the start had to
     assume QEMU's default cap (see :mod:`migrate.plan.linkrate`); the first
     ``query-migrate`` samples of a native migration measure it. A known link (the
-    operator's ``link_mbit``, a policy cap) is kept: a tbf-capped link lets a
-    burst through at first, so a 100 ms window would read it too fast. The revised forecast is emitted as a second
+    operator's ``link_mbit``, a policy cap) is kept, as before: the forecast on
+    known links is what ``tests/integration/test_plan.py`` holds to its tolerance,
+    and a capped link's first 100 ms were not measured against its cap. The revised forecast is emitted as a second
     :class:`Planned` and is the one the report compares with.
     """
 
