@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from migrate.plan.forecasting import BandwidthHint, Measurement, forecast
 from migrate.policy import Policy
-from migrate.report import Predicted, Sample
+from migrate.report import Forecast, Predicted, Sample
 
 MIB = 1 << 20
 #: The shortest window of QEMU's stream the link is judged on.
@@ -34,6 +34,9 @@ class StreamRate:
     window_ms: float
     bytes: int
     at_ms: float
+    #: Time lost before the stream got going: the window opened this late for the
+    #: bytes it had then (a slow set-up, a QMP answer held up on a busy host).
+    lag_ms: float = 0.0
 
     def hint(self) -> BandwidthHint:
         return BandwidthHint(
@@ -74,11 +77,25 @@ class StreamMeter:
         sent = sample.ram_transferred_bytes - self._first.ram_transferred_bytes
         if span_ms < self.min_window_ms or sent < self.min_bytes:
             return None
-        self.rate = StreamRate(sent / (span_ms / 1e3), span_ms, sent, sample.elapsed_ms)
+        rate = sent / (span_ms / 1e3)
+        opened = self._first
+        lag_ms = max(0.0, opened.elapsed_ms - opened.ram_transferred_bytes / rate * 1e3)
+        self.rate = StreamRate(rate, span_ms, sent, sample.elapsed_ms, lag_ms)
         return self.rate
 
 
 def revised_forecast(m: Measurement, rate: StreamRate, policy: Policy) -> Predicted:
-    """The forecast for ``m`` again, at the bandwidth QEMU's stream showed."""
+    """The forecast for ``m`` again, at the bandwidth QEMU's stream showed; every
+    total also counts the time the stream lost before it got going."""
     revised = forecast(m, rate.hint(), policy)
-    return dataclasses.replace(revised, bandwidth_measured_at_ms=rate.at_ms)
+
+    def late(f: Forecast) -> Forecast:
+        return dataclasses.replace(f, total_time_ms=f.total_time_ms + rate.lag_ms)
+
+    chosen = revised.policy_forecast
+    return dataclasses.replace(
+        revised,
+        forecasts=tuple(late(f) for f in revised.forecasts),
+        policy_forecast=late(chosen) if chosen is not None else None,
+        bandwidth_measured_at_ms=rate.at_ms,
+    )

@@ -36,6 +36,28 @@ def test_the_meter_measures_from_the_first_sample_once() -> None:
     assert (rate.window_ms, rate.bytes, rate.at_ms) == (100, 40 * MIB, 110)
     assert meter.add(_sample(210, 84)) is None  # only once
     assert meter.rate is rate
+    # 4 MiB at 400 MiB/s take 10 ms: the window opening at 10 ms lost nothing.
+    assert rate.lag_ms == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_stream_that_started_late_counts_the_time_it_lost() -> None:
+    meter = StreamMeter()
+    meter.add(_sample(66, 3))  # the first answer came late, with little sent
+    rate = meter.add(_sample(166, 43))
+    assert rate is not None and rate.bytes_per_s == pytest.approx(400 * MIB)
+    assert rate.lag_ms == pytest.approx(66 - 3 / 400 * 1e3)
+    m = _idle(100)
+    on_time = revised_forecast(m, dataclasses.replace(rate, lag_ms=0.0), preset("livemig"))
+    late = revised_forecast(m, rate, preset("livemig"))
+    assert late.policy_forecast is not None and on_time.policy_forecast is not None
+    assert late.policy_forecast.total_time_ms == pytest.approx(
+        on_time.policy_forecast.total_time_ms + rate.lag_ms
+    )
+    assert late.policy_forecast.downtime_ms == on_time.policy_forecast.downtime_ms
+    assert all(
+        a.total_time_ms == pytest.approx(b.total_time_ms + rate.lag_ms)
+        for a, b in zip(late.forecasts, on_time.forecasts, strict=True)
+    )
 
 
 def test_the_window_needs_bytes_as_well_as_time() -> None:
