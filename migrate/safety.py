@@ -21,7 +21,7 @@ from typing import Protocol
 from migrate import journal
 from migrate.errors import MigrationAborted, MigrationError, QemuError
 from migrate.events import EventBus
-from migrate.integrity import IntegrityResult
+from migrate.integrity import IntegrityResult, RamComparison, RamComparisons
 from migrate.journal import MigrationSettings
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is, process_exited
 from migrate.report import Integrity
@@ -83,8 +83,11 @@ async def finish_on_target(
     # downtime); a target that resumed on its own makes the check moot.
     # A digest thread cannot be stopped half way and reads mapped RAM: it is
     # always waited for (bounded by the RAM size), never abandoned.
+    # Only a verifier whose check may be asked again cheaply (RamComparison keeps
+    # the paused target's digest) is started early; others (pagestream's waits for
+    # its receiver's one verdict) check once, after the run state.
     check = None
-    if comparison is not None:
+    if isinstance(comparison, RamComparison | RamComparisons):
         check = asyncio.create_task(comparison.compare(repair=False))
     try:
         status = await target.status()
@@ -98,12 +101,15 @@ async def finish_on_target(
         result.integrity = IntegrityResult(
             Integrity.UNCHECKED, "target resumed on its own (not started with -S): RAM not compared"
         )
-    elif comparison is not None and check is not None:
-        result.integrity = await check
-        if result.integrity.integrity is Integrity.FAILED and repair:
-            # Repair copies into the paused target's RAM: only now that it is known
-            # to be paused.
-            result.integrity = await comparison.compare(repair=True)
+    elif comparison is not None:
+        if check is None:
+            result.integrity = await comparison.compare(repair=repair)
+        else:
+            result.integrity = await check
+            if result.integrity.integrity is Integrity.FAILED and repair:
+                # Repair copies into the paused target's RAM: only now that it is
+                # known to be paused.
+                result.integrity = await comparison.compare(repair=True)
         result.verified = time.time()
         if result.integrity.integrity is Integrity.FAILED:
             raise MigrationAborted(f"integrity check failed: {result.integrity.detail}")
