@@ -333,6 +333,7 @@ def _picked(names: tuple[str, ...], scenarios: tuple[Scenario, ...]) -> tuple[Sc
 
 
 _SMOKE_NAMES = ("livemig-native", "livemig-pagestream", BASELINE_SCENARIO)
+_OVERLOAD_NAMES = ("livemig-native", *(RAW_PREFIX + policy for policy in PEER_POLICIES))
 _CI_NAMES = ("livemig-native", BASELINE_SCENARIO, RAW_PREFIX + "proxmox")
 
 # One run (boot, warm-up, migration, settle, guest check) of a 256 MiB guest takes
@@ -424,6 +425,34 @@ SUITES: dict[str, Suite] = {
             _libvirt_comparison(repetitions=1, memory_mib=128, warmup_s=1.0, settle_s=1.0),
         ),
         budget_s=60.0,
+    ),
+    "overload": Suite(
+        name="overload",
+        description=(
+            "a guest dirtying ~2x what the link carries (16 MiB/s over a 32 MiB working set, "
+            "migration link capped at 64 Mbit/s), 256 and 512 MiB: livemig native against "
+            "every raw peer; a run still going after run_timeout_s counts as not completed"
+        ),
+        comparisons=tuple(
+            Comparison(
+                name=f"dirty16-64mbit-{memory}m",
+                description=(
+                    f"{memory} MiB guest writing 16 MiB/s over a 32 MiB working set, migration "
+                    "link capped at 64 Mbit/s (tbf)"
+                ),
+                scenarios=_picked(
+                    _OVERLOAD_NAMES,
+                    _side_by_side(
+                        workload="dirty:16", memory_mib=memory, dirty_mib=32, bandwidth_mbit=64.0
+                    ),
+                ),
+                repetitions=2,
+                baseline=BASELINE_SCENARIO,
+            )
+            for memory in (256, 512)
+        ),
+        budget_s=1500.0,
+        run_timeout_s=150.0,
     ),
 }
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from migrate.control.base import Controller, PredictionAware
 from migrate.errors import ConfigError, LivemigError, MigrationError, PreflightError, QemuError
-from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Planned
+from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Planned, Progress
 from migrate.journal import (
     JournalOutcome,
     JournalRecord,
@@ -26,7 +26,15 @@ from migrate.journal import (
 from migrate.journal import active as journal_active
 from migrate.native import NativeStrategy
 from migrate.pagestream.strategy import PagestreamStrategy
-from migrate.plan import BandwidthHint, measured_from, plan_migration
+from migrate.plan import (
+    BandwidthHint,
+    Measurement,
+    bandwidth_known,
+    forecast,
+    measure,
+    measured_from,
+)
+from migrate.plan.linkrate import StreamMeter, revised_forecast
 from migrate.preflight import run_preflight
 from migrate.presets import controller_for
 from migrate.qmp import QmpSession
@@ -63,16 +71,24 @@ class _StrategyEvents(EventBus):
     which rolls back); an ending phase's write never raises.
     """
 
-    def __init__(self, outer: EventBus, journal: MigrationJournal | None = None) -> None:
+    def __init__(
+        self,
+        outer: EventBus,
+        journal: MigrationJournal | None = None,
+        replan: _Replanner | None = None,
+    ) -> None:
         super().__init__(outer.migration_id)
         self.outer = outer
         self.journal = journal
+        self.replan = replan
         self.report: MigrationReport | None = None
 
     def emit(self, event: MigrationEvent) -> None:
         if isinstance(event, Finished):
             self.report = event.report
             return
+        if isinstance(event, Progress) and self.replan is not None:
+            self.replan.add(event, self.outer)
         if isinstance(event, PhaseChanged) and self.journal is not None:
             if event.phase.terminal:
                 try:
@@ -82,6 +98,32 @@ class _StrategyEvents(EventBus):
             else:
                 self.journal.phase(event.phase)
         self.outer.emit(event)
+
+
+class _Replanner:
+    """Forecasts again once QEMU's own stream shows what the link carries.
+
+    When nobody said what the link carries, the forecast before the start had to
+    assume QEMU's default cap (see :mod:`migrate.plan.linkrate`); the first
+    ``query-migrate`` samples of a native migration measure it. A known link (the
+    operator's ``link_mbit``, a policy cap) is kept, as before: the forecast on
+    known links is what ``tests/integration/test_plan.py`` holds to its tolerance,
+    and a capped link's first 100 ms were not measured against its cap. The revised forecast is emitted as a second
+    :class:`Planned` and is the one the report compares with.
+    """
+
+    def __init__(self, measurement: Measurement, predicted: Predicted, request: MigrationRequest):
+        self.measurement = measurement
+        self.predicted = predicted
+        self.policy = request.policy
+        self.meter = StreamMeter()
+
+    def add(self, event: Progress, outer: EventBus) -> None:
+        rate = self.meter.add(event.sample)
+        if rate is None:
+            return
+        self.predicted = revised_forecast(self.measurement, rate, self.policy)
+        outer.emit(Planned(time.time(), self.predicted))
 
 
 async def run_migration(
@@ -114,6 +156,9 @@ async def run_migration(
     relay = _StrategyEvents(events, journal)
     ended = False
 
+    def planned(first: Predicted | None) -> Predicted | None:
+        return relay.replan.predicted if relay.replan is not None else first
+
     async def end(report: MigrationReport | None, error: BaseException | None) -> None:
         nonlocal ended
         ended = True
@@ -133,7 +178,14 @@ async def run_migration(
                 if check.verdict is not Verdict.OK:
                     events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
             checks.enforce(request.force)
-            predicted = await _predict(request, source, events)
+            measurement, predicted = await _predict(request, source, events)
+            if (
+                measurement is not None
+                and predicted is not None
+                and request.strategy == "native"
+                and not bandwidth_known(predicted)
+            ):
+                relay.replan = _Replanner(measurement, predicted, request)
             if controller is None:
                 controller = controller_for(request.policy, predicted)
             elif predicted is not None and isinstance(controller, PredictionAware):
@@ -142,18 +194,20 @@ async def run_migration(
                 report = await strategy.run(request, source, target, controller, relay)
             except MigrationError as exc:
                 if exc.report is not None:
-                    exc.report = _with_plan(exc.report, checks.checks, predicted)
+                    exc.report = _with_plan(exc.report, checks.checks, planned(predicted))
                 await end(exc.report, exc)
                 raise
             except BaseException as exc:
                 # Cancelled: the strategy rolled back and reported (if it had started).
                 partial = relay.report
                 await end(
-                    _with_plan(partial, checks.checks, predicted) if partial is not None else None,
+                    _with_plan(partial, checks.checks, planned(predicted))
+                    if partial is not None
+                    else None,
                     exc,
                 )
                 raise
-            report = _with_plan(report, checks.checks, predicted)
+            report = _with_plan(report, checks.checks, planned(predicted))
             await end(report, None)
             return report
         except BaseException as exc:
@@ -248,19 +302,21 @@ def _with_plan(
 
 async def _predict(
     request: MigrationRequest, source: QmpSession, events: EventBus
-) -> Predicted | None:
-    """The pre-start forecast, or None (not asked for, offline, or QEMU refused)."""
+) -> tuple[Measurement | None, Predicted | None]:
+    """The pre-start measurement and forecast, or None (not asked for, offline, or
+    QEMU refused)."""
     if not request.predict or request.offline:
-        return None
+        return None, None
     bandwidth = BandwidthHint.for_policy(request.policy, request.link_mbit)
     try:
         ram_path = await ram_backing_file(source)
-        predicted = await plan_migration(source, request.policy, bandwidth, ram_path)
+        measurement = await measure(source, ram_path)
     except QemuError as exc:
         events.notice(f"no forecast: {exc}")
-        return None
+        return None, None
+    predicted = forecast(measurement, bandwidth, request.policy)
     events.emit(Planned(time.time(), predicted))
-    return predicted
+    return measurement, predicted
 
 
 async def connect_endpoint(endpoint: HostEndpoint, role: str, timeout: float) -> QmpSession:

@@ -63,7 +63,9 @@ class Notice:
 
 @dataclass(frozen=True)
 class Planned:
-    """The forecast made before the start (before any other migration event)."""
+    """The forecast made before the start (before any other migration event); a
+    native migration may send a second one once QEMU's stream has shown the link's
+    bandwidth (``predicted.bandwidth_measured_at_ms`` set)."""
 
     time: float
     predicted: Predicted

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +32,9 @@ from dirtytrack.ram import PAGE_SIZE, RamMapping
 from migrate.report import Integrity
 
 MAX_PAGES_NAMED = 8
+#: Threads per digest: at switchover both VMs are stopped, so both cores are free
+#: (256 MiB: ~15 ms on one thread, ~9 ms on two, measured here).
+DIGEST_THREADS = max(1, min(2, os.cpu_count() or 1))
 #: The most stale pages a repair may copy (16 MiB): a larger difference is no lost
 #: dirty bit but a broken migration, and copying it would hide that (and cost downtime).
 MAX_REPAIR_PAGES = 4096
@@ -76,6 +80,7 @@ class RamComparison:
         self._maps: tuple[RamMapping, RamMapping] | None = None
         self._prepared: asyncio.Task[None] | None = None
         self._source_digest: asyncio.Task[RamDigest] | None = None
+        self._unrepaired: RamDigest | None = None
 
     def prepare(self) -> None:
         """Start mapping both RAM files in the background."""
@@ -112,7 +117,7 @@ class RamComparison:
 
     async def _digest(self, side: int) -> RamDigest:
         ram = (await self._mapped())[side]
-        return await asyncio.to_thread(ram_digest, ram.buffer())
+        return await asyncio.to_thread(ram_digest, ram.buffer(), threads=DIGEST_THREADS)
 
     async def compare(self, repair: bool = False) -> IntegrityResult:
         """Compare the stopped source with the loaded, not yet running, target.
@@ -123,10 +128,14 @@ class RamComparison:
         self.source_stopped()
         assert self._source_digest is not None
         try:
-            target_digest = await self._digest(1)
+            # A check without repair leaves the paused target as it was: its digest
+            # serves the repair that may follow (safety.finish_on_target checks
+            # before it knows the target may be written to).
+            target_digest = self._unrepaired or await self._digest(1)
             source_digest = await self._source_digest
         except RamMappingError as exc:
             return IntegrityResult(Integrity.UNCHECKED, f"RAM not comparable: {exc}")
+        self._unrepaired = None if repair else target_digest
         size_mib = source_digest.size >> 20
         if source_digest.size != target_digest.size:
             detail = (

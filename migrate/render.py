@@ -21,9 +21,12 @@ def _forecast_lines(report: MigrationReport) -> list[str]:
     if p is None or p.policy_forecast is None:
         return []
     f = p.policy_forecast
+    band = ""
+    if f.downtime_low_ms is not None and f.downtime_high_ms is not None:
+        band = f" (STOP->RESUME {f.downtime_low_ms:.0f}-{f.downtime_high_ms:.0f} ms)"
     lines = [
         f"  forecast:           {f.setting}: {_ms(f.total_time_ms)}, downtime "
-        f"{_ms(f.downtime_ms)}{'' if f.converges else ' (does not converge)'}",
+        f"{_ms(f.downtime_ms)}{band}{'' if f.converges else ' (does not converge)'}",
         f"    from:             dirty {p.dirty_rate_bytes_per_s / (1 << 20):.1f} MiB/s"
         + (
             f" (~{p.working_set_bytes / (1 << 20):.1f} MiB rewritten)"
@@ -42,6 +45,12 @@ def _forecast_lines(report: MigrationReport) -> list[str]:
             f"bandwidth {rate}"
             + (f", throttle up to {m.max_throttle_pct}%" if m.max_throttle_pct else "")
             + (", post-copy" if m.postcopy else "")
+            + (
+                f", STOP->RESUME {m.switchover_ms:.1f} ms"
+                + {True: " (in band)", False: " (outside the band)", None: ""}[m.switchover_in_band]
+                if m.switchover_ms is not None
+                else ""
+            )
         )
     return lines
 

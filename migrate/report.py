@@ -245,6 +245,9 @@ class Forecast:
     compression: str = "none"
     throttle_pct: int = 0
     postcopy: bool = False
+    #: The range the stop-to-resume time should fall in (see :mod:`migrate.plan.forecasting`).
+    downtime_low_ms: float | None = None
+    downtime_high_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,9 @@ class Predicted:
     policy_forecast: Forecast | None = None
     measure_time_ms: float = 0.0
     working_set_bytes: int | None = None
+    #: When the bandwidth was measured on QEMU's own stream: how long after the
+    #: start (ms); None when it came from a hint before the start.
+    bandwidth_measured_at_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +304,9 @@ class Measured:
     postcopy: bool = False
     total_time_error_pct: float | None = None
     downtime_error_pct: float | None = None
+    #: Source STOP to target RESUME (ms), and whether it fell in the forecast's band.
+    switchover_ms: float | None = None
+    switchover_in_band: bool | None = None
 
 
 @dataclass(frozen=True)

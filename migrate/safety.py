@@ -11,6 +11,7 @@ of them runs when.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -20,7 +21,7 @@ from typing import Protocol
 from migrate import journal
 from migrate.errors import MigrationAborted, MigrationError, QemuError
 from migrate.events import EventBus
-from migrate.integrity import IntegrityResult
+from migrate.integrity import IntegrityResult, RamComparison, RamComparisons
 from migrate.journal import MigrationSettings
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is, process_exited
 from migrate.report import Integrity
@@ -78,13 +79,37 @@ async def finish_on_target(
     result.target_completed = done.timestamp
     if hooks.before_target_resume is not None:
         await hooks.before_target_resume()
-    status = await target.status()
+    # The run state and the RAM check go together (one QMP round trip less in the
+    # downtime); a target that resumed on its own makes the check moot.
+    # A digest thread cannot be stopped half way and reads mapped RAM: it is
+    # always waited for (bounded by the RAM size), never abandoned.
+    # Only a verifier whose check may be asked again cheaply (RamComparison keeps
+    # the paused target's digest) is started early; others (pagestream's waits for
+    # its receiver's one verdict) check once, after the run state.
+    check = None
+    if isinstance(comparison, RamComparison | RamComparisons):
+        check = asyncio.create_task(comparison.compare(repair=False))
+    try:
+        status = await target.status()
+    except BaseException:
+        if check is not None:
+            await _settle(check)
+        raise
     if status == "running":
+        if check is not None:
+            await _settle(check)
         result.integrity = IntegrityResult(
             Integrity.UNCHECKED, "target resumed on its own (not started with -S): RAM not compared"
         )
     elif comparison is not None:
-        result.integrity = await comparison.compare(repair=repair)
+        if check is None:
+            result.integrity = await comparison.compare(repair=repair)
+        else:
+            result.integrity = await check
+            if result.integrity.integrity is Integrity.FAILED and repair:
+                # Repair copies into the paused target's RAM: only now that it is
+                # known to be paused.
+                result.integrity = await comparison.compare(repair=True)
         result.verified = time.time()
         if result.integrity.integrity is Integrity.FAILED:
             raise MigrationAborted(f"integrity check failed: {result.integrity.detail}")
@@ -96,6 +121,15 @@ async def finish_on_target(
     result.resumed = True
     resume = await target_events.wait_for("RESUME", timeout=10.0)
     result.target_resume = resume.timestamp if resume else time.time()
+
+
+async def _settle(task: asyncio.Task[IntegrityResult]) -> None:
+    """Wait for ``task`` to end, whatever its outcome (shielded from cancellation)."""
+    with contextlib.suppress(BaseException):
+        await asyncio.shield(task)
+    if not task.done():
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def resume_postcopy_target(

@@ -31,6 +31,11 @@ def measured_from(report: MigrationReport, predicted: Predicted | None) -> Measu
         total_error *= 100
     if forecast_ is not None and report.downtime_ms is not None and forecast_.downtime_ms > 0:
         downtime_error = (report.downtime_ms - forecast_.downtime_ms) / forecast_.downtime_ms * 100
+    switchover = report.timeline.stop_to_resume_ms
+    in_band = None
+    if switchover is not None and forecast_ is not None and forecast_.downtime_high_ms is not None:
+        low = forecast_.downtime_low_ms or 0.0
+        in_band = low <= switchover <= forecast_.downtime_high_ms
     return Measured(
         rounds=report.precopy_rounds,
         total_time_ms=report.total_time_ms,
@@ -42,6 +47,8 @@ def measured_from(report: MigrationReport, predicted: Predicted | None) -> Measu
         postcopy=any(s.status.startswith("postcopy") for s in report.samples),
         total_time_error_pct=total_error,
         downtime_error_pct=downtime_error,
+        switchover_ms=switchover,
+        switchover_in_band=in_band,
     )
 
 

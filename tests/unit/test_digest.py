@@ -50,3 +50,22 @@ def test_ram_mapping_refuses_odd_sizes_and_missing_files(tmp_path: Path) -> None
     with pytest.raises(RamMappingError, match="multiple of 4096"):
         RamMapping(odd).open()
     assert mmap.PAGESIZE == 4096
+
+
+@pytest.mark.parametrize("threads", [2, 3, 64])
+def test_a_parallel_digest_is_the_same_digest_and_finds_every_change(threads: int) -> None:
+    a = _ram(1000)  # 1000 pages: 15 whole 64-page chunks and a short last one
+    one = ram_digest(memoryview(a), 64 * 4096)
+    assert np.array_equal(ram_digest(memoryview(a), 64 * 4096, threads).hashes, one.hashes)
+    for page in (0, 63, 64, 500, 959, 960, 999):  # chunk edges, every part, the short tail
+        b = bytearray(a)
+        b[page * 4096 + 4095] ^= 0x01
+        changed = ram_digest(memoryview(b), 64 * 4096, threads)
+        chunks = one.differing_chunks(changed)
+        assert list(chunks) == [page // 64]
+        assert list(differing_pages(memoryview(a), memoryview(b), chunks, 64 * 4096)) == [page]
+
+
+def test_a_digest_needs_a_thread() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        ram_digest(memoryview(_ram(1)), threads=0)

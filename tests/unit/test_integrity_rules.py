@@ -108,3 +108,31 @@ def test_a_target_ram_file_that_cannot_fit_is_refused_with_the_numbers(
     Full.f_bavail = 0
     monkeypatch.setattr(ram_module, "filesystem_type", lambda _path: "hugetlbfs")
     ramfiles.check_ram_space(ram)
+
+
+def test_a_check_then_a_repair_finds_and_mends_every_stale_page(tmp_path: Path) -> None:
+    """safety.finish_on_target checks before it knows the target is paused, then
+    repairs: the repair reuses the check's target digest and still mends every page."""
+    source, target = _ram(tmp_path / "s", 2048), _ram(tmp_path / "t", 2048)
+    stale = (0, 511, 512, 1500, 2047)  # chunk edges, the first and the last page
+    with open(target, "r+b") as f:
+        for page in stale:
+            f.seek(page * PAGE + PAGE - 1)
+            f.write(b"\x00")
+    comparison = RamComparison(source, target)
+
+    async def go() -> None:
+        comparison.prepare()
+        await comparison.ready()
+        comparison.source_stopped()
+        checked = await comparison.compare(repair=False)
+        assert checked.integrity is Integrity.FAILED
+        assert checked.differing_pages == stale and "5 of 2048 pages differ" in checked.detail
+        repaired = await comparison.compare(repair=True)
+        assert repaired.integrity is Integrity.OK and repaired.repaired_pages == 5
+        again = await comparison.compare(repair=False)  # a fresh digest after the repair
+        assert again.integrity is Integrity.OK and again.repaired_pages == 0
+        await comparison.close()
+
+    asyncio.run(go())
+    assert source.read_bytes() == target.read_bytes()
