@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from migrate import validate
+from migrate.disks.model import DiskSpec
 from migrate.errors import ConfigError
 
 _MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
@@ -70,6 +71,11 @@ class LaunchSite:
     taps: Mapping[str, str] = field(default_factory=dict)
     incoming: bool = False
     paused: bool = False
+    disk_paths: Mapping[str, Path] = field(default_factory=dict)
+
+    def disk_path(self, disk: DiskSpec) -> Path:
+        """Where ``disk``'s image is on this host (``disk_paths`` overrides the spec's)."""
+        return self.disk_paths.get(disk.id, disk.path)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class VMSpec:
     binary: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = ()
     ram_dir: Path | None = None
+    disks: tuple[DiskSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _ID_RE.fullmatch(self.name):
@@ -109,6 +116,11 @@ class VMSpec:
         ids = [n.id for n in self.nics]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"duplicate NIC ids: {ids}")
+        if any(not isinstance(d, DiskSpec) for d in self.disks):
+            raise ConfigError("disks must be DiskSpec values")
+        disk_ids = [d.id for d in self.disks]
+        if len(set(disk_ids)) != len(disk_ids):
+            raise ConfigError(f"duplicate disk ids: {disk_ids}")
 
     @property
     def ram_bytes(self) -> int:
@@ -154,6 +166,8 @@ class VMSpec:
                 "-netdev", f"tap,id={nic.id},ifname={tap},script=no,downscript=no",
                 "-device", f"{nic.model},netdev={nic.id},mac={nic.mac},id=nic-{nic.id}",
             ]  # fmt: skip
+        for disk in self.disks:
+            argv += _disk_args(disk, site.disk_path(disk))
         argv += [
             "-chardev", f"socket,id=serial0,path={site.serial_socket},server=on,wait=on",
             "-serial", "chardev:serial0",
@@ -166,3 +180,21 @@ class VMSpec:
             argv.append("-S")
         argv += list(self.extra_args)
         return argv
+
+
+def _disk_args(disk: DiskSpec, path: Path) -> list[str]:
+    """``-blockdev`` (file, then format node) and a virtio-blk device for ``disk``."""
+    on = {True: "on", False: "off"}
+    cache = disk.cache
+    ro = on[disk.readonly]
+    return [
+        "-blockdev",
+        f"driver=file,node-name=file-{disk.id},filename={path},"
+        f"cache.direct={on[cache.direct]},cache.no-flush={on[cache.no_flush]},read-only={ro}",
+        "-blockdev",
+        f"driver={disk.format.value},node-name={disk.node_name},file=file-{disk.id},"
+        f"cache.direct={on[cache.direct]},cache.no-flush={on[cache.no_flush]},read-only={ro}",
+        "-device",
+        f"virtio-blk-pci,drive={disk.node_name},id={disk.id},"
+        f"write-cache={on[cache.writeback]}",
+    ]
