@@ -126,7 +126,13 @@ async def run_migration(
     with journal_active(journal):
         try:
             checks = await run_preflight(
-                source, target, request.source_host, request.target_host, request.cpu_model
+                source,
+                target,
+                request.source_host,
+                request.target_host,
+                request.cpu_model,
+                with_local_disks=request.with_local_disks,
+                shared_disks=request.shared_disks,
             )
             for check in checks.checks:
                 if check.verdict is not Verdict.OK:
