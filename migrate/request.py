@@ -201,7 +201,13 @@ class MigrationRequest:
         if not isinstance(self.policy, Policy):
             raise ConfigError(f"policy must be a Policy, not {self.policy!r}")
         for name in (
-            "offline", "verify", "repair", "quit_source", "force", "predict", "with_local_disks"
+            "offline",
+            "verify",
+            "repair",
+            "quit_source",
+            "force",
+            "predict",
+            "with_local_disks",
         ):
             validate.flag(getattr(self, name), name)
         if self.cpu_model is not None:
@@ -218,7 +224,9 @@ class MigrationRequest:
         if not isinstance(self.shared_disks, tuple) or not all(
             isinstance(d, str) for d in self.shared_disks
         ):
-            raise ConfigError(f"shared_disks must be a tuple of disk names, not {self.shared_disks!r}")
+            raise ConfigError(
+                f"shared_disks must be a tuple of disk names, not {self.shared_disks!r}"
+            )
         if self.disk_copy_mode not in ("write-blocking", "background"):
             raise ConfigError(
                 f"unknown disk copy mode {self.disk_copy_mode!r} (write-blocking, background)"

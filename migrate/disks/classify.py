@@ -117,7 +117,9 @@ def classify(
             continue
         if disk.name in shared_names or same_image(disk.path, twin.path):
             placements.append(
-                DiskPlacement(disk, DiskMode.SHARED, f"target opens the same image {twin.path}", twin)
+                DiskPlacement(
+                    disk, DiskMode.SHARED, f"target opens the same image {twin.path}", twin
+                )
             )
             if not disk.cache.safe_on_shared_storage:
                 unsafe.append(f"{disk.name} ({disk.path}, cache={disk.cache})")
@@ -132,9 +134,7 @@ def classify(
             )
             continue
         placements.append(
-            DiskPlacement(
-                disk, DiskMode.MIRRORED, f"local: copied over NBD to {twin.path}", twin
-            )
+            DiskPlacement(disk, DiskMode.MIRRORED, f"local: copied over NBD to {twin.path}", twin)
         )
     checks: list[PreflightCheck] = []
     if refused_local:
@@ -142,7 +142,8 @@ def classify(
             PreflightCheck(
                 "local-disks",
                 Verdict.REFUSED,
-                "local disks the target does not share: " + ", ".join(refused_local)
+                "local disks the target does not share: "
+                + ", ".join(refused_local)
                 + " (copy them with --with-local-disks)",
                 forceable=False,
             )
