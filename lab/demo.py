@@ -202,7 +202,7 @@ def guest_spec(
 ) -> VMSpec:
     """The demo guest; with ``disk_path`` a virtio-blk disk of ``config.disk_mib`` MiB
     (qcow2, local to each host: the target gets its own image)."""
-    disks = ()
+    disks: tuple[DiskSpec, ...] = ()
     if disk_path is not None:
         disks = (
             DiskSpec(

@@ -245,15 +245,18 @@ class NbdMirror:
                     event = await asyncio.wait_for(events.get(), remaining)
                 except TimeoutError:
                     continue
-                data = event.get("data") or {}
-                job = pending.get(str(data.get("device")))
-                if job is None:
+                raw = event.get("data")
+                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                name = str(event.get("event"))
+                ended = pending.get(str(data.get("device")))
+                if ended is None:
                     continue
-                if event.get("event") != "BLOCK_JOB_COMPLETED" or data.get("error"):
+                if name != "BLOCK_JOB_COMPLETED" or data.get("error"):
                     raise MigrationError(
-                        f"disk {job.placement.name}: mirror ended with {event.get('event')} "
+                        f"disk {ended.placement.name}: mirror ended with {name} "
                         f"{data.get('error', '')}".strip()
                     )
+                job = ended
                 job.bytes = int(data.get("offset", job.bytes))
                 job.finished = True
                 del pending[job.job_id]
