@@ -241,3 +241,20 @@ def test_report_round_trips_its_disks() -> None:
     data = report.to_dict()
     assert data["disks"][0]["mode"] == "mirrored" and data["disks"][0]["integrity"] == "ok"
     assert MigrationReport.from_dict(data) == report
+
+
+def test_disk_progress_shows_in_the_view_and_the_event_stream() -> None:
+    from migrate.events import DiskCopy, DiskProgress, EventBus
+    from migrate.progress import ProgressState, describe, event_record
+    from tests.jsonschemas import validate_event
+
+    bus = EventBus("m1")
+    bus.emit(DiskProgress(1.0, 250.0, (DiskCopy("disk0", 16 << 20, 64 << 20, False),)))
+    (event,) = bus.history
+    state = ProgressState()
+    view = state.update(event)
+    assert view.disk_copied_bytes == 16 << 20 and view.disk_total_bytes == 64 << 20
+    assert describe(view).startswith("disk 16/64 MiB copying | ")
+    record = event_record(event, view)
+    assert record["event"] == "disk-progress" and record["disks"][0]["name"] == "disk0"
+    validate_event(record)
