@@ -82,6 +82,12 @@ class MigrationDisks:
             on_progress=self._progress,
         )
         await self.mirror.export()
+        # The mirrors are completed in QEMU's pre-switchover pause (the strategy
+        # calls finish_at_switchover, then migrate-continue).
+        await self.source.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "pause-before-switchover", "state": True}]},
+        )
 
     async def copy_bytes(self) -> int:
         """About the bytes the first full copy moves: each local disk's image file's
@@ -126,6 +132,12 @@ class MigrationDisks:
         self.events.emit(DiskProgress(time.time(), (now - self.t0) * 1e3, copies))
 
     # -- DiskFinisher ---------------------------------------------------------------
+
+    async def finish_at_switchover(self) -> None:
+        """In the source's pre-switchover pause: complete the mirrors before the
+        source hands its images over (:meth:`NbdMirror.finish_jobs`)."""
+        if self.mirror is not None:
+            await self.mirror.finish_jobs()
 
     async def complete(self) -> None:
         if self.mirror is not None:
