@@ -28,6 +28,7 @@ from lab.demo import (
     _with_probe,
     guest_check,
     guest_spec,
+    needs_disk,
     prepare_guest,
     wait_workload_started,
 )
@@ -192,6 +193,11 @@ async def run_libvirt_demo(
     only; the target's QEMU does not exist yet). Raises :class:`~migrate.errors.LivemigError` subclasses for set-up failures and
     refusals.
     """
+    if needs_disk(config):
+        raise ConfigError(
+            "the libvirt demo gives its guest no disk yet: drop the disk workload and "
+            "--with-local-disks (or use the native or pagestream strategy)"
+        )
     events = events or EventBus()
     guest, accel, environment = await prepare_guest(config)
     with (

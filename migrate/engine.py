@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from migrate.control.base import Controller, PredictionAware
+from migrate.disks.run import MigrationDisks
 from migrate.errors import ConfigError, LivemigError, MigrationError, PreflightError, QemuError
 from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Planned, Progress
 from migrate.journal import (
@@ -40,7 +41,7 @@ from migrate.presets import controller_for
 from migrate.qmp import QmpSession
 from migrate.ramfiles import ram_backing_file
 from migrate.recover import observe_held, vm_location
-from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
+from migrate.report import Forecast, MigrationReport, Predicted, PreflightCheck, Verdict
 from migrate.request import HostEndpoint, MigrationRequest
 from migrate.safety import snapshot_settings
 from migrate.strategy import Strategy, check_start
@@ -172,17 +173,24 @@ async def run_migration(
     with journal_active(journal):
         try:
             checks = await run_preflight(
-                source, target, request.source_host, request.target_host, request.cpu_model
+                source,
+                target,
+                request.source_host,
+                request.target_host,
+                request.cpu_model,
+                with_local_disks=request.with_local_disks,
+                shared_disks=request.shared_disks,
             )
             for check in checks.checks:
                 if check.verdict is not Verdict.OK:
                     events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
             checks.enforce(request.force)
-            measurement, predicted = await _predict(request, source, events)
+            measurement, predicted = await _predict(request, source, target, events)
             if (
                 measurement is not None
                 and predicted is not None
                 and request.strategy == "native"
+                and not request.with_local_disks  # the RAM stream starts after the disk copy
                 and not bandwidth_known(predicted)
             ):
                 relay.replan = _Replanner(measurement, predicted, request)
@@ -300,21 +308,48 @@ def _with_plan(
     )
 
 
+def with_disk_copy(predicted: Predicted, disk_bytes: int) -> Predicted:
+    """The forecast with the disks' first full copy before the RAM: each forecast's
+    time grows by ``disk_bytes`` at the forecast's bandwidth, its bytes by ``disk_bytes``.
+    (A write-blocking mirror's ongoing guest writes share the link with RAM
+    afterwards; they are not modelled.)"""
+    if disk_bytes <= 0:
+        return predicted
+    extra_ms = disk_bytes / max(predicted.bandwidth_bytes_per_s, 1.0) * 1e3
+
+    def grow(forecast: Forecast) -> Forecast:
+        return dataclasses.replace(
+            forecast,
+            total_time_ms=forecast.total_time_ms + extra_ms,
+            transferred_bytes=forecast.transferred_bytes + disk_bytes,
+        )
+
+    return dataclasses.replace(
+        predicted,
+        forecasts=tuple(grow(f) for f in predicted.forecasts),
+        policy_forecast=grow(predicted.policy_forecast) if predicted.policy_forecast else None,
+        disk_copy_bytes=disk_bytes,
+    )
+
+
 async def _predict(
-    request: MigrationRequest, source: QmpSession, events: EventBus
+    request: MigrationRequest, source: QmpSession, target: QmpSession, events: EventBus
 ) -> tuple[Measurement | None, Predicted | None]:
-    """The pre-start measurement and forecast, or None (not asked for, offline, or
-    QEMU refused)."""
+    """The pre-start measurement and forecast (with the disks' first copy), or None
+    (not asked for, offline, or QEMU refused)."""
     if not request.predict or request.offline:
         return None, None
     bandwidth = BandwidthHint.for_policy(request.policy, request.link_mbit)
     try:
         ram_path = await ram_backing_file(source)
         measurement = await measure(source, ram_path)
+        disk_bytes = 0
+        if request.with_local_disks:
+            disk_bytes = await MigrationDisks(request, source, target, events).copy_bytes()
     except QemuError as exc:
         events.notice(f"no forecast: {exc}")
         return None, None
-    predicted = forecast(measurement, bandwidth, request.policy)
+    predicted = with_disk_copy(forecast(measurement, bandwidth, request.policy), disk_bytes)
     events.emit(Planned(time.time(), predicted))
     return measurement, predicted
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -31,10 +32,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dirtytrack.ram import filesystem_type
+from migrate.disks.images import image_info
+from migrate.disks.model import CacheMode, DiskFormat
 from migrate.errors import ConfigError, QemuError, QemuLaunchError
 from migrate.qmp import QmpSession, process_exited
 from migrate.vmdef import DiskDef, DiskSharing, NicDef, RamBackend, RamDef, VmDefinition
-from migrate.vmspec import Accelerator, DiskCache, DiskFormat, LaunchSite, QmpTlsListen
+from migrate.vmspec import Accelerator, LaunchSite, QmpTlsListen
 
 
 @dataclass(frozen=True)
@@ -234,8 +237,9 @@ async def adopt_vm(qmp_socket: Path, timeout_s: float = 5.0) -> HostVm:
         raise QemuError(f"cannot read the command line of QEMU {pid}: {exc}") from None
     argv = [part.decode(errors="surrogateescape") for part in raw.split(b"\0") if part]
     parsed = parse_qemu_argv(argv)
+    definition = await _with_disk_sizes(parsed.definition)
     return HostVm(
-        definition=parsed.definition,
+        definition=definition,
         pid=pid,
         qmp_socket=qmp_socket,
         ram_path=parsed.ram_path,
@@ -244,6 +248,18 @@ async def adopt_vm(qmp_socket: Path, timeout_s: float = 5.0) -> HostVm:
         argv=tuple(argv),
         adopted=True,
     )
+
+
+async def _with_disk_sizes(definition: VmDefinition) -> VmDefinition:
+    """The definition with each disk's ``size_mib`` read from its image (a command
+    line does not tell it); the image is opened shared (``qemu-img info -U``)."""
+    disks = []
+    for disk in definition.disks:
+        if disk.size_mib is None:
+            info = await image_info(Path(disk.path))
+            disk = dataclasses.replace(disk, size_mib=-(-info.virtual_size // (1 << 20)))
+        disks.append(disk)
+    return dataclasses.replace(definition, disks=tuple(disks))
 
 
 _SIZE_RE = re.compile(r"(?P<n>[0-9]+)(?P<unit>[KMGT]?)B?", re.IGNORECASE)
@@ -312,6 +328,7 @@ def parse_qemu_argv(argv: Sequence[str]) -> ParsedCommandLine:
     netdevs: dict[str, dict[str, str]] = {}
     nic_devices: list[dict[str, str]] = []
     drives: dict[str, dict[str, str]] = {}
+    blockdevs: dict[str, dict[str, str]] = {}
     blk_devices: list[dict[str, str]] = []
     chardevs: dict[str, dict[str, str]] = {}
     monitors: list[str] = []
@@ -379,6 +396,9 @@ def parse_qemu_argv(argv: Sequence[str]) -> ParsedCommandLine:
         elif opt == "-drive":
             opts = _split_opts(value(opt))
             drives[opts.get("id", f"disk{len(drives)}")] = opts
+        elif opt == "-blockdev":
+            opts = _split_opts(value(opt))
+            blockdevs[opts.get("node-name", f"node{len(blockdevs)}")] = opts
         elif opt == "-chardev":
             opts = _split_opts(value(opt), "backend")
             chardevs[opts.get("id", "")] = opts
@@ -427,7 +447,7 @@ def parse_qemu_argv(argv: Sequence[str]) -> ParsedCommandLine:
     memory_mib = _mib(values["-m"], "-m")
     ram, ram_path = _ram(memory_backend, memory_mib)
     nics, taps = _nics(nic_devices, netdevs)
-    disks = _disks(drives, blk_devices)
+    disks = _disks(drives, blk_devices) + _blockdev_disks(blockdevs, blk_devices)
     try:
         accelerator = Accelerator(accel or "tcg")
     except ValueError:
@@ -497,6 +517,51 @@ def _nics(
     return tuple(nics), taps
 
 
+def _blockdev_disks(
+    nodes: dict[str, dict[str, str]], devices: list[dict[str, str]]
+) -> tuple[DiskDef, ...]:
+    """Disks written as :func:`migrate.vmspec` writes them: a ``file`` node, a format
+    node on it (``-blockdev``) and a ``virtio-blk-pci`` device on the format node."""
+    if not nodes:
+        return ()
+    disks: list[DiskDef] = []
+    used: set[str] = set()
+    on = {"on": True, "off": False}
+    for device in devices:
+        fmt_node = nodes.get(device.get("drive", ""))
+        if fmt_node is None:
+            continue
+        disk_id = device.get("id", "")
+        file_node = nodes.get(fmt_node.get("file", ""))
+        if file_node is None or file_node.get("driver") != "file":
+            raise ConfigError(
+                f"cannot adopt: disk {disk_id} has no file node under its format node"
+            )
+        used.update({device.get("drive", ""), fmt_node.get("file", "")})
+        try:
+            fmt = DiskFormat(fmt_node.get("driver", ""))
+            cache = CacheMode.from_flags(
+                direct=on[file_node.get("cache.direct", "off")],
+                no_flush=on[file_node.get("cache.no-flush", "off")],
+                writeback=on[device.get("write-cache", "on")],
+            )
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot adopt: disk {disk_id}: {exc}") from None
+        disks.append(
+            DiskDef(
+                path=file_node.get("filename", ""),
+                id=disk_id,
+                format=fmt,
+                cache=cache,
+                sharing=DiskSharing.LOCAL,
+            )
+        )
+    loose = sorted(set(nodes) - used)
+    if loose:
+        raise ConfigError(f"cannot adopt: block nodes {', '.join(loose)} belong to no disk")
+    return tuple(disks)
+
+
 def _disks(drives: dict[str, dict[str, str]], devices: list[dict[str, str]]) -> tuple[DiskDef, ...]:
     attached = {d.get("drive") for d in devices}
     disks: list[DiskDef] = []
@@ -513,7 +578,7 @@ def _disks(drives: dict[str, dict[str, str]], devices: list[dict[str, str]]) -> 
             )
         try:
             fmt = DiskFormat(drive.get("format", ""))
-            cache = DiskCache(drive.get("cache", "writeback"))
+            cache = CacheMode(drive.get("cache", "writeback"))
         except ValueError as exc:
             raise ConfigError(f"cannot adopt: drive {drive_id}: {exc}") from None
         # Whether both hosts see the image cannot be read off a command line: local

@@ -109,6 +109,7 @@ class _NativeRun(StrategyRun):
         self.postcopy = False
         self.repair_allowed = False
         self.postcopy_recoveries = 0
+        self.continued = False  # migrate-continue sent from the pre-switchover pause
 
     async def _setup(self) -> None:
         src_files = await ram_backing_files(self.source)
@@ -159,7 +160,7 @@ class _NativeRun(StrategyRun):
         request = self.request
         await finish_on_target(
             self.switchover, self.target, tgt_log, self.comparison, request.hooks,
-            self.repair_allowed,
+            self.repair_allowed, disks=self.disks,
         )  # fmt: skip
 
     async def _follow(self, src_log: EventRecorder) -> dict[str, Any]:
@@ -184,6 +185,14 @@ class _NativeRun(StrategyRun):
                 return info
             if sample.status == "postcopy-paused":
                 await self._recover_postcopy()
+                continue
+            if sample.status == "pre-switchover" and not self.continued:
+                # Only disks ask for this pause: complete their mirrors while the
+                # source is stopped and still owns its images, then go on (once:
+                # QEMU may report the pause again right after migrate-continue).
+                await self.disks.finish_at_switchover()
+                await self.source.execute("migrate-continue", {"state": "pre-switchover"})
+                self.continued = True
                 continue
             if sample.status in ("setup", "active") and watch.stalled(sample.ram_transferred_bytes):
                 raise MigrationError(

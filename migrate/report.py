@@ -14,6 +14,7 @@ from typing import Any
 
 from migrate.codec import from_dict, to_dict
 from migrate.control.intents import Intent, action_of, intents_from_qmp, qemu_command
+from migrate.disks.model import DiskMode
 from migrate.phase import Phase
 
 #: Version of the report's JSON form (docs/schema/report.json); bump it with any
@@ -262,6 +263,8 @@ class Predicted:
     ``compression_ratios`` (raw / compressed bytes per method) come from sampling
     the guest's RAM file when it is mappable. ``policy_forecast`` is the forecast for
     the policy the migration runs with; ``recommendation`` names the best forecast.
+    ``disk_copy_bytes``: allocated bytes of the local disks copied first
+    (``--with-local-disks``), included in every forecast's time and bytes.
     """
 
     ram_bytes: int
@@ -283,6 +286,7 @@ class Predicted:
     #: When the bandwidth was measured on QEMU's own stream: how long after the
     #: start (ms); None when it came from a hint before the start.
     bandwidth_measured_at_ms: float | None = None
+    disk_copy_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -353,6 +357,29 @@ class StreamStats:
 
 
 @dataclass(frozen=True)
+class DiskReport:
+    """One writable disk in a migration: how it reached the target and whether it
+    arrived intact.
+
+    ``bytes`` is what was copied for it (0 for a shared disk); ``integrity`` the
+    comparison of the stopped source's image with the paused target's before the
+    target resumed (allocated extents and digests of their data); ``detail`` what
+    was compared or why not; ``copy_mode`` the mirror's (``write-blocking`` or
+    ``background``, empty when nothing was mirrored); ``ready_ms`` how long the
+    mirror took to reach READY (first full copy done).
+    """
+
+    name: str
+    mode: DiskMode
+    bytes: int = 0
+    integrity: Integrity = Integrity.UNCHECKED
+    detail: str = ""
+    virtual_size: int = 0
+    copy_mode: str = ""
+    ready_ms: float | None = None
+
+
+@dataclass(frozen=True)
 class MigrationReport:
     """The outcome of one migration: figures, timeline, decisions, integrity.
 
@@ -398,6 +425,7 @@ class MigrationReport:
     measured: Measured | None = None
     migration_id: str = ""
     transport: str | None = None
+    disks: tuple[DiskReport, ...] = ()
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

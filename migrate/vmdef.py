@@ -30,12 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from migrate import validate
+from migrate.disks.model import CacheMode, DiskFormat, DiskSpec
 from migrate.errors import ConfigError
 from migrate.vmspec import (
     Accelerator,
-    DiskCache,
-    DiskFormat,
-    DiskSpec,
     NicSpec,
     RamBackendKind,
     VMSpec,
@@ -82,7 +80,7 @@ class DiskDef:
     id: str = "disk0"
     format: DiskFormat = DiskFormat.RAW
     size_mib: int | None = None
-    cache: DiskCache = DiskCache.NONE
+    cache: CacheMode = CacheMode.NONE
     sharing: DiskSharing = DiskSharing.SHARED
 
     def check(self, where: str) -> None:
@@ -259,11 +257,21 @@ class VmDefinition:
             ram_backend=ram_kind,
             machine=self.machine,
             ram_dir=Path(self.ram.dir) if self.ram.dir else ram_dir,
-            disks=tuple(
-                DiskSpec(path=Path(d.path), id=d.id, format=d.format, cache=d.cache)
-                for d in self.disks
-            ),
+            disks=tuple(_disk_spec(d) for d in self.disks),
         )
+
+
+def _disk_spec(disk: DiskDef) -> DiskSpec:
+    if disk.size_mib is None:
+        raise ConfigError(f"disk {disk.id}: size_mib is needed to start the VM")
+    return DiskSpec(
+        id=disk.id,
+        path=Path(disk.path),
+        size_bytes=disk.size_mib << 20,
+        format=disk.format,
+        cache=disk.cache,
+        shared=disk.sharing is DiskSharing.SHARED,
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -303,7 +311,7 @@ def _build(cls: type[Any], data: Any, where: str) -> Any:
 
 _ENUMS: dict[str, type[StrEnum]] = {
     "format": DiskFormat,
-    "cache": DiskCache,
+    "cache": CacheMode,
     "sharing": DiskSharing,
     "accelerator": Accelerator,
     "backend": RamBackend,

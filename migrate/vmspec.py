@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from migrate import validate
+from migrate.disks.model import DiskSpec
 from migrate.errors import ConfigError
 
 _MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
@@ -55,38 +56,6 @@ class NicSpec:
             raise ConfigError(f"bad NIC id {self.id!r}")
 
 
-class DiskFormat(StrEnum):
-    RAW = "raw"
-    QCOW2 = "qcow2"
-
-
-class DiskCache(StrEnum):
-    """QEMU's ``cache=`` modes; ``none`` (O_DIRECT) is what migration over shared storage needs."""
-
-    NONE = "none"
-    WRITETHROUGH = "writethrough"
-    WRITEBACK = "writeback"
-    DIRECTSYNC = "directsync"
-    UNSAFE = "unsafe"
-
-
-@dataclass(frozen=True)
-class DiskSpec:
-    """A virtio block device backed by an image file at the same path on every host."""
-
-    path: Path
-    id: str = "disk0"
-    format: DiskFormat = DiskFormat.RAW
-    cache: DiskCache = DiskCache.NONE
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not _ID_RE.fullmatch(self.id):
-            raise ConfigError(f"bad disk id {self.id!r}")
-        raw = str(self.path)
-        if not Path(raw).is_absolute() or "," in raw or validate.has_control(raw):
-            raise ConfigError(f"disk {self.id}: path must be absolute, without commas: {raw!r}")
-
-
 @dataclass(frozen=True)
 class QmpTlsListen:
     """An extra QMP monitor on TCP with mutual TLS, for an engine on another host.
@@ -119,6 +88,11 @@ class LaunchSite:
     paused: bool = False
     serial_log: Path | None = None
     qmp_tls: QmpTlsListen | None = None
+    disk_paths: Mapping[str, Path] = field(default_factory=dict)
+
+    def disk_path(self, disk: DiskSpec) -> Path:
+        """Where ``disk``'s image is on this host (``disk_paths`` overrides the spec's)."""
+        return self.disk_paths.get(disk.id, disk.path)
 
 
 @dataclass(frozen=True)
@@ -159,6 +133,8 @@ class VMSpec:
         ids = [n.id for n in self.nics]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"duplicate NIC ids: {ids}")
+        if any(not isinstance(d, DiskSpec) for d in self.disks):
+            raise ConfigError("disks must be DiskSpec values")
         disk_ids = [d.id for d in self.disks]
         if len(set(disk_ids)) != len(disk_ids):
             raise ConfigError(f"duplicate disk ids: {disk_ids}")
@@ -208,12 +184,7 @@ class VMSpec:
                 "-device", f"{nic.model},netdev={nic.id},mac={nic.mac},id=nic-{nic.id}",
             ]  # fmt: skip
         for disk in self.disks:
-            argv += [
-                "-drive",
-                f"file={disk.path},format={disk.format.value},if=none,id={disk.id},"
-                f"cache={disk.cache.value}",
-                "-device", f"virtio-blk-pci,drive={disk.id},id=blk-{disk.id}",
-            ]  # fmt: skip
+            argv += _disk_args(disk, site.disk_path(disk))
         if site.serial_socket is not None:
             serial = f"socket,id=serial0,path={site.serial_socket},server=on,wait=on"
         elif site.serial_log is not None:
@@ -242,3 +213,20 @@ class VMSpec:
             argv.append("-S")
         argv += list(self.extra_args)
         return argv
+
+
+def _disk_args(disk: DiskSpec, path: Path) -> list[str]:
+    """``-blockdev`` (file, then format node) and a virtio-blk device for ``disk``."""
+    on = {True: "on", False: "off"}
+    cache = disk.cache
+    ro = on[disk.readonly]
+    return [
+        "-blockdev",
+        f"driver=file,node-name=file-{disk.id},filename={path},"
+        f"cache.direct={on[cache.direct]},cache.no-flush={on[cache.no_flush]},read-only={ro}",
+        "-blockdev",
+        f"driver={disk.format.value},node-name={disk.node_name},file=file-{disk.id},"
+        f"cache.direct={on[cache.direct]},cache.no-flush={on[cache.no_flush]},read-only={ro}",
+        "-device",
+        f"virtio-blk-pci,drive={disk.node_name},id={disk.id},write-cache={on[cache.writeback]}",
+    ]

@@ -276,6 +276,7 @@ class PagestreamRun(StrategyRun):
                 # Not earlier: the source digest would compete with the final scan.
                 self.comparison.source_stopped()
             # Every page is in target RAM: QEMU may load device state (virtio reads rings).
+            await self.disks.finish_at_switchover()
             self.marks["continue"] = time.time()
             await source.execute("migrate-continue", {"state": "pre-switchover"})
             final = await final_task
@@ -306,7 +307,7 @@ class PagestreamRun(StrategyRun):
         try:
             await finish_on_target(
                 self.switchover, self.target, tgt_log, self.verifier, request.hooks,
-                request.repair, timeout,
+                request.repair, timeout, disks=self.disks,
             )  # fmt: skip
         finally:
             if self.verifier.stream_ok is not None:

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from migrate.disks.model import CacheMode, DiskFormat
 from migrate.errors import ConfigError
 from migrate.hostvm import parse_qemu_argv
 from migrate.vmdef import DiskDef, DiskSharing, NicDef, RamDef, VmDefinition
-from migrate.vmspec import DiskCache, DiskFormat, LaunchSite
+from migrate.vmspec import LaunchSite
 from tests.jsonschemas import validate_vm_definition
 
 
@@ -26,8 +27,8 @@ def _full() -> VmDefinition:
         initrd="/srv/vm/initrd",
         append="console=ttyS0 quiet livemig.ip=198.18.0.10/24",
         disks=(
-            DiskDef("/srv/shared/web1.qcow2", "disk0", DiskFormat.QCOW2, 2048, DiskCache.NONE),
-            DiskDef("/srv/local/data.raw", "data", cache=DiskCache.WRITEBACK),
+            DiskDef("/srv/shared/web1.qcow2", "disk0", DiskFormat.QCOW2, 2048, CacheMode.NONE),
+            DiskDef("/srv/local/data.raw", "data", size_mib=512, cache=CacheMode.WRITEBACK),
         ),
         nics=(
             NicDef("52:54:00:12:34:56", tap="tap0"),
@@ -107,7 +108,7 @@ def test_definition_to_argv_and_back(tmp_path: Path, incoming: bool) -> None:
         dataclasses.replace(d, size_mib=None, sharing=DiskSharing.LOCAL) for d in full.disks
     )
     definition = dataclasses.replace(full, disks=disks)
-    argv = definition.spec().qemu_argv(_site(tmp_path, incoming=incoming, paused=incoming))
+    argv = full.spec().qemu_argv(_site(tmp_path, incoming=incoming, paused=incoming))
     parsed = parse_qemu_argv([*argv, "-daemonize", "-pidfile", str(tmp_path / "pid")])
     assert parsed.definition == definition
     assert parsed.ram_path == tmp_path / "ram"
