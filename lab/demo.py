@@ -11,10 +11,14 @@ checks after the move.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import re
+import shutil
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +26,11 @@ from lab.accel import AccelChoice, choose_accelerator
 from lab.guest import GuestImage, ensure_guest
 from lab.net import Lab
 from lab.probe import NetworkProbe, ProbeRecord
-from lab.qemu import QemuProcess
+from lab.qemu import RAM_DIR, QemuProcess
 from migrate import validate
 from migrate.api import Migration
+from migrate.disks.images import create_image, create_like, image_info
+from migrate.disks.model import CacheMode, DiskFormat, DiskSpec
 from migrate.engine import strategy_for
 from migrate.errors import ConfigError, QemuError
 from migrate.events import EventBus
@@ -37,12 +43,15 @@ from migrate.vmspec import NicSpec, VMSpec
 
 GUEST_MAC = "52:54:00:4c:4d:01"
 MIGRATION_PORT = 4444
-_WORKLOAD_RE = re.compile(r"idle|openssl|(?:openssl\+)?dirty:([0-9]{1,6}(?:\.[0-9]{1,6})?)")
+_PART_RE = re.compile(r"openssl|(dirty|disk):([0-9]{1,6}(?:\.[0-9]{1,6})?)")
+_WORKLOADS = "idle, or openssl, dirty:MIBPS, disk:MIBPS joined by + (e.g. openssl+disk:4)"
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What the guest runs: ``idle``, ``openssl``, ``dirty:MIBPS``, ``openssl+dirty:MIBPS``."""
+    """What the guest runs: ``idle``, or parts joined by ``+``: ``openssl``,
+    ``dirty:MIBPS`` (memory), ``disk:MIBPS`` (a pattern written to the guest's disk
+    and read back), e.g. ``openssl+dirty:8`` or ``openssl+disk:4``."""
 
     text: str
 
@@ -50,11 +59,18 @@ class Workload:
         """Raises :class:`ConfigError` for anything else (the text goes on the guest's
         kernel command line: a space or a newline would add parameters)."""
         text = self.text
-        match = _WORKLOAD_RE.fullmatch(text) if isinstance(text, str) else None
-        if not match or (match.group(1) is not None and float(match.group(1)) <= 0):
-            raise ConfigError(
-                f"unknown workload {text!r} (idle, openssl, dirty:MIBPS, openssl+dirty:MIBPS)"
-            )
+        if not isinstance(text, str) or len(text) > 64:
+            raise ConfigError(f"unknown workload {text!r} ({_WORKLOADS})")
+        if text == "idle":
+            return
+        kinds = []
+        for part in text.split("+"):
+            match = _PART_RE.fullmatch(part)
+            if not match or (match.group(2) is not None and float(match.group(2)) <= 0):
+                raise ConfigError(f"unknown workload {text!r} ({_WORKLOADS})")
+            kinds.append(match.group(1) or part)
+        if len(set(kinds)) != len(kinds):
+            raise ConfigError(f"workload {text!r} names a part twice")
 
     @classmethod
     def parse(cls, text: str) -> Workload:
@@ -62,12 +78,20 @@ class Workload:
         return cls(text)
 
     @property
+    def parts(self) -> tuple[str, ...]:
+        return () if self.text == "idle" else tuple(self.text.split("+"))
+
+    @property
     def runs_openssl(self) -> bool:
-        return self.text.startswith("openssl")
+        return "openssl" in self.parts
 
     @property
     def dirties_memory(self) -> bool:
-        return "dirty:" in self.text
+        return any(p.startswith("dirty:") for p in self.parts)
+
+    @property
+    def writes_disk(self) -> bool:
+        return any(p.startswith("disk:") for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,9 @@ class DemoConfig:
     cpu_model: str | None = None
     force: bool = False
     predict: bool = True
+    with_local_disks: bool = False
+    disk_mib: int = 64
+    disk_copy_mode: str = "write-blocking"
 
     def __post_init__(self) -> None:
         """Raises :class:`ConfigError` for values no guest or lab can take."""
@@ -104,8 +131,11 @@ class DemoConfig:
             )
         if self.bandwidth_mbit is not None:
             validate.number(self.bandwidth_mbit, "bandwidth_mbit", above=0, maximum=1e7)
-        for name in ("offline", "verify", "repair", "force", "predict"):
+        for name in ("offline", "verify", "repair", "force", "predict", "with_local_disks"):
             validate.flag(getattr(self, name), name)
+        validate.whole(self.disk_mib, "disk_mib", minimum=1, maximum=1 << 20)
+        if self.disk_copy_mode not in ("write-blocking", "background"):
+            raise ConfigError(f"unknown disk copy mode {self.disk_copy_mode!r}")
         if not isinstance(self.policy, Policy):
             raise ConfigError(f"policy must be a Policy, not {self.policy!r}")
         validate.number(self.probe_interval_ms, "probe_interval_ms", above=0, maximum=1000)
@@ -155,7 +185,30 @@ class DemoHooks:
     before_target_resume: Callable[[QemuProcess, QemuProcess], Awaitable[None]] | None = None
 
 
-def guest_spec(config: DemoConfig, guest: GuestImage, accel: AccelChoice, address: str) -> VMSpec:
+#: The demo guest's disk (``/dev/vda`` in the guest).
+DISK_ID = "disk0"
+
+
+def needs_disk(config: DemoConfig) -> bool:
+    return config.workload.writes_disk or config.with_local_disks
+
+
+def guest_spec(
+    config: DemoConfig,
+    guest: GuestImage,
+    accel: AccelChoice,
+    address: str,
+    disk_path: Path | None = None,
+) -> VMSpec:
+    """The demo guest; with ``disk_path`` a virtio-blk disk of ``config.disk_mib`` MiB
+    (qcow2, local to each host: the target gets its own image)."""
+    disks: tuple[DiskSpec, ...] = ()
+    if disk_path is not None:
+        disks = (
+            DiskSpec(
+                DISK_ID, disk_path, config.disk_mib << 20, DiskFormat.QCOW2, CacheMode.WRITEBACK
+            ),
+        )
     append = (
         f"console=ttyS0 quiet panic=-1 mitigations=off livemig.ip={address} "
         f"livemig.workload={config.workload.text} livemig.dirty_mib={config.dirty_mib}"
@@ -169,7 +222,26 @@ def guest_spec(config: DemoConfig, guest: GuestImage, accel: AccelChoice, addres
         initrd=guest.initrd,
         append=append,
         nics=(NicSpec(mac=GUEST_MAC),),
+        disks=disks,
     )
+
+
+@contextlib.asynccontextmanager
+async def disk_site(config: DemoConfig) -> AsyncIterator[tuple[Path, Path] | None]:
+    """The source's and the target's disk images (empty qcow2 files of the same
+    virtual size, as a target host prepares its copy of a local disk) in a private
+    directory removed on exit; None when the demo needs no disk."""
+    if not needs_disk(config):
+        yield None
+        return
+    site = Path(tempfile.mkdtemp(prefix=f"livemig-{os.getpid()}-disks-", dir=RAM_DIR))
+    try:
+        source, target = site / "source-disk0.qcow2", site / "target-disk0.qcow2"
+        await create_image(source, "qcow2", config.disk_mib << 20)
+        await create_like(target, await image_info(source))
+        yield source, target
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
 
 
 async def wait_workload_started(vm: QemuProcess, workload: Workload, timeout: float = 60.0) -> None:
@@ -179,6 +251,8 @@ async def wait_workload_started(vm: QemuProcess, workload: Workload, timeout: fl
         await vm.console.wait_for(r"^OPENSSL ", timeout)
     if workload.dirties_memory:
         await vm.console.wait_for(r"^MEMDIRTY pass=", timeout)
+    if workload.writes_disk:
+        await vm.console.wait_for(r"^DISKCHECK (pass=|error)", timeout)
 
 
 async def prepare_guest(config: DemoConfig) -> tuple[GuestImage, AccelChoice, DemoEnvironment]:
@@ -206,6 +280,7 @@ class LabPair:
     spec: VMSpec
     source: QemuProcess
     target: QemuProcess
+    disk_images: tuple[Path, Path] | None = None  # source's and target's image of disk0
 
     @property
     def migration_uri(self) -> str:
@@ -249,6 +324,8 @@ async def run_demo(
             verify=config.verify,
             repair=config.repair,
             force=config.force,
+            with_local_disks=config.with_local_disks,
+            disk_copy_mode=config.disk_copy_mode,
             cpu_model=pair.spec.cpu_model,
             vm=pair.spec.name,
             hooks=_engine_hooks(hooks, source, target),
@@ -283,48 +360,50 @@ async def run_in_lab(
     hooks = hooks or DemoHooks()
     guest, accel, environment = await prepare_guest(config)
     with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
-        address = lab.next_guest_address()
-        guest_ip = address.split("/")[0]
-        spec = guest_spec(config, guest, accel, address)
-        tap_a, tap_b = lab.add_tap(lab.host_a), lab.add_tap(lab.host_b)
-        source = QemuProcess(
-            spec,
-            role="source",
-            netns=lab.host_a.netns,
-            taps={"net0": tap_a},
-            log_dir=config.log_dir,
-        )
-        async with source:
-            await wait_workload_started(source, config.workload)
-            target = QemuProcess(
+        async with disk_site(config) as disks:
+            address = lab.next_guest_address()
+            guest_ip = address.split("/")[0]
+            spec = guest_spec(config, guest, accel, address, disks[0] if disks else None)
+            tap_a, tap_b = lab.add_tap(lab.host_a), lab.add_tap(lab.host_b)
+            source = QemuProcess(
                 spec,
-                role="target",
-                netns=lab.host_b.netns,
-                taps={"net0": tap_b},
-                incoming=True,
-                paused=target_paused,
+                role="source",
+                netns=lab.host_a.netns,
+                taps={"net0": tap_a},
                 log_dir=config.log_dir,
             )
-            async with (
-                target,
-                NetworkProbe(guest_ip, lab.client_ns, config.probe_interval_ms / 1e3) as probe,
-            ):
-                probe_started = time.time()
-                await asyncio.sleep(config.warmup_s)
-                link_before = lab.migration_link_stats(lab.host_a).tx_bytes
-                console_mark = len(target.console.lines)
-                if hooks.before_migration is not None:
-                    await hooks.before_migration(source, target)
-                report = await migrate(LabPair(lab, spec, source, target))
-                await asyncio.sleep(config.settle_s)
-                wire = lab.migration_link_stats(lab.host_a).tx_bytes - link_before
-                if report.status == "completed":
-                    check = await guest_check(target, config.workload, console_mark)
-                    report = dataclasses.replace(report, guest_check=check, wire_bytes=wire)
-            assert probe.record is not None
-            report = dataclasses.replace(
-                _with_probe(report, probe.record, probe_started), wire_bytes=wire
-            )
+            async with source:
+                await wait_workload_started(source, config.workload)
+                target = QemuProcess(
+                    spec,
+                    role="target",
+                    netns=lab.host_b.netns,
+                    taps={"net0": tap_b},
+                    incoming=True,
+                    paused=target_paused,
+                    log_dir=config.log_dir,
+                    disk_paths={DISK_ID: disks[1]} if disks else None,
+                )
+                async with (
+                    target,
+                    NetworkProbe(guest_ip, lab.client_ns, config.probe_interval_ms / 1e3) as probe,
+                ):
+                    probe_started = time.time()
+                    await asyncio.sleep(config.warmup_s)
+                    link_before = lab.migration_link_stats(lab.host_a).tx_bytes
+                    console_mark = len(target.console.lines)
+                    if hooks.before_migration is not None:
+                        await hooks.before_migration(source, target)
+                    report = await migrate(LabPair(lab, spec, source, target, disks))
+                    await asyncio.sleep(config.settle_s)
+                    wire = lab.migration_link_stats(lab.host_a).tx_bytes - link_before
+                    if report.status == "completed":
+                        check = await guest_check(target, config.workload, console_mark)
+                        report = dataclasses.replace(report, guest_check=check, wire_bytes=wire)
+                assert probe.record is not None
+                report = dataclasses.replace(
+                    _with_probe(report, probe.record, probe_started), wire_bytes=wire
+                )
     return DemoResult(report=report, environment=environment)
 
 
@@ -421,6 +500,19 @@ async def guest_check(vm: QemuProcess, workload: Workload, since: int) -> str:
             if bad_passes:
                 return f"failed: {bad_passes[0]}"
             verdicts.append(f"memdirty {full.text.split()[1]} verified on target")
+        if workload.writes_disk:
+            # As for memory: the first read-back pass that ran entirely on the target.
+            first = await vm.console.wait_for(r"^DISKCHECK (pass=|error)", 30, since=since)
+            index = vm.console.lines.index(first)
+            full = await vm.console.wait_for(r"^DISKCHECK (pass=|error)", 30, since=index + 1)
+            bad_passes = [
+                line.text
+                for line in vm.console.matching(r"^DISKCHECK (pass=|error)", since)
+                if " bad=0 " not in line.text
+            ]
+            if bad_passes:
+                return f"failed: {bad_passes[0]}"
+            verdicts.append(f"diskcheck {full.text.split()[1]} verified on target")
         if workload.runs_openssl:
             await vm.console.wait_for(r"^OPENSSL ", 30, since=since)
             verdicts.append("openssl running on target")

@@ -23,7 +23,12 @@ from lab.errors import GuestBuildError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "scripts"
 BUILD_SCRIPT = SCRIPTS / "build-guest.sh"
-GUEST_SOURCES = (BUILD_SCRIPT, SCRIPTS / "guest" / "init", SCRIPTS / "guest" / "memdirty.c")
+GUEST_SOURCES = (
+    BUILD_SCRIPT,
+    SCRIPTS / "guest" / "init",
+    SCRIPTS / "guest" / "memdirty.c",
+    SCRIPTS / "guest" / "diskpattern.c",
+)
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 
 

@@ -144,6 +144,8 @@ class QemuProcess:
     devices there. ``incoming`` starts it waiting for a migration (``-incoming
     defer``); ``paused`` adds ``-S``. ``log_dir`` keeps ``<role>.serial.log`` and
     ``<role>.qemu.log`` after exit (otherwise they go with the private work dir).
+    ``disk_paths`` puts disks of the spec at other paths on this host (a target's
+    own copy of a local disk); the images must exist.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class QemuProcess:
         paused: bool = False,
         log_dir: Path | None = None,
         launch_timeout: float = 30.0,
+        disk_paths: Mapping[str, Path] | None = None,
     ) -> None:
         self.spec = spec
         self.role = role
@@ -180,6 +183,7 @@ class QemuProcess:
             taps=self.taps,
             incoming=incoming,
             paused=paused,
+            disk_paths=dict(disk_paths or {}),
         )
         argv = spec.qemu_argv(self.site)
         self.argv = ["ip", "netns", "exec", netns, *argv] if netns else argv

@@ -77,7 +77,7 @@ def plain_text(text: str) -> str:
 
 
 def workload(text: str) -> str:
-    """``--workload``: idle | openssl | dirty:MIBPS | openssl+dirty:MIBPS."""
+    """``--workload``: idle, or openssl, dirty:MIBPS, disk:MIBPS joined by ``+``."""
     from lab.demo import Workload  # the lab loads only for the commands that boot it
 
     try:

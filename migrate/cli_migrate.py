@@ -59,6 +59,11 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
                         help="abort (VM stays on the source) instead of repairing stale target pages")  # fmt: skip
     parser.add_argument("--force", action="store_true",
                         help="migrate despite CPU or target-memory refusals from preflight")  # fmt: skip
+    parser.add_argument("--with-local-disks", action="store_true",
+                        help="copy local writable disks to the target over NBD (else refused)")  # fmt: skip
+    parser.add_argument("--disk-copy-mode", choices=("write-blocking", "background"),
+                        default="write-blocking",
+                        help="blockdev-mirror copy mode for --with-local-disks")  # fmt: skip
     parser.add_argument("--no-predict", action="store_true",
                         help="skip the measurement and forecast before the start (~1 s)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true",
@@ -89,7 +94,10 @@ def _policy(args: argparse.Namespace) -> Policy:
 def register(sub: Any) -> None:
     demo = sub.add_parser("demo", help="live-migrate the test guest between two lab hosts (root)")
     demo.add_argument("--workload", type=cli_args.workload, default="openssl",
-                      help="idle | openssl | dirty:MIBPS | openssl+dirty:MIBPS")  # fmt: skip
+                      help="idle, or openssl, dirty:MIBPS, disk:MIBPS joined by + "
+                           "(e.g. openssl+disk:4)")  # fmt: skip
+    demo.add_argument("--disk-mib", type=cli_args.MEMORY_MIB, default=64,
+                      help="size of the guest's disk (a disk workload or --with-local-disks)")  # fmt: skip
     demo.add_argument("--memory-mib", type=cli_args.MEMORY_MIB, default=256)
     demo.add_argument("--dirty-mib", type=cli_args.MEMORY_MIB, default=64,
                       help="working set of the dirty workload (MiB)")  # fmt: skip
@@ -203,6 +211,9 @@ def demo_config(args: argparse.Namespace, strategy: str, predict: bool) -> Any:
         cpu_model=args.cpu,
         force=args.force,
         predict=predict,
+        with_local_disks=getattr(args, "with_local_disks", False),
+        disk_mib=getattr(args, "disk_mib", 64),
+        disk_copy_mode=getattr(args, "disk_copy_mode", "write-blocking"),
     )
 
 
@@ -250,6 +261,8 @@ def _migrate(args: argparse.Namespace) -> int:
         predict=not args.no_predict,
         link_mbit=args.link_mbit,
         state_dir=state_dir,
+        with_local_disks=args.with_local_disks,
+        disk_copy_mode=args.disk_copy_mode,
     )
     # Refuse a VM left unfinished by a crash before connecting (the engine checks again).
     JournalStore(state_dir).check_vm_free(request)

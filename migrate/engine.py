@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from migrate.control.base import Controller, PredictionAware
+from migrate.disks.run import MigrationDisks
 from migrate.errors import ConfigError, LivemigError, MigrationError, PreflightError, QemuError
 from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Planned
 from migrate.journal import (
@@ -32,7 +33,7 @@ from migrate.presets import controller_for
 from migrate.qmp import QmpSession
 from migrate.ramfiles import ram_backing_file
 from migrate.recover import observe_held, vm_location
-from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
+from migrate.report import Forecast, MigrationReport, Predicted, PreflightCheck, Verdict
 from migrate.request import MigrationRequest
 from migrate.safety import snapshot_settings
 from migrate.strategy import Strategy, check_start
@@ -126,13 +127,19 @@ async def run_migration(
     with journal_active(journal):
         try:
             checks = await run_preflight(
-                source, target, request.source_host, request.target_host, request.cpu_model
+                source,
+                target,
+                request.source_host,
+                request.target_host,
+                request.cpu_model,
+                with_local_disks=request.with_local_disks,
+                shared_disks=request.shared_disks,
             )
             for check in checks.checks:
                 if check.verdict is not Verdict.OK:
                     events.notice(f"preflight {check.name}: {check.verdict}: {check.detail}")
             checks.enforce(request.force)
-            predicted = await _predict(request, source, events)
+            predicted = await _predict(request, source, target, events)
             if controller is None:
                 controller = controller_for(request.policy, predicted)
             elif predicted is not None and isinstance(controller, PredictionAware):
@@ -245,8 +252,32 @@ def _with_plan(
     )
 
 
+def with_disk_copy(predicted: Predicted, disk_bytes: int) -> Predicted:
+    """The forecast with the disks' first full copy before the RAM: each forecast's
+    time grows by ``disk_bytes`` at the forecast's bandwidth, its bytes by ``disk_bytes``.
+    (A write-blocking mirror's ongoing guest writes share the link with RAM
+    afterwards; they are not modelled.)"""
+    if disk_bytes <= 0:
+        return predicted
+    extra_ms = disk_bytes / max(predicted.bandwidth_bytes_per_s, 1.0) * 1e3
+
+    def grow(forecast: Forecast) -> Forecast:
+        return dataclasses.replace(
+            forecast,
+            total_time_ms=forecast.total_time_ms + extra_ms,
+            transferred_bytes=forecast.transferred_bytes + disk_bytes,
+        )
+
+    return dataclasses.replace(
+        predicted,
+        forecasts=tuple(grow(f) for f in predicted.forecasts),
+        policy_forecast=grow(predicted.policy_forecast) if predicted.policy_forecast else None,
+        disk_copy_bytes=disk_bytes,
+    )
+
+
 async def _predict(
-    request: MigrationRequest, source: QmpSession, events: EventBus
+    request: MigrationRequest, source: QmpSession, target: QmpSession, events: EventBus
 ) -> Predicted | None:
     """The pre-start forecast, or None (not asked for, offline, or QEMU refused)."""
     if not request.predict or request.offline:
@@ -255,6 +286,9 @@ async def _predict(
     try:
         ram_path = await ram_backing_file(source)
         predicted = await plan_migration(source, request.policy, bandwidth, ram_path)
+        if request.with_local_disks:
+            disks = MigrationDisks(request, source, target, events.notice)
+            predicted = with_disk_copy(predicted, await disks.copy_bytes())
     except QemuError as exc:
         events.notice(f"no forecast: {exc}")
         return None

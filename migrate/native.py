@@ -144,7 +144,7 @@ class _NativeRun(StrategyRun):
         request = self.request
         await finish_on_target(
             self.switchover, self.target, tgt_log, self.comparison, request.hooks,
-            self.repair_allowed,
+            self.repair_allowed, disks=self.disks,
         )  # fmt: skip
 
     async def _follow(self, src_log: EventRecorder) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import psutil
 from cpumodel import CpuModelError, HostCpu, check_migration, load_host
 from cpumodel.qemu import QmpCpuSession, host_from_expansion
 from migrate import validate
+from migrate.disks.classify import block_disks, classify
 from migrate.errors import ConfigError, PreflightError, QemuError
 from migrate.qmp import QmpSession
 from migrate.report import PreflightCheck, Verdict
@@ -107,8 +108,15 @@ async def run_preflight(
     source_host: HostFacts,
     target_host: HostFacts,
     vm_cpu: str | None = None,
+    with_local_disks: bool = False,
+    shared_disks: tuple[str, ...] = (),
 ) -> PreflightReport:
-    """All checks; never raises for a failed check (see :meth:`PreflightReport.enforce`)."""
+    """All checks; never raises for a failed check (see :meth:`PreflightReport.enforce`).
+
+    Disks: each writable disk is classified shared or local
+    (:func:`migrate.disks.classify.classify`); a local one is refused unless
+    ``with_local_disks``, a shared one with an unsafe cache mode unless forced.
+    """
     checks: list[PreflightCheck] = []
     info = await source.execute("query-migrate")
     blocked = info.get("blocked-reasons") or []
@@ -143,25 +151,19 @@ async def run_preflight(
             f"target has {available >> 20} MiB available",
         )
     )
-    checks.append(await _disk_check(source))
+    checks.extend(await _disk_checks(source, target, with_local_disks, shared_disks))
     checks.append(await _version_check(source, target))
     return PreflightReport(tuple(checks))
 
 
-async def _disk_check(source: QmpSession) -> PreflightCheck:
-    disks = []
-    for dev in await source.execute("query-block"):
-        inserted = dev.get("inserted")
-        if inserted and not inserted.get("ro", False):
-            disks.append(f"{dev.get('qdev') or dev.get('device')}={inserted.get('file')}")
-    if not disks:
-        return PreflightCheck("local-disks", Verdict.OK, "no writable disks")
-    return PreflightCheck(
-        "local-disks",
-        Verdict.WARNING,
-        "livemig does not copy disks; these must be on storage the target shares: "
-        + ", ".join(disks),
-    )
+async def _disk_checks(
+    source: QmpSession, target: QmpSession, with_local_disks: bool, shared_disks: tuple[str, ...]
+) -> tuple[PreflightCheck, ...]:
+    try:
+        src, dst = await block_disks(source), await block_disks(target)
+    except QemuError as exc:
+        return (PreflightCheck("local-disks", Verdict.REFUSED, f"cannot list the disks: {exc}"),)
+    return classify(src, dst, with_local_disks, shared_disks).checks
 
 
 async def _version_check(source: QmpSession, target: QmpSession) -> PreflightCheck:

@@ -260,6 +260,8 @@ class Predicted:
     ``compression_ratios`` (raw / compressed bytes per method) come from sampling
     the guest's RAM file when it is mappable. ``policy_forecast`` is the forecast for
     the policy the migration runs with; ``recommendation`` names the best forecast.
+    ``disk_copy_bytes``: allocated bytes of the local disks copied first
+    (``--with-local-disks``), included in every forecast's time and bytes.
     """
 
     ram_bytes: int
@@ -278,6 +280,7 @@ class Predicted:
     policy_forecast: Forecast | None = None
     measure_time_ms: float = 0.0
     working_set_bytes: int | None = None
+    disk_copy_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,15 @@ class RamVerifier(Protocol):
     async def compare(self, repair: bool = False) -> IntegrityResult: ...
 
 
+class DiskFinisher(Protocol):
+    """Completes the disk copies once the source stopped and RAM arrived
+    (:meth:`complete`), then compares the images (:meth:`verify`)."""
+
+    async def complete(self) -> None: ...
+
+    async def verify(self) -> IntegrityResult: ...
+
+
 @dataclass
 class Switchover:
     """Timestamps and results of the switchover tail."""
@@ -62,8 +71,12 @@ async def finish_on_target(
     hooks: MigrationHooks,
     repair: bool,
     timeout: float = 30.0,
+    disks: DiskFinisher | None = None,
 ) -> None:
     """Wait for the target to load the VM, verify its RAM, then resume it.
+
+    With ``disks``, their copies are completed right after the target loaded the
+    VM and compared after the RAM: a disk that differs aborts like RAM does.
 
     Fills ``result`` as it goes; ``result.resumed`` turns true the moment the VM
     runs on the target, after which nothing may roll the migration back.
@@ -76,6 +89,8 @@ async def finish_on_target(
     if done is None or done.data.get("status") != "completed":
         raise MigrationError("the target did not finish loading the VM")
     result.target_completed = done.timestamp
+    if disks is not None:
+        await disks.complete()
     if hooks.before_target_resume is not None:
         await hooks.before_target_resume()
     status = await target.status()
@@ -90,6 +105,10 @@ async def finish_on_target(
             raise MigrationAborted(f"integrity check failed: {result.integrity.detail}")
     elif result.integrity.integrity is Integrity.UNCHECKED:
         result.integrity = IntegrityResult(Integrity.UNCHECKED, "RAM not mappable on both sides")
+    if disks is not None and status == "paused":  # a running target writes its disks
+        disk_integrity = await disks.verify()
+        if disk_integrity.integrity is Integrity.FAILED:
+            raise MigrationAborted(f"disk integrity check failed: {disk_integrity.detail}")
     journal.point_of_no_return()  # from here on, recovery makes the target the VM
     if status == "paused":
         await resume_target(result, target, hooks)

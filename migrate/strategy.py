@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from migrate.control.base import ControlContext, Controller
 from migrate.control.intents import Abort
+from migrate.disks.run import MigrationDisks
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged
 from migrate.integrity import RamComparison, RamComparisons
@@ -196,6 +197,7 @@ class StrategyRun:
         self.setup_ms: float | None = None
         self.settings: MigrationSettings | None = None  # the source's, before we changed them
         self.unknown: str | None = None  # why neither copy could be resumed
+        self.disks = MigrationDisks(request, source, target, events.notice)
 
     async def execute(self) -> MigrationReport:
         """Run :meth:`_migrate`; the report, or :class:`MigrationError` carrying it."""
@@ -205,6 +207,8 @@ class StrategyRun:
             except BaseException as exc:
                 # Stop the data plane before anything resumes: no page may land later.
                 await asyncio.shield(self._stop_data_plane())
+                for note in await asyncio.shield(self.disks.abort()):
+                    self.events.notice(note)
                 if self.switchover.resumed and self.phase.phase is Phase.POSTCOPY:
                     # Post-copy did not finish: the VM runs on the target, part of its
                     # RAM still on the source. Nothing rolls back. Only if the source
@@ -247,6 +251,8 @@ class StrategyRun:
                 )
                 self.unknown = back.unknown
                 lost = back.lost
+                if back.unknown is None and await asyncio.shield(self.target.gone()) is True:
+                    back.notes += self.disks.remove_target_images()
                 self.phase.advance(failure_phase(exc))
                 notes = back.notes + ([back.unknown] if back.unknown else [])
                 report = self._report(
@@ -288,6 +294,7 @@ class StrategyRun:
     async def _migrate(self, src_log: EventRecorder, tgt_log: EventRecorder) -> None:
         await self._set_up(src_log)
         self.phase.advance(Phase.PRECOPY)
+        await self.disks.copy()  # RAM moves once every disk mirror is READY
         await self._transfer(src_log)
         if self.phase.phase is not Phase.POSTCOPY:
             # After a post-copy switch the VM already runs on the target: no switchover.
@@ -315,6 +322,7 @@ class StrategyRun:
         for decision in self.controller.start(context):
             await self._apply(decision, src_log)
         await self._setup()
+        await self.disks.prepare()  # the target's NBD exports, before migrate-incoming
         # The target listens now, outside the downtime.
         await start_incoming(target, request.migration_uri)
         if self.comparison is not None:
@@ -448,5 +456,6 @@ class StrategyRun:
             decisions=tuple(self.decisions),
             error=error,
             migration_id=self.request.migration_id,
+            disks=self.disks.reports(),
             **figures,
         )

@@ -195,6 +195,5 @@ def _disk_args(disk: DiskSpec, path: Path) -> list[str]:
         f"driver={disk.format.value},node-name={disk.node_name},file=file-{disk.id},"
         f"cache.direct={on[cache.direct]},cache.no-flush={on[cache.no_flush]},read-only={ro}",
         "-device",
-        f"virtio-blk-pci,drive={disk.node_name},id={disk.id},"
-        f"write-cache={on[cache.writeback]}",
+        f"virtio-blk-pci,drive={disk.node_name},id={disk.id},write-cache={on[cache.writeback]}",
     ]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the livemig test guest: a Debian cloud kernel and an initramfs with busybox,
-# openssl (+ its libraries), the virtio-net modules and the memdirty workload.
+# openssl (+ its libraries), the virtio-net and virtio-blk modules and the memdirty and
+# diskpattern workloads.
 #
 #   build-guest.sh OUTDIR KERNEL_PACKAGE DEB_CACHE_DIR
 #
@@ -13,7 +14,7 @@ out=$1
 kpkg=$2
 debs=$3
 here=$(cd "$(dirname "$0")" && pwd)
-modules=(virtio_pci virtio_net)   # transport + driver; the rest follows from modinfo depends
+modules=(virtio_pci virtio_net virtio_blk)   # transport + drivers; the rest follows from modinfo depends
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -73,6 +74,7 @@ for lib in $(ldd "$ossl" | grep -oE '/[^ ]+'); do
 done
 
 gcc -static -O2 -o "$root/bin/memdirty" "$here/guest/memdirty.c"
+gcc -static -O2 -o "$root/bin/diskpattern" "$here/guest/diskpattern.c"
 install -m 0755 "$here/guest/init" "$root/init"
 
 cp "$work/kernel/boot/vmlinuz-$kver" "$out/vmlinuz"

@@ -290,7 +290,7 @@ class PagestreamRun(StrategyRun):
         try:
             await finish_on_target(
                 self.switchover, self.target, tgt_log, self.verifier, request.hooks,
-                request.repair, timeout,
+                request.repair, timeout, disks=self.disks,
             )  # fmt: skip
         finally:
             if self.verifier.stream_ok is not None:

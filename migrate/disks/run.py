@@ -1,0 +1,189 @@
+"""A migration's disks, from classification to report: what a strategy run holds.
+
+:class:`MigrationDisks` ties :mod:`~migrate.disks.classify`,
+:mod:`~migrate.disks.mirror` and :mod:`~migrate.disks.integrity` together in the
+order :class:`~migrate.strategy.StrategyRun` calls them:
+
+    prepare()     classify; export the local disks from the target (before
+                  migrate-incoming)
+    mirror()      start the mirrors, wait until every one is READY
+    complete() / verify()   at switchover (:class:`~migrate.safety.DiskFinisher`)
+    abort()       on failure, before the source resumes
+    remove_target_images()  after rollback, once the target QEMU is gone
+    reports()     :class:`~migrate.report.DiskReport` per writable disk
+
+A replica mode (``DiskMode.REPLICA``) fits in as another placement whose
+``prepare``/``mirror`` steps copy only what changed since the replica.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from migrate.disks.classify import Classification, block_disks, classify
+from migrate.disks.images import remove_image
+from migrate.disks.integrity import DiskComparison, compare_images
+from migrate.disks.mirror import CopyMode, NbdAddress, NbdMirror
+from migrate.disks.model import DiskMode
+from migrate.integrity import IntegrityResult
+from migrate.qmp import QmpSession
+from migrate.report import DiskReport, Integrity
+from migrate.request import MigrationRequest
+
+#: How often (s) mirror progress goes out as a notice while the first copy runs.
+PROGRESS_EVERY_S = 2.0
+
+
+class MigrationDisks:
+    """The disks of one migration (see the module docstring)."""
+
+    def __init__(
+        self,
+        request: MigrationRequest,
+        source: QmpSession,
+        target: QmpSession,
+        notice: Callable[[str], None],
+    ) -> None:
+        self.request = request
+        self.source = source
+        self.target = target
+        self.notice = notice
+        self.classification = Classification((), ())
+        self.mirror: NbdMirror | None = None
+        self.comparisons: dict[str, DiskComparison] = {}
+        self.removed: list[str] = []
+        self._last_progress = 0.0
+
+    async def classify(self) -> Classification:
+        src, dst = await block_disks(self.source), await block_disks(self.target)
+        self.classification = classify(
+            src, dst, self.request.with_local_disks, self.request.shared_disks
+        )
+        return self.classification
+
+    async def prepare(self) -> None:
+        """Classify the disks; export the ones to copy from the target."""
+        mirrored = (await self.classify()).mirrored
+        if not mirrored:
+            return
+        self.mirror = NbdMirror(
+            self.source,
+            self.target,
+            mirrored,
+            NbdAddress.beside(self.request.migration_uri, self.request.nbd_port),
+            CopyMode(self.request.disk_copy_mode),
+            tag=f"lm{self.request.migration_id[:8]}",
+            on_progress=self._progress,
+        )
+        await self.mirror.export()
+
+    async def copy_bytes(self) -> int:
+        """About the bytes the first full copy moves: each local disk's image file's
+        allocated size, at most its virtual size. (Not ``qemu-img map``: a running
+        QEMU keeps fresh qcow2 metadata in memory.)"""
+        total = 0
+        for placement in (await self.classify()).mirrored:
+            disk = placement.source
+            try:
+                allocated = os.stat(disk.path).st_blocks * 512
+            except OSError:
+                allocated = disk.virtual_size
+            total += min(allocated, disk.virtual_size)
+        return total
+
+    async def copy(self) -> None:
+        """Start the mirrors; return once all are READY (raises MigrationError otherwise)."""
+        if self.mirror is None:
+            return
+        names = ", ".join(p.name for p in self.mirror.placements)
+        self.notice(f"disks: mirroring {names} over NBD to {self.mirror.address} "
+                    f"({self.mirror.copy_mode})")  # fmt: skip
+        await self.mirror.start()
+        await self.mirror.wait_ready(self.request.disk_ready_timeout_s)
+        for job in self.mirror.jobs:
+            self.notice(
+                f"disk {job.placement.name}: mirror READY, {job.bytes} bytes copied in "
+                f"{(self.mirror.ready_ms(job) or 0) / 1e3:.1f} s"
+            )
+
+    def _progress(self, state: dict[str, tuple[int, int]]) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        parts = [f"{n} {done >> 20}/{total >> 20} MiB" for n, (done, total) in state.items()]
+        self.notice("disk copy: " + ", ".join(parts))
+
+    # -- DiskFinisher ---------------------------------------------------------------
+
+    async def complete(self) -> None:
+        if self.mirror is not None:
+            await self.mirror.complete()
+
+    async def verify(self) -> IntegrityResult:
+        """Compare every mirrored disk's images; the worst verdict, all details."""
+        if self.mirror is None:
+            return IntegrityResult(Integrity.UNCHECKED, "no disk copied")
+        for placement in self.mirror.placements:
+            assert placement.target is not None
+            result = await compare_images(
+                placement.name, placement.source.path, placement.target.path
+            )
+            self.comparisons[placement.name] = result
+        verdicts = [c.integrity for c in self.comparisons.values()]
+        worst = (
+            Integrity.FAILED
+            if Integrity.FAILED in verdicts
+            else Integrity.UNCHECKED
+            if Integrity.UNCHECKED in verdicts
+            else Integrity.OK
+        )
+        detail = "; ".join(f"{c.name}: {c.detail}" for c in self.comparisons.values())
+        return IntegrityResult(worst, detail)
+
+    # -- failure ------------------------------------------------------------------------
+
+    async def abort(self) -> list[str]:
+        return await self.mirror.abort() if self.mirror is not None else []
+
+    def remove_target_images(self) -> list[str]:
+        """Remove the target's copies of mirrored disks (call once its QEMU is gone)."""
+        notes = []
+        for placement in self.classification.mirrored:
+            if placement.target is not None and remove_image(placement.target.path):
+                self.removed.append(placement.name)
+                notes.append(f"removed the target's partial copy of disk {placement.name} "
+                             f"({placement.target.path})")  # fmt: skip
+        return notes
+
+    # -- report ---------------------------------------------------------------------------
+
+    def reports(self) -> tuple[DiskReport, ...]:
+        out = []
+        jobs = {j.placement.name: j for j in self.mirror.jobs} if self.mirror else {}
+        for placement in self.classification.placements:
+            job = jobs.get(placement.name)
+            comparison = self.comparisons.get(placement.name)
+            if placement.mode is DiskMode.SHARED:
+                integrity, detail = Integrity.UNCHECKED, f"shared: {placement.reason}"
+            elif comparison is not None:
+                integrity, detail = comparison.integrity, comparison.detail
+            else:
+                integrity, detail = Integrity.UNCHECKED, "not compared (migration did not finish)"
+            if placement.name in self.removed:
+                detail += "; the target's copy was removed"
+            out.append(
+                DiskReport(
+                    name=placement.name,
+                    mode=placement.mode,
+                    bytes=job.bytes if job else 0,
+                    integrity=integrity,
+                    detail=detail,
+                    virtual_size=placement.source.virtual_size,
+                    copy_mode=self.mirror.copy_mode.value if job and self.mirror else "",
+                    ready_ms=self.mirror.ready_ms(job) if job and self.mirror else None,
+                )
+            )
+        return tuple(out)
