@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from migrate.disks.classify import parse_query_block
 from migrate.disks.replica_store import (
     DiskReplica,
     ReplicaState,
@@ -95,42 +96,28 @@ class SourceDisk:
         )
 
 
-def _device_name(entry: dict[str, Any]) -> str:
-    if entry.get("device"):
-        return str(entry["device"])
-    qdev = str(entry.get("qdev") or "")
-    parts = [p for p in qdev.split("/") if p]
-    if parts and parts[-1] == "virtio-backend":
-        parts.pop()
-    if parts:
-        return parts[-1]
-    return str(entry["inserted"]["node-name"])
-
-
 async def source_disks(session: QmpSession) -> list[SourceDisk]:
-    """The source QEMU's writable qcow2 disks. Raises :class:`QemuError` on a reply of
-    the wrong shape."""
-    reply = await session.execute("query-block")
-    if not isinstance(reply, list):
-        raise QemuError(f"query-block: unexpected answer {reply!r:.80}", command="query-block")
-    disks = []
-    for entry in reply:
+    """The source QEMU's writable qcow2 disks (named as :mod:`~migrate.disks.classify`
+    names them) with their dirty bitmaps. Raises :class:`QemuError` on a reply of the
+    wrong shape."""
+    answer = await session.execute("query-block")
+    bitmaps: dict[str, tuple[dict[str, Any], ...]] = {}
+    for entry in answer if isinstance(answer, list) else ():
         inserted = entry.get("inserted") if isinstance(entry, dict) else None
-        if not isinstance(inserted, dict) or inserted.get("ro"):
-            continue
-        if inserted.get("drv") != "qcow2":
-            continue
-        image = inserted.get("image") or {}
-        disks.append(
-            SourceDisk(
-                name=_device_name(entry),
-                node_name=str(inserted["node-name"]),
-                virtual_size=int(image.get("virtual-size", 0)),
-                path=str(inserted.get("file", "")),
-                bitmaps=tuple(inserted.get("dirty-bitmaps") or entry.get("dirty-bitmaps") or ()),
-            )
+        if isinstance(inserted, dict):
+            found = inserted.get("dirty-bitmaps") or entry.get("dirty-bitmaps") or ()
+            bitmaps[str(inserted.get("node-name"))] = tuple(b for b in found if isinstance(b, dict))
+    return [
+        SourceDisk(
+            name=disk.name,
+            node_name=disk.node_name,
+            virtual_size=disk.virtual_size,
+            path=str(disk.path),
+            bitmaps=bitmaps.get(disk.node_name, ()),
         )
-    return disks
+        for disk in parse_query_block(answer)
+        if not disk.readonly and disk.format == "qcow2"
+    ]
 
 
 @dataclass(frozen=True)
@@ -331,7 +318,7 @@ async def _clean_source(
                 )
 
 
-async def _wait_job(
+async def wait_copy_job(
     session: QmpSession,
     events: EventRecorder,
     job: str,
@@ -373,7 +360,7 @@ async def _wait_job(
             raise ReplicationError(f"copy did not finish within {timeout_s:g} s")
 
 
-async def _cancel_job(session: QmpSession, events: EventRecorder, job: str, since: int) -> None:
+async def cancel_copy_job(session: QmpSession, events: EventRecorder, job: str, since: int) -> None:
     with contextlib.suppress(QemuError):
         await session.execute("block-job-cancel", {"device": job, "force": True})
 
@@ -450,14 +437,14 @@ async def _copy_disk(
             },
         )
         started = True
-        copied = await _wait_job(session, events, job, since, timeout_s, stall_s)
+        copied = await wait_copy_job(session, events, job, since, timeout_s, stall_s)
         await session.execute("blockdev-del", {"node-name": node})
         await target.close_next(disk.name)
     except BaseException as exc:
         # The previous generation's bitmap was never touched: nothing is lost.
         with contextlib.suppress(QemuError, OSError):
             if started:
-                await _cancel_job(session, events, job, since)
+                await cancel_copy_job(session, events, job, since)
             with contextlib.suppress(QemuError):
                 await session.execute("blockdev-del", {"node-name": node})
             with contextlib.suppress(QemuError):

@@ -114,6 +114,7 @@ class StorageDaemon:
     async def start(self) -> None:
         if shutil.which(BINARY) is None:
             raise ConfigError(f"{BINARY} not found (apt-get install qemu-system-common)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
         for stale in (self.qmp_socket, self.nbd.path):
             if stale is not None:
                 stale.unlink(missing_ok=True)  # left by a killed earlier run

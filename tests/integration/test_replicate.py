@@ -1,0 +1,192 @@
+"""``livemig replicate`` against a real QEMU 7.2 and qemu-storage-daemon.
+
+One source QEMU (paused: the guest need not run; the host writes into its disk with
+HMP ``qemu-io``) and one replica directory, through four runs of the real CLI: a
+full first run, an incremental run that copies what was written, a run SIGKILLed
+mid-copy that leaves the previous replica exactly as it was, and a run after it
+that recovers everything the killed run was copying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from lab.qemu import QemuProcess
+from migrate.disks.model import CacheMode, DiskSpec
+from migrate.qmp import QmpSession
+from migrate.vmspec import VMSpec
+
+MIB = 1 << 20
+DISK = "disk0"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _require() -> None:
+    missing = [
+        t
+        for t in ("qemu-system-x86_64", "qemu-storage-daemon", "qemu-img")
+        if shutil.which(t) is None
+    ]
+    if missing:
+        pytest.fail(f"replication prerequisites missing: {', '.join(missing)}")
+
+
+async def _hmp(sock: Path, *lines: str) -> None:
+    session = await QmpSession.connect(sock, "test", timeout=10.0)
+    try:
+        for line in lines:
+            out = await session.execute("human-monitor-command", {"command-line": line})
+            assert "error" not in str(out).lower(), out
+    finally:
+        await session.close()
+
+
+async def _write(sock: Path, pattern: int, offset_mib: int, length_mib: int) -> None:
+    qdev = f"/machine/peripheral/{DISK}/virtio-backend"
+    await _hmp(
+        sock,
+        f'qemu-io -d {qdev} "write -P {pattern:#x} {offset_mib}M {length_mib}M"',
+        f'qemu-io -d {qdev} "flush"',  # the image file (qcow2 metadata too) is current
+    )
+
+
+async def _qmp(sock: Path, command: str, args: dict[str, Any] | None = None) -> Any:
+    session = await QmpSession.connect(sock, "test", timeout=10.0)
+    try:
+        return await session.execute(command, args)
+    finally:
+        await session.close()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "migrate.cli", "replicate", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+async def _run(*args: str) -> dict[str, Any]:
+    proc = await asyncio.to_thread(
+        subprocess.run, _cli(*args, "--json"), env=_env(), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def _identical(a: Path, b: Path) -> bool:
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-U", str(a), str(b)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode == 0
+
+
+def _daemons_for(directory: Path) -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if "qemu-storage-daemon" in cmdline and str(directory) in cmdline:
+            found.append(proc.pid)
+    return found
+
+
+async def test_replicate_full_incremental_and_killed_run(tmp_path: Path) -> None:
+    _require()
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "64M"], check=True)
+    replica_dir = tmp_path / "replica"
+    replica = replica_dir / f"{DISK}.qcow2"
+    spec = VMSpec(
+        name="repl",
+        memory_mib=32,
+        disks=(DiskSpec(DISK, src, 64 * MIB, cache=CacheMode.WRITEBACK),),
+    )
+    async with QemuProcess(spec, role="source", paused=True, log_dir=tmp_path) as vm:
+        await vm.release_qmp()  # QEMU serves one QMP client at a time: the CLI's turn
+        sock = vm.site.qmp_socket
+        common = ("--qmp", str(sock), "--replica-dir", str(replica_dir))
+
+        # 1. First run: the whole disk.
+        await _write(sock, 0x11, 0, 16)
+        first = await _run(*common)
+        (disk,) = first["disks"]
+        assert (disk["name"], disk["mode"], disk["generation"]) == (DISK, "full", 1)
+        assert disk["written_bytes"] == 16 * MIB  # only the data landed; zeroes stayed holes
+        assert _identical(src, replica)
+
+        # 2. After 8 MiB written: an incremental run copies those 8 MiB, no more.
+        await _write(sock, 0x22, 32, 8)
+        second = await _run(*common)
+        (disk,) = second["disks"]
+        assert (disk["mode"], disk["generation"]) == ("incremental", 2)
+        assert disk["dirty_bytes"] == 8 * MIB
+        assert disk["bytes"] == 8 * MIB, disk
+        assert disk["written_bytes"] == 8 * MIB
+        assert _identical(src, replica)
+        reference = tmp_path / "at-generation-2.qcow2"
+        subprocess.run(
+            ["qemu-img", "convert", "-U", "-O", "qcow2", str(src), str(reference)], check=True
+        )
+
+        # 3. A run SIGKILLed mid-copy (rate-limited so that there is a middle).
+        await _write(sock, 0x33, 8, 24)
+        killed = subprocess.Popen(
+            _cli(*common, "--rate-limit", "4", "--json"),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            next_image = replica_dir / f"{DISK}.next.qcow2"
+            while not (next_image.exists() and next_image.stat().st_size > 4 * MIB):
+                assert killed.poll() is None, killed.communicate()
+                assert time.monotonic() < deadline, "the run never started copying"
+                await asyncio.sleep(0.05)
+        finally:
+            killed.send_signal(signal.SIGKILL)
+            killed.communicate(timeout=10)
+        deadline = time.monotonic() + 10
+        while _daemons_for(replica_dir):  # PR_SET_PDEATHSIG takes the daemon down with it
+            assert time.monotonic() < deadline, "the storage daemon outlived its owner"
+            await asyncio.sleep(0.05)
+        assert _identical(reference, replica), "the killed run changed the last good replica"
+        state = json.loads((replica_dir / "replica.json").read_text())
+        assert state["disks"][0]["generation"] == 2
+
+        status = subprocess.run(
+            _cli("status", "--replica-dir", str(replica_dir), "--json"),
+            env=_env(), capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        (listed,) = json.loads(status.stdout)["disks"]
+        assert (listed["generation"], listed["last_bytes"]) == (2, 8 * MIB)
+        assert listed["age_s"] >= 0
+
+        # 4. The next run recovers: it copies everything the killed one was copying.
+        fourth = await _run(*common)
+        (disk,) = fourth["disks"]
+        assert (disk["mode"], disk["generation"]) == ("incremental", 3)
+        assert disk["bytes"] == 24 * MIB, disk
+        assert _identical(src, replica)
+        assert sorted(p.name for p in replica_dir.glob("*.qcow2")) == [f"{DISK}.qcow2"]
+        blocks = await _qmp(sock, "query-block")
+        bitmaps = [b["name"] for b in blocks[0]["inserted"].get("dirty-bitmaps", [])]
+        assert bitmaps == [state["disks"][0]["bitmap"].rsplit("-", 1)[0] + "-3"], bitmaps
+        nodes = await _qmp(sock, "query-named-block-nodes", {"flat": True})
+        assert not [n["node-name"] for n in nodes if n["node-name"].startswith("livemig-")]
+        assert not _daemons_for(replica_dir)
