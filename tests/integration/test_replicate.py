@@ -25,7 +25,9 @@ import pytest
 
 from lab.qemu import QemuProcess
 from migrate.disks.model import CacheMode, DiskSpec
-from migrate.qmp import QmpSession
+from migrate.disks.replica_mirror import mirror_from_replica
+from migrate.disks.storage_daemon import StorageDaemon
+from migrate.qmp import EventRecorder, QmpSession
 from migrate.vmspec import VMSpec
 
 MIB = 1 << 20
@@ -105,8 +107,12 @@ def _daemons_for(directory: Path) -> list[int]:
     return found
 
 
-async def test_replicate_full_incremental_and_killed_run(tmp_path: Path) -> None:
+def test_replicate_full_incremental_and_killed_run(tmp_path: Path) -> None:
     _require()
+    asyncio.run(_scenario(tmp_path))
+
+
+async def _scenario(tmp_path: Path) -> None:
     src = tmp_path / "src.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "64M"], check=True)
     replica_dir = tmp_path / "replica"
@@ -190,3 +196,52 @@ async def test_replicate_full_incremental_and_killed_run(tmp_path: Path) -> None
         nodes = await _qmp(sock, "query-named-block-nodes", {"flat": True})
         assert not [n["node-name"] for n in nodes if n["node-name"].startswith("livemig-")]
         assert not _daemons_for(replica_dir)
+
+        # 5. A migration's disk copy on top of the replica sends only what changed
+        #    since it, and the target image (an overlay on the replica) ends identical,
+        #    writes made while the mirror runs included.
+        await _write(sock, 0x44, 40, 8)
+        target = tmp_path / "target.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(replica), "-F", "qcow2",
+             str(target), "64M"], check=True,
+        )  # fmt: skip
+        replica_state = json.loads((replica_dir / "replica.json").read_text())["disks"][0]
+        async with StorageDaemon(tmp_path / "incoming") as daemon:
+            await daemon.export(DISK, target)
+            session = await QmpSession.connect(sock, "test", timeout=10.0)
+            try:
+                async with EventRecorder(session) as events:
+                    await session.execute(
+                        "blockdev-add",
+                        {"driver": "nbd", "node-name": "mig", "export": DISK,
+                         "server": daemon.nbd.client_arg()},
+                    )  # fmt: skip
+                    catch_up = await mirror_from_replica(
+                        session, device_node=f"drive-{DISK}", client_node="mig",
+                        job_id="mig-mirror", bitmap=replica_state["bitmap"],
+                    )  # fmt: skip
+                    assert catch_up.bytes + catch_up.final_bytes == 8 * MIB, catch_up
+                    qdev = f"/machine/peripheral/{DISK}/virtio-backend"
+                    await session.execute(
+                        "human-monitor-command",
+                        {"command-line": f'qemu-io -d {qdev} "write -P 0x55 44M 2M"'},
+                    )
+                    await session.execute("block-job-cancel", {"device": "mig-mirror"})
+                    done = await events.wait_for(
+                        "BLOCK_JOB_COMPLETED", lambda e: e.data.get("device") == "mig-mirror", 30
+                    )
+                    assert done is not None and not done.data.get("error"), done
+                    await session.execute("blockdev-del", {"node-name": "mig"})
+                    await session.execute(
+                        "human-monitor-command", {"command-line": f'qemu-io -d {qdev} "flush"'}
+                    )
+            finally:
+                await session.close()
+            await daemon.unexport(DISK)
+        assert _identical(src, target)
+        # The replica itself and its bitmap are untouched: still generation 3.
+        blocks = await _qmp(sock, "query-block")
+        assert [b["name"] for b in blocks[0]["inserted"]["dirty-bitmaps"]] == [
+            replica_state["bitmap"]
+        ]
