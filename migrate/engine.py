@@ -287,7 +287,7 @@ async def _predict(
         ram_path = await ram_backing_file(source)
         predicted = await plan_migration(source, request.policy, bandwidth, ram_path)
         if request.with_local_disks:
-            disks = MigrationDisks(request, source, target, events.notice)
+            disks = MigrationDisks(request, source, target, events)
             predicted = with_disk_copy(predicted, await disks.copy_bytes())
     except QemuError as exc:
         events.notice(f"no forecast: {exc}")

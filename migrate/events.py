@@ -72,6 +72,28 @@ class Planned:
 
 
 @dataclass(frozen=True)
+class DiskCopy:
+    """One disk's copy: bytes copied so far (re-copies of dirtied blocks included),
+    the job's current total, and whether it is READY (the first full copy done)."""
+
+    name: str
+    copied_bytes: int
+    total_bytes: int
+    ready: bool
+
+
+@dataclass(frozen=True)
+class DiskProgress:
+    """Where the disk copies stand (``--with-local-disks``); ``elapsed_ms`` since the start."""
+
+    time: float
+    elapsed_ms: float
+    disks: tuple[DiskCopy, ...]
+    seq: int = 0
+    migration_id: str = ""
+
+
+@dataclass(frozen=True)
 class Finished:
     """The last event of a migration, whatever its outcome (also on cancellation)."""
 
@@ -80,13 +102,14 @@ class Finished:
     migration_id: str = ""
 
 
-MigrationEvent = Planned | PhaseChanged | Progress | DecisionMade | Notice | Finished
+MigrationEvent = Planned | PhaseChanged | Progress | DiskProgress | DecisionMade | Notice | Finished
 
 #: The ``event`` field of each kind's JSON record.
 EVENT_KINDS: dict[type, str] = {
     Planned: "planned",
     PhaseChanged: "phase",
     Progress: "progress",
+    DiskProgress: "disk-progress",
     DecisionMade: "decision",
     Notice: "notice",
     Finished: "finished",

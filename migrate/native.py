@@ -170,6 +170,12 @@ class _NativeRun(StrategyRun):
             if sample.status == "postcopy-paused":
                 await self._recover_postcopy()
                 continue
+            if sample.status == "pre-switchover":
+                # Only disks ask for this pause: complete their mirrors while the
+                # source is stopped and still owns its images, then go on.
+                await self.disks.finish_at_switchover()
+                await self.source.execute("migrate-continue", {"state": "pre-switchover"})
+                continue
             if sample.status in ("setup", "active") and watch.stalled(sample.ram_transferred_bytes):
                 raise MigrationError(
                     f"no progress for {watch.limit_s:g} s at {sample.ram_transferred_bytes} "

@@ -29,6 +29,7 @@ from migrate.events import (
     EVENT_KINDS,
     EVENT_SCHEMA_VERSION,
     DecisionMade,
+    DiskProgress,
     Finished,
     MigrationEvent,
     Notice,
@@ -60,6 +61,9 @@ class ProgressView:
     throttle_pct: int
     elapsed_ms: float
     status: str
+    disk_copied_bytes: int = 0
+    disk_total_bytes: int = 0
+    disks_ready: bool = False
 
 
 class ProgressState:
@@ -81,6 +85,9 @@ class ProgressState:
         self.elapsed_ms = 0.0
         self.status = "setup"
         self.finished = False
+        self.disk_copied = 0
+        self.disk_total = 0
+        self.disks_ready = False
 
     def update(self, event: MigrationEvent) -> ProgressView:
         """Take one event; return the view after it."""
@@ -96,6 +103,11 @@ class ProgressState:
                 self.downtime_limit_ms = float(limit)
         elif isinstance(event, ProgressEvent):
             self._sample(event)
+        elif isinstance(event, DiskProgress):
+            self.disk_copied = sum(d.copied_bytes for d in event.disks)
+            self.disk_total = sum(d.total_bytes for d in event.disks)
+            self.disks_ready = all(d.ready for d in event.disks)
+            self.elapsed_ms = max(self.elapsed_ms, event.elapsed_ms)
         elif isinstance(event, Finished):
             self.finished = True
             self.status = event.report.status.value
@@ -158,6 +170,9 @@ class ProgressState:
             throttle_pct=self.throttle_pct,
             elapsed_ms=self.elapsed_ms,
             status=self.status,
+            disk_copied_bytes=self.disk_copied,
+            disk_total_bytes=self.disk_total,
+            disks_ready=self.disks_ready,
         )
 
 
@@ -176,9 +191,16 @@ def describe(view: ProgressView) -> str:
     """One line of figures beside the bar."""
     limit = "-" if view.downtime_limit_ms is None else f"{view.downtime_limit_ms:.0f} ms"
     throttle = f" | throttle {view.throttle_pct}%" if view.throttle_pct else ""
+    disk = ""
+    if view.disk_total_bytes:
+        state = "ready" if view.disks_ready else "copying"
+        disk = (
+            f"disk {view.disk_copied_bytes / MIB:.0f}/{view.disk_total_bytes / MIB:.0f} MiB "
+            f"{state} | "
+        )
     # Most telling first: a narrow terminal cuts the end.
     return (
-        f"left {view.remaining_bytes / MIB:.1f} MiB | {_rate(view.rate_bytes_per_s)} | "
+        disk + f"left {view.remaining_bytes / MIB:.1f} MiB | {_rate(view.rate_bytes_per_s)} | "
         f"ETA {_eta(view.eta_ms)} | round {view.round} | "
         f"dirty {_rate(view.dirty_rate_bytes_per_s)} | limit {limit}{throttle}"
     )
@@ -263,6 +285,11 @@ def event_record(event: MigrationEvent, view: ProgressView | None = None) -> dic
         record["decision"] = to_dict(event.decision)
     elif isinstance(event, Notice):
         record["message"] = event.message
+    elif isinstance(event, DiskProgress):
+        record["elapsed_ms"] = event.elapsed_ms
+        record["disks"] = [to_dict(d) for d in event.disks]
+        if view is not None:
+            record["view"] = to_dict(view)
     else:
         record["report"] = event.report.to_dict()
     return record

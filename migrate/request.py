@@ -231,15 +231,6 @@ class MigrationRequest:
             raise ConfigError(
                 f"unknown disk copy mode {self.disk_copy_mode!r} (write-blocking, background)"
             )
-        if self.disk_copy_mode == "background":
-            # QEMU 7.2 checked: a background mirror still copies after the source's
-            # images are inactivated at switchover and QEMU aborts (block/io.c
-            # "!(bs->open_flags & BDRV_O_INACTIVE)"). Completing the jobs in a
-            # pause-before-switchover window would allow it; not built yet.
-            raise ConfigError(
-                "disk copy mode 'background' is not supported: QEMU 7.2 aborts when a "
-                "background mirror writes after switchover; use write-blocking"
-            )
         if self.nbd_port is not None:
             validate.whole(self.nbd_port, "nbd_port", minimum=1, maximum=65535)
         validate.number(self.disk_ready_timeout_s, "disk_ready_timeout_s", above=0, maximum=86400)

@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from migrate.events import EVENT_SCHEMA_VERSION
+from migrate.events import EVENT_SCHEMA_VERSION, DiskCopy
 from migrate.phase import Phase
 from migrate.progress import ProgressView
 from migrate.report import (
@@ -143,6 +143,14 @@ def events_schema() -> dict[str, Any]:
         "progress": (
             {"sample": builder.of(Sample), "view": builder.of(ProgressView)},
             ["sample"],
+        ),
+        "disk-progress": (
+            {
+                "elapsed_ms": {"type": "number"},
+                "disks": {"type": "array", "items": builder.of(DiskCopy)},
+                "view": builder.of(ProgressView),
+            },
+            ["elapsed_ms", "disks"],
         ),
         "decision": ({"decision": builder.of(Decision)}, ["decision"]),
         "notice": ({"message": {"type": "string"}}, ["message"]),

@@ -197,7 +197,7 @@ class StrategyRun:
         self.setup_ms: float | None = None
         self.settings: MigrationSettings | None = None  # the source's, before we changed them
         self.unknown: str | None = None  # why neither copy could be resumed
-        self.disks = MigrationDisks(request, source, target, events.notice)
+        self.disks = MigrationDisks(request, source, target, events, self.t0)
 
     async def execute(self) -> MigrationReport:
         """Run :meth:`_migrate`; the report, or :class:`MigrationError` carrying it."""
@@ -329,6 +329,7 @@ class StrategyRun:
             await self.comparison.ready()
         self.setup_ms = (time.monotonic() - began) * 1e3
         self.started_at, self.t0 = time.time(), time.monotonic()
+        self.disks.t0 = self.t0
 
     async def _apply(self, decision: Decision, src_log: EventRecorder) -> None:
         """Abort, or have the strategy carry a decision out; either way record its outcome.

@@ -11,11 +11,13 @@ One :class:`NbdMirror` per migration, in this order (QEMU 7.2, checked in the la
                 completes, so a busy disk converges)
     wait_ready()  every job READY (the first full copy done), with a deadline
     ...         RAM migration; the source stops, RAM and device state complete
-    complete()  block-job-cancel on each READY job, which for a mirror finishes
+    finish_jobs()  once the source is stopped, in QEMU's pre-switchover pause:
+                block-job-cancel on each READY job, which for a mirror finishes
                 consistently (BLOCK_JOB_COMPLETED, not CANCELLED); blockdev-del
-                of the client node (its close flushes the target); then on the
-                target block-export-del (refused "in use" until the client has
-                gone: retried) and nbd-server-stop
+                of the client node (its close flushes the target)
+    complete()  finish_jobs() if not done yet; then on the target
+                block-export-del (refused "in use" until the client has gone:
+                retried) and nbd-server-stop
     abort()     any time before the target resumes: force-cancel the jobs,
                 blockdev-del, drop the exports and the server; best effort, every
                 step with a deadline, notes of what failed
@@ -221,19 +223,34 @@ class NbdMirror:
                 job.bytes, job.length = int(info.get("offset", 0)), int(info.get("len", 0))
 
     async def complete(self, timeout: float = FINISH_TIMEOUT_S) -> None:
-        """Finish every READY mirror consistently, then tear the NBD path down.
+        """Finish every READY mirror consistently (:meth:`finish_jobs`, if not done
+        yet), then tear the NBD path down on both sides.
 
-        Call once the source is stopped and the RAM migration completed. Raises
-        :class:`MigrationError` if a job does not end as completed in time.
+        Raises :class:`MigrationError` if a job does not end as completed in time.
         """
         deadline = time.monotonic() + timeout
+        await self.finish_jobs(timeout)
+        await self._teardown(deadline, strict=True)
+
+    async def finish_jobs(self, timeout: float = FINISH_TIMEOUT_S) -> None:
+        """``block-job-cancel`` every READY mirror and wait for BLOCK_JOB_COMPLETED;
+        then drop the source's NBD client nodes (their close flushes the target).
+
+        Call once the source is stopped (no guest writes): in QEMU's
+        ``pre-switchover`` pause, before the source's images are inactivated (a
+        background mirror writing after that makes QEMU 7.2 abort). Idempotent.
+        """
+        deadline = time.monotonic() + timeout
+        if all(j.finished for j in self.jobs):
+            return
         await self.sample()
         with self.source.listener(
             ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
         ) as events:
             for job in self.jobs:
-                await self.source.execute("block-job-cancel", {"device": job.job_id})
-            pending = {j.job_id: j for j in self.jobs}
+                if not job.finished:
+                    await self.source.execute("block-job-cancel", {"device": job.job_id})
+            pending = {j.job_id: j for j in self.jobs if not j.finished}
             while pending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -260,7 +277,13 @@ class NbdMirror:
                 job.bytes = int(data.get("offset", job.bytes))
                 job.finished = True
                 del pending[job.job_id]
-        await self._teardown(deadline, strict=True)
+        for job in self.jobs:
+            if job.client_added:
+                try:
+                    await self.source.execute("blockdev-del", {"node-name": job.client_node})
+                except QemuError as exc:
+                    raise MigrationError(f"blockdev-del {job.client_node}: {exc}") from exc
+                job.client_added = False
 
     async def abort(self, timeout: float = FINISH_TIMEOUT_S) -> list[str]:
         """Stop every mirror and drop the NBD path; never raises. Notes of what was done."""

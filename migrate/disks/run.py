@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
 from migrate.disks.classify import Classification, block_disks, classify
 from migrate.disks.images import remove_image
 from migrate.disks.integrity import DiskComparison, compare_images
 from migrate.disks.mirror import CopyMode, NbdAddress, NbdMirror
 from migrate.disks.model import DiskMode
+from migrate.events import DiskCopy, DiskProgress, EventBus
 from migrate.integrity import IntegrityResult
 from migrate.qmp import QmpSession
 from migrate.report import DiskReport, Integrity
 from migrate.request import MigrationRequest
 
-#: How often (s) mirror progress goes out as a notice while the first copy runs.
-PROGRESS_EVERY_S = 2.0
+#: How often (s) mirror progress goes out (:class:`~migrate.events.DiskProgress`)
+#: while the first copy runs.
+PROGRESS_EVERY_S = 0.5
 
 
 class MigrationDisks:
@@ -44,12 +45,15 @@ class MigrationDisks:
         request: MigrationRequest,
         source: QmpSession,
         target: QmpSession,
-        notice: Callable[[str], None],
+        events: EventBus,
+        t0: float | None = None,
     ) -> None:
         self.request = request
         self.source = source
         self.target = target
-        self.notice = notice
+        self.events = events
+        self.notice = events.notice
+        self.t0 = time.monotonic() if t0 is None else t0
         self.classification = Classification((), ())
         self.mirror: NbdMirror | None = None
         self.comparisons: dict[str, DiskComparison] = {}
@@ -78,6 +82,12 @@ class MigrationDisks:
             on_progress=self._progress,
         )
         await self.mirror.export()
+        # The mirrors are completed in QEMU's pre-switchover pause (the strategy
+        # calls finish_at_switchover, then migrate-continue).
+        await self.source.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "pause-before-switchover", "state": True}]},
+        )
 
     async def copy_bytes(self) -> int:
         """About the bytes the first full copy moves: each local disk's image file's
@@ -110,13 +120,24 @@ class MigrationDisks:
 
     def _progress(self, state: dict[str, tuple[int, int]]) -> None:
         now = time.monotonic()
-        if now - self._last_progress < PROGRESS_EVERY_S:
+        ready = self.mirror is not None and all(j.ready_at is not None for j in self.mirror.jobs)
+        if now - self._last_progress < PROGRESS_EVERY_S and not ready:
             return
         self._last_progress = now
-        parts = [f"{n} {done >> 20}/{total >> 20} MiB" for n, (done, total) in state.items()]
-        self.notice("disk copy: " + ", ".join(parts))
+        jobs = {j.placement.name: j for j in self.mirror.jobs} if self.mirror else {}
+        copies = tuple(
+            DiskCopy(name, done, total, jobs[name].ready_at is not None if name in jobs else False)
+            for name, (done, total) in state.items()
+        )
+        self.events.emit(DiskProgress(time.time(), (now - self.t0) * 1e3, copies))
 
     # -- DiskFinisher ---------------------------------------------------------------
+
+    async def finish_at_switchover(self) -> None:
+        """In the source's pre-switchover pause: complete the mirrors before the
+        source hands its images over (:meth:`NbdMirror.finish_jobs`)."""
+        if self.mirror is not None:
+            await self.mirror.finish_jobs()
 
     async def complete(self) -> None:
         if self.mirror is not None:

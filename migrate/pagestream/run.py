@@ -260,6 +260,7 @@ class PagestreamRun(StrategyRun):
                 # Not earlier: the source digest would compete with the final scan.
                 self.comparison.source_stopped()
             # Every page is in target RAM: QEMU may load device state (virtio reads rings).
+            await self.disks.finish_at_switchover()
             self.marks["continue"] = time.time()
             await source.execute("migrate-continue", {"state": "pre-switchover"})
             final = await final_task

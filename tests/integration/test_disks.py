@@ -15,10 +15,11 @@ import pytest
 from lab.demo import DemoConfig, LabPair, Workload, run_demo, run_in_lab
 from migrate.api import Migration
 from migrate.disks.classify import block_disks
+from migrate.disks.images import extent_map
 from migrate.errors import PreflightError
 from migrate.events import EventBus
 from migrate.report import Integrity, MigrationReport, Status
-from migrate.strategy import HostEndpoint, MigrationRequest
+from migrate.strategy import HostEndpoint, MigrationHooks, MigrationRequest
 from tests.jsonschemas import validate_report
 
 
@@ -118,3 +119,54 @@ def test_abort_mid_mirror_leaves_vm_and_disk_on_source(tmp_path: Path) -> None:
     (disk,) = report.disks
     assert disk.mode == "mirrored" and disk.integrity is Integrity.UNCHECKED
     assert "removed" in disk.detail
+
+
+def test_disk_that_differs_keeps_the_vm_on_the_source(tmp_path: Path) -> None:
+    """A byte of the target's copy changed after the mirror completed, before resume:
+    the comparison catches it, the VM stays on the source, the target copy goes."""
+    seen: dict[str, object] = {}
+
+    async def migrate(pair: LabPair) -> MigrationReport:
+        assert pair.disk_images is not None
+        source_image, target_image = pair.disk_images
+
+        async def corrupt() -> None:
+            extents = [e for e in await extent_map(target_image) if e.data and not e.zero]
+            assert extents and extents[0].offset is not None
+            with target_image.open("r+b") as image:
+                image.seek(extents[0].offset + 4096 * 3 + 100)
+                old = image.read(1)
+                image.seek(-1, 1)
+                image.write(bytes([old[0] ^ 0xFF]))
+            seen["corrupted"] = True
+
+        request = MigrationRequest(
+            source=HostEndpoint("host-a", pair.source.site.qmp_socket),
+            target=HostEndpoint("host-b", pair.target.site.qmp_socket, pair.migration_uri),
+            vm=pair.spec.name,
+            with_local_disks=True,
+            hooks=MigrationHooks(before_target_resume=corrupt),
+        )
+        migration = Migration(request, source=pair.source.qmp, target=pair.target.qmp,
+                              events=EventBus())  # fmt: skip
+        report = await migration.run()
+        mark = len(pair.source.console.lines)
+        assert await pair.source.qmp.status() == "running"
+        line = await pair.source.console.wait_for(r"^DISKCHECK pass=", 30, since=mark)
+        seen["source_check"] = line.text
+        seen["target_image"] = target_image.exists()
+        seen["source_image"] = subprocess.run(
+            ["qemu-img", "check", "-U", str(source_image)], capture_output=True, text=True
+        ).returncode
+        return report
+
+    result = asyncio.run(run_in_lab(_config(tmp_path, workload=Workload("disk:4")), migrate))
+    report = result.report
+    assert seen.get("corrupted") is True
+    assert report.status is Status.ABORTED, report.error
+    assert "disk integrity check failed" in str(report.error)
+    (disk,) = report.disks
+    assert disk.integrity is Integrity.FAILED and "differs at guest offset" in disk.detail
+    assert seen["target_image"] is False
+    assert seen["source_image"] == 0
+    assert " bad=0 " in str(seen["source_check"]), seen["source_check"]
