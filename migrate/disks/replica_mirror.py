@@ -29,12 +29,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from migrate.disks.model import DiskPlacement
 from migrate.disks.replica_store import DiskReplica, ReplicaStore
-from migrate.disks.replicate import ReplicationError, SourceDisk, cancel_copy_job, wait_copy_job
-from migrate.errors import QemuError
+from migrate.disks.replicate import (
+    ReplicationError,
+    SourceDisk,
+    cancel_copy_job,
+    source_disks,
+    wait_copy_job,
+)
+from migrate.errors import ConfigError, QemuError
 from migrate.qmp import EventRecorder, QmpSession
 
 #: Pause the guest to start the mirror once a round leaves at most this much (bytes).
@@ -176,3 +185,58 @@ async def mirror_from_replica(
             for name in list(made):
                 await drop(name)
     return CatchUp(rounds, copied, final, pause_s, time.monotonic() - began)
+
+
+@dataclass(frozen=True)
+class ReplicaUse:
+    """A disk a migration copies from its replica: the replica generation's source
+    bitmap, the bytes it marks (what the catch-up will send), the replica image."""
+
+    bitmap: str
+    dirty_bytes: int
+    generation: int
+    image: str
+
+
+async def detect_replicas(
+    source: QmpSession, target: QmpSession, placements: Sequence[DiskPlacement]
+) -> dict[str, ReplicaUse]:
+    """The disks among ``placements`` whose target image is an overlay on a fresh
+    replica of the source's disk (see :func:`fresh_replica`), by disk name.
+
+    The target's image says where its replica is: its backing file is
+    ``NAME.qcow2`` in a replica directory (whose state file is read). Over agents
+    the target agent would answer this from its own replica directory.
+    """
+    answer = await target.execute("query-block")
+    backing: dict[str, Path] = {}
+    for entry in answer if isinstance(answer, list) else ():
+        inserted = entry.get("inserted") if isinstance(entry, dict) else None
+        image = inserted.get("image") if isinstance(inserted, dict) else None
+        if isinstance(inserted, dict) and isinstance(image, dict):
+            name = image.get("full-backing-filename") or image.get("backing-filename")
+            if isinstance(name, str) and name.startswith("/"):
+                backing[str(inserted["node-name"])] = Path(name)
+    if not backing:
+        return {}
+    disks = {d.name: d for d in await source_disks(source)}
+    found: dict[str, ReplicaUse] = {}
+    for placement in placements:
+        base = backing.get(placement.target.node_name) if placement.target else None
+        disk = disks.get(placement.name)
+        if base is None or disk is None:
+            continue
+        try:
+            store = ReplicaStore(base.parent)
+            replica = fresh_replica(store, disk)
+            same = replica is not None and store.base(replica.name).resolve() == base.resolve()
+        except (ConfigError, OSError):
+            continue  # not a replica directory we can read: a plain mirror then
+        if replica is not None and same:
+            found[placement.name] = ReplicaUse(
+                bitmap=replica.bitmap,
+                dirty_bytes=int((disk.bitmap(replica.bitmap) or {}).get("count", 0)),
+                generation=replica.generation,
+                image=str(base),
+            )
+    return found
