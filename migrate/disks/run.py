@@ -134,6 +134,14 @@ class MigrationDisks:
         self.notice(f"disks: mirroring {names} over NBD to {self.mirror.address} "
                     f"({self.mirror.copy_mode})")  # fmt: skip
         await self.mirror.start()
+        for job in self.mirror.jobs:
+            if job.replica_bitmap is not None:
+                use = self.replicas[job.placement.name]
+                self.notice(
+                    f"disk {job.placement.name}: on replica generation {use.generation}, "
+                    f"caught up {job.catch_up_bytes} bytes (guest paused "
+                    f"{job.catch_up_pause_ms:.0f} ms to start the mirror)"
+                )
         await self.mirror.wait_ready(self.request.disk_ready_timeout_s)
         for job in self.mirror.jobs:
             self.notice(
