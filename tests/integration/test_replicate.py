@@ -249,7 +249,7 @@ async def _scenario(tmp_path: Path) -> None:
 
 
 def test_migration_on_a_replica_sends_only_the_change(tmp_path: Path) -> None:
-    """A guest writing its disk (``disk:4``) is replicated, keeps writing, then migrates
+    """A guest writing its disk (``disk:1``) is replicated, keeps writing, then migrates
     with ``--with-local-disks`` onto an overlay of the replica: the disk is reported
     ``replica``, far fewer bytes than the disk move, and it arrives intact."""
     _require()
@@ -275,11 +275,11 @@ async def _migrate_on_replica(tmp_path: Path) -> None:
     from migrate.report import Integrity, Status
     from migrate.strategy import HostEndpoint, MigrationRequest
 
-    config = DemoConfig(workload=Workload("disk:4"), memory_mib=128, disk_mib=64,
+    config = DemoConfig(workload=Workload("disk:1"), memory_mib=128, disk_mib=128,
                         log_dir=tmp_path, with_local_disks=True)  # fmt: skip
     guest, accel, _environment = await prepare_guest(config)
     source_image = tmp_path / "source-disk0.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source_image), "64M"],
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source_image), "128M"],
                    check=True)  # fmt: skip
     store = ReplicaStore(tmp_path / "replica")
     with Lab() as lab:
@@ -290,11 +290,10 @@ async def _migrate_on_replica(tmp_path: Path) -> None:
             await wait_workload_started(source, config.workload)
             first = await replicate_once(source.qmp, store)
             assert first.disks[0].mode == "full"
-            await asyncio.sleep(2.0)  # the guest keeps writing: ~8 MiB at 4 MiB/s
             target_image = tmp_path / "target-disk0.qcow2"
             subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(store.base(DISK_ID)),
-                 "-F", "qcow2", str(target_image), "64M"], check=True,
+                 "-F", "qcow2", str(target_image), "128M"], check=True,
             )  # fmt: skip
             target = QemuProcess(spec, role="target", netns=lab.host_b.netns,
                                  taps={"net0": lab.add_tap(lab.host_b)}, incoming=True,
@@ -310,6 +309,11 @@ async def _migrate_on_replica(tmp_path: Path) -> None:
                     with_local_disks=True,
                 )
                 mark = len(target.console.lines)
+                blocks = await source.qmp.execute("query-block")
+                (bitmap,) = [
+                    b for e in blocks for b in (e.get("inserted") or {}).get("dirty-bitmaps", [])
+                ]
+                changed = int(bitmap["count"])
                 bus = EventBus()
                 migration = Migration(request, source=source.qmp, target=target.qmp,
                                       events=bus)  # fmt: skip
@@ -319,14 +323,19 @@ async def _migrate_on_replica(tmp_path: Path) -> None:
                 (disk,) = report.disks
                 assert disk.mode is DiskMode.REPLICA, disk
                 assert disk.integrity is Integrity.OK, disk.detail
+                check = await guest_check(target, config.workload, mark)
+                assert check.startswith("ok"), check
                 caught_up = [
                     int(m.group(1))
                     for e in bus.history
                     if (m := re.search(r"caught up (\d+) bytes", str(getattr(e, "message", ""))))
                 ]
-                # What changed since the replica (~2 s at 4 MiB/s), not the 64 MiB disk;
-                # the mirror then carries the writes made during the migration.
-                assert len(caught_up) == 1 and 0 < caught_up[0] <= 24 * MIB, caught_up
+                # At least what the replica's bitmap held when the move began, less than
+                # the disk (the guest's scattered 4 KiB writes dirty whole 64 KiB
+                # clusters: ~16 MiB/s of them at 1 MiB/s); the mirror then carries the
+                # writes made during the move.
+                assert len(caught_up) == 1 and changed <= caught_up[0] < 96 * MIB, (
+                    caught_up,
+                    changed,
+                )
                 assert disk.bytes >= caught_up[0]
-                check = await guest_check(target, config.workload, mark)
-                assert check.startswith("ok"), check
