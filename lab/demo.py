@@ -416,19 +416,21 @@ async def plan_on_lab(
         check_output_dir(config.log_dir, "log directory")
     guest, accel, environment = await prepare_guest(config)
     with Lab(bandwidth_mbit=config.bandwidth_mbit) as lab:
-        spec = guest_spec(config, guest, accel, lab.next_guest_address())
-        tap = lab.add_tap(lab.host_a)
-        vm = QemuProcess(
-            spec, role="source", netns=lab.host_a.netns, taps={"net0": tap},
-            log_dir=config.log_dir,
-        )  # fmt: skip
-        async with vm:
-            await wait_workload_started(vm, config.workload)
-            await asyncio.sleep(config.warmup_s)
-            bandwidth = BandwidthHint.for_policy(config.policy, config.bandwidth_mbit)
-            predicted = await plan_migration(
-                vm.qmp, config.policy, bandwidth, vm.ram_path, calc_time_s
-            )
+        async with disk_site(config) as disks:
+            address = lab.next_guest_address()
+            spec = guest_spec(config, guest, accel, address, disks[0] if disks else None)
+            tap = lab.add_tap(lab.host_a)
+            vm = QemuProcess(
+                spec, role="source", netns=lab.host_a.netns, taps={"net0": tap},
+                log_dir=config.log_dir,
+            )  # fmt: skip
+            async with vm:
+                await wait_workload_started(vm, config.workload)
+                await asyncio.sleep(config.warmup_s)
+                bandwidth = BandwidthHint.for_policy(config.policy, config.bandwidth_mbit)
+                predicted = await plan_migration(
+                    vm.qmp, config.policy, bandwidth, vm.ram_path, calc_time_s
+                )
     return predicted, environment
 
 

@@ -23,6 +23,7 @@ from lab.demo import (
     _with_probe,
     guest_check,
     guest_spec,
+    needs_disk,
     prepare_guest,
     wait_workload_started,
 )
@@ -31,6 +32,7 @@ from lab.libvirt import DomainSite, LibvirtHost, LibvirtLab, domain_xml
 from lab.net import Lab
 from lab.probe import NetworkProbe
 from lab.qemu import QemuProcess, SerialConsole
+from migrate.errors import ConfigError
 from migrate.events import EventBus
 from migrate.libvirt import LibvirtEndpoint, LibvirtMigration, LibvirtRequest
 from migrate.vmspec import VMSpec
@@ -122,6 +124,11 @@ async def run_libvirt_demo(config: DemoConfig, events: EventBus | None = None) -
     Raises :class:`~migrate.errors.LivemigError` subclasses for set-up failures and
     refusals.
     """
+    if needs_disk(config):
+        raise ConfigError(
+            "the libvirt demo gives its guest no disk yet: drop the disk workload and "
+            "--with-local-disks (or use the native or pagestream strategy)"
+        )
     events = events or EventBus()
     guest, accel, environment = await prepare_guest(config)
     with (

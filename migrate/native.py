@@ -108,6 +108,7 @@ class _NativeRun(StrategyRun):
         self.postcopy = False
         self.repair_allowed = False
         self.postcopy_recoveries = 0
+        self.continued = False  # migrate-continue sent from the pre-switchover pause
 
     async def _setup(self) -> None:
         src_files = await ram_backing_files(self.source)
@@ -170,11 +171,13 @@ class _NativeRun(StrategyRun):
             if sample.status == "postcopy-paused":
                 await self._recover_postcopy()
                 continue
-            if sample.status == "pre-switchover":
+            if sample.status == "pre-switchover" and not self.continued:
                 # Only disks ask for this pause: complete their mirrors while the
-                # source is stopped and still owns its images, then go on.
+                # source is stopped and still owns its images, then go on (once:
+                # QEMU may report the pause again right after migrate-continue).
                 await self.disks.finish_at_switchover()
                 await self.source.execute("migrate-continue", {"state": "pre-switchover"})
+                self.continued = True
                 continue
             if sample.status in ("setup", "active") and watch.stalled(sample.ram_transferred_bytes):
                 raise MigrationError(

@@ -28,6 +28,7 @@ from migrate.disks.integrity import DiskComparison, compare_images
 from migrate.disks.mirror import CopyMode, NbdAddress, NbdMirror
 from migrate.disks.model import DiskMode, DiskPlacement
 from migrate.disks.replica_mirror import ReplicaUse, detect_replicas
+from migrate.errors import ConfigError
 from migrate.events import DiskCopy, DiskProgress, EventBus
 from migrate.integrity import IntegrityResult
 from migrate.qmp import QmpSession
@@ -89,6 +90,9 @@ class MigrationDisks:
         mirrored = (await self.classify()).mirrored
         if not mirrored:
             return
+        if self.request.policy.postcopy_allowed:
+            # The target would run before its disks are complete.
+            raise ConfigError("post-copy with local disks is not supported: leave it off")
         self.mirror = NbdMirror(
             self.source,
             self.target,

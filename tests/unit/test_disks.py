@@ -3,6 +3,7 @@ workload and forecast rules (no QEMU)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from lab.demo import Workload
 from migrate.disks.classify import classify, parse_query_block
 from migrate.disks.images import Extent
 from migrate.disks.integrity import compare_mapped, data_ranges
-from migrate.disks.mirror import CopyMode, MirrorJob, NbdAddress, mirror_arguments
+from migrate.disks.mirror import CopyMode, MirrorJob, NbdAddress, NbdMirror, mirror_arguments
 from migrate.disks.model import BlockDisk, CacheMode, DiskMode, DiskPlacement, DiskSpec
 from migrate.engine import with_disk_copy
 from migrate.errors import ConfigError
@@ -258,3 +259,83 @@ def test_disk_progress_shows_in_the_view_and_the_event_stream() -> None:
     record = event_record(event, view)
     assert record["event"] == "disk-progress" and record["disks"][0]["name"] == "disk0"
     validate_event(record)
+
+
+def _scripted_pair() -> tuple[object, object, dict[str, object]]:
+    from tests.fakes.qmp import Reply, fake_pair
+
+    src, dst = fake_pair()
+    job: dict[str, object] = {"running": False, "offset": 0, "ready": False}
+
+    def jobs(_: object) -> Reply:
+        if not job["running"]:
+            return Reply([])
+        offset = int(job["offset"]) + (1 << 20)  # type: ignore[call-overload]
+        job.update(offset=min(offset, 2 << 20), ready=offset >= 2 << 20)
+        return Reply([{"device": "lmt-mirror-disk0", "offset": job["offset"], "len": 2 << 20,
+                       "ready": job["ready"], "io-status": "ok", "status": "running"}])  # fmt: skip
+
+    def mirror(_: object) -> dict[str, object]:
+        job["running"] = True
+        return {}
+
+    def cancel(args: dict[str, object]) -> dict[str, object]:
+        job["running"] = False
+        if not args.get("force"):
+            data = {"device": "lmt-mirror-disk0", "offset": 2 << 20, "len": 2 << 20}
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(src.emit("BLOCK_JOB_COMPLETED", data))
+            )
+        return {}
+
+    for command in ("blockdev-add", "blockdev-del", "migrate-set-capabilities"):
+        src.on(command, {})
+    src.on("blockdev-mirror", mirror).on("query-block-jobs", jobs).on("block-job-cancel", cancel)
+    for command in ("nbd-server-start", "block-export-add", "block-export-del", "nbd-server-stop"):
+        dst.on(command, {})
+    dst.on("query-block-exports", Reply([]))
+    return src, dst, job
+
+
+def _mirror(src: object, dst: object) -> NbdMirror:
+    placement = DiskPlacement(_disk("/a"), DiskMode.MIRRORED, "local", _disk("/b"))
+    return NbdMirror(src, dst, (placement,), NbdAddress("h", 4445), tag="lmt")  # type: ignore[arg-type]
+
+
+def test_mirror_lifecycle_in_order() -> None:
+    async def scenario() -> tuple[list[str], list[str], NbdMirror]:
+        src, dst, _ = _scripted_pair()
+        mirror = _mirror(src, dst)
+        await mirror.export()
+        await mirror.start()
+        await mirror.wait_ready(timeout=5)
+        await mirror.finish_jobs(timeout=5)
+        await mirror.complete(timeout=5)
+        return src.commands, dst.commands, mirror  # type: ignore[attr-defined]
+
+    src_cmds, dst_cmds, mirror = asyncio.run(scenario())
+    ours = [c for c in src_cmds if c not in ("query-block-jobs",)]
+    assert ours == ["blockdev-add", "blockdev-mirror", "block-job-cancel", "blockdev-del"]
+    assert dst_cmds[:2] == ["nbd-server-start", "block-export-add"]
+    assert [c for c in dst_cmds if c != "query-block-exports"][-2:] == [
+        "block-export-del", "nbd-server-stop"
+    ]  # fmt: skip
+    assert mirror.jobs[0].bytes == 2 << 20 and mirror.jobs[0].finished
+
+
+def test_mirror_abort_before_ready_cancels_and_tears_down() -> None:
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        src, dst, _ = _scripted_pair()
+        mirror = _mirror(src, dst)
+        await mirror.export()
+        await mirror.start()
+        notes = await mirror.abort(timeout=5)
+        return src.commands, dst.commands, notes  # type: ignore[attr-defined]
+
+    src_cmds, dst_cmds, notes = asyncio.run(scenario())
+    assert [c for c in src_cmds if c != "query-block-jobs"][-2:] == [
+        "block-job-cancel",
+        "blockdev-del",
+    ]
+    assert "nbd-server-stop" in dst_cmds and "block-export-del" in dst_cmds
+    assert any("cancelled 1 disk mirror" in n for n in notes)
