@@ -169,7 +169,7 @@ class _NativeRun(StrategyRun):
         Raises :class:`MigrationError` when nothing moves for the request's
         ``stall_timeout_s`` (the link is down or QEMU stuck): the caller rolls back.
         """
-        seen = 0
+        seen = self.transfer_events_from
         watch = ProgressWatch(self.request.stall_timeout_s)
         while True:
             info = await self.source.execute("query-migrate")
@@ -228,7 +228,7 @@ class _NativeRun(StrategyRun):
         ``cont``, so the VM can still go back to the source).
         """
         deadline = time.monotonic() + timeout
-        await src_log.wait_for("STOP", timeout=timeout)
+        await src_log.wait_for("STOP", timeout=timeout, since=self.transfer_events_from)
         if self.comparison is not None:
             self.comparison.source_stopped()
         while (status := await self.target.status()) == "inmigrate":

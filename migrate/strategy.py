@@ -201,6 +201,8 @@ class StrategyRun:
         self.unknown: str | None = None  # why neither copy could be resumed
         self.tls_used = False  # creds objects were added (request.tls)
         self.disks = MigrationDisks(request, source, target, events, self.t0)
+        #: Index of the first source event after the disk copy (see ``_migrate``).
+        self.transfer_events_from = 0
 
     async def execute(self) -> MigrationReport:
         """Run :meth:`_migrate`; the report, or :class:`MigrationError` carrying it."""
@@ -301,6 +303,10 @@ class StrategyRun:
         await self._set_up(src_log)
         self.phase.advance(Phase.PRECOPY)
         await self.disks.copy()  # RAM moves once every disk mirror is READY
+        # A copy on top of a replica pauses the guest a moment to start its mirror:
+        # that STOP/RESUME is not the switchover's, so the source's events are read
+        # from here on.
+        self.transfer_events_from = len(src_log.events)
         await self._transfer(src_log)
         if self.phase.phase is not Phase.POSTCOPY:
             # After a post-copy switch the VM already runs on the target: no switchover.
@@ -412,7 +418,7 @@ class StrategyRun:
 
     def _timeline(self, src_log: EventRecorder) -> Timeline:
         """The switchover as QEMU's events and our own marks saw it."""
-        stop = src_log.find("STOP")
+        stop = src_log.find("STOP", since=self.transfer_events_from)
         src_done = src_log.find("MIGRATION", migration_status_is("completed"))
         sw = self.switchover
         at = self.started_at

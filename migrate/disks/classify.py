@@ -93,7 +93,9 @@ class Classification:
 
     @property
     def mirrored(self) -> tuple[DiskPlacement, ...]:
-        return tuple(p for p in self.placements if p.mode is DiskMode.MIRRORED)
+        """The disks a migration copies (``mirrored``, and ``replica``: mirrored on top
+        of a replica)."""
+        return tuple(p for p in self.placements if p.mode.copies)
 
 
 def classify(

@@ -118,6 +118,18 @@ async def image_info(path: Path) -> ImageInfo:
         raise DiskImageError(f"qemu-img info {path}: unexpected answer") from exc
 
 
+async def backing_chain(path: Path) -> list[Path]:
+    """``path`` and its backing files, top first (index = ``qemu-img map`` depth).
+    Raises :class:`DiskImageError`."""
+    data = json.loads(await _qemu_img("info", "-U", "--backing-chain", "--output=json", str(path)))
+    if not isinstance(data, list) or not data:
+        raise DiskImageError(f"qemu-img info --backing-chain {path}: unexpected answer")
+    try:
+        return [Path(str(item["filename"])) for item in data]
+    except (KeyError, TypeError) as exc:
+        raise DiskImageError(f"qemu-img info --backing-chain {path}: unexpected answer") from exc
+
+
 async def create_image(path: Path, fmt: str, virtual_size: int) -> None:
     """A new empty image (refuses to overwrite). Raises :class:`DiskImageError`."""
     if path.exists():

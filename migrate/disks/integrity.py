@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrate.disks.images import DiskImageError, Extent, extent_map, image_info
+from migrate.disks.images import DiskImageError, Extent, backing_chain, extent_map, image_info
 from migrate.report import Integrity
 
 CHUNK_BYTES = 4 << 20
@@ -34,15 +34,26 @@ class DiskComparison:
 
 
 class _Reader:
-    """Reads guest ranges of one image file through its extent map (depth 0 only)."""
+    """Reads guest ranges of one image through its extent map: data at depth ``d``
+    lies in ``chain[d]`` (the image, then its backing files: a target image that is
+    an overlay on a replica reads most of its data from the replica)."""
 
-    def __init__(self, path: Path, extents: list[Extent]) -> None:
+    def __init__(self, path: Path, extents: list[Extent], chain: list[Path] | None = None) -> None:
         self.path = path
         self.extents = extents
-        self.fd = os.open(path, os.O_RDONLY)
+        self.chain = chain or [path]
+        self.fds: dict[int, int] = {0: os.open(self.chain[0], os.O_RDONLY)}
 
     def close(self) -> None:
-        os.close(self.fd)
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def _fd(self, depth: int) -> int:
+        if depth not in self.fds:
+            if depth >= len(self.chain):
+                raise DiskImageError(f"{self.path}: data at depth {depth} beyond its chain")
+            self.fds[depth] = os.open(self.chain[depth], os.O_RDONLY)
+        return self.fds[depth]
 
     def read(self, start: int, length: int) -> bytes:
         out = bytearray(length)
@@ -50,13 +61,13 @@ class _Reader:
         for ext in self.extents:
             if ext.end <= start or ext.start >= end or not ext.data or ext.zero:
                 continue
-            if ext.depth != 0 or ext.offset is None:
+            if ext.offset is None:
                 raise DiskImageError(
-                    f"{self.path}: data at guest offset {ext.start} lies in a backing file "
-                    "or is compressed; cannot compare it by extent"
+                    f"{self.path}: data at guest offset {ext.start} is compressed; "
+                    "cannot compare it by extent"
                 )
             lo, hi = max(start, ext.start), min(end, ext.end)
-            chunk = os.pread(self.fd, hi - lo, ext.offset + (lo - ext.start))
+            chunk = os.pread(self._fd(ext.depth), hi - lo, ext.offset + (lo - ext.start))
             out[lo - start : lo - start + len(chunk)] = chunk
         return bytes(out)
 
@@ -80,10 +91,13 @@ def compare_mapped(
     target: Path,
     target_map: list[Extent],
     chunk_bytes: int = CHUNK_BYTES,
+    source_chain: list[Path] | None = None,
+    target_chain: list[Path] | None = None,
 ) -> DiskComparison:
     """Compare two mapped images by their data (blocking: run it in a thread)."""
     ranges = data_ranges(source_map, target_map)
-    src, dst = _Reader(source, source_map), _Reader(target, target_map)
+    src = _Reader(source, source_map, source_chain)
+    dst = _Reader(target, target_map, target_chain)
     compared = 0
     try:
         for lo, hi in ranges:
@@ -128,6 +142,11 @@ async def compare_images(name: str, source: Path, target: Path) -> DiskCompariso
                 f"target {dst_info.virtual_size}",
             )
         src_map, dst_map = await extent_map(source), await extent_map(target)
-        return await asyncio.to_thread(compare_mapped, name, source, src_map, target, dst_map)
+        src_chain = await backing_chain(source) if src_info.backing else None
+        dst_chain = await backing_chain(target) if dst_info.backing else None
+        return await asyncio.to_thread(
+            compare_mapped, name, source, src_map, target, dst_map, CHUNK_BYTES,
+            src_chain, dst_chain,
+        )  # fmt: skip
     except (DiskImageError, OSError, ValueError) as exc:
         return DiskComparison(name, Integrity.UNCHECKED, f"not compared: {exc}")

@@ -39,6 +39,7 @@ from enum import StrEnum
 from typing import Any
 
 from migrate.disks.model import DiskPlacement
+from migrate.disks.replica_mirror import mirror_from_replica
 from migrate.errors import MigrationError, QemuError
 from migrate.qmp import QmpSession
 
@@ -100,6 +101,10 @@ class MirrorJob:
     finished: bool = False
     bytes: int = 0
     length: int = 0
+    #: Replica mode: the replica generation's source bitmap; the catch-up's figures.
+    replica_bitmap: str | None = None
+    catch_up_bytes: int = 0
+    catch_up_pause_ms: float = 0.0
 
 
 def mirror_arguments(job: MirrorJob, copy_mode: CopyMode) -> dict[str, Any]:
@@ -176,6 +181,17 @@ class NbdMirror:
                  "server": self.address.qmp(), "export": job.export_id},
             )  # fmt: skip
             job.client_added = True
+            if job.replica_bitmap is not None:
+                # The target image is an overlay on a fresh replica: send only what
+                # changed since it, then mirror (sync=none) from there.
+                job.started = True  # an abort cancels whatever mirror may have begun
+                catch_up = await mirror_from_replica(
+                    self.source, device_node=job.placement.source.node_name,
+                    client_node=job.client_node, job_id=job.job_id, bitmap=job.replica_bitmap,
+                )  # fmt: skip
+                job.catch_up_bytes = catch_up.bytes + catch_up.final_bytes
+                job.catch_up_pause_ms = catch_up.pause_s * 1000
+                continue
             await self.source.execute("blockdev-mirror", mirror_arguments(job, self.copy_mode))
             job.started = True
 

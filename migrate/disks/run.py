@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 from migrate.disks.classify import Classification, block_disks, classify
 from migrate.disks.images import remove_image
 from migrate.disks.integrity import DiskComparison, compare_images
 from migrate.disks.mirror import CopyMode, NbdAddress, NbdMirror
-from migrate.disks.model import DiskMode
+from migrate.disks.model import DiskMode, DiskPlacement
+from migrate.disks.replica_mirror import ReplicaUse, detect_replicas
 from migrate.errors import ConfigError
 from migrate.events import DiskCopy, DiskProgress, EventBus
 from migrate.integrity import IntegrityResult
@@ -60,13 +62,28 @@ class MigrationDisks:
         self.comparisons: dict[str, DiskComparison] = {}
         self.removed: list[str] = []
         self._last_progress = 0.0
+        self.replicas: dict[str, ReplicaUse] = {}
 
     async def classify(self) -> Classification:
         src, dst = await block_disks(self.source), await block_disks(self.target)
-        self.classification = classify(
-            src, dst, self.request.with_local_disks, self.request.shared_disks
+        found = classify(src, dst, self.request.with_local_disks, self.request.shared_disks)
+        if found.mirrored:
+            self.replicas = await detect_replicas(self.source, self.target, found.mirrored)
+        self.classification = replace(
+            found, placements=tuple(self._on_replica(p) for p in found.placements)
         )
         return self.classification
+
+    def _on_replica(self, placement: DiskPlacement) -> DiskPlacement:
+        use = self.replicas.get(placement.name)
+        if use is None or not placement.mode.copies:
+            return placement
+        return replace(
+            placement,
+            mode=DiskMode.REPLICA,
+            reason=f"target image is an overlay on replica generation {use.generation} "
+            f"({use.image}); {use.dirty_bytes} bytes changed since",
+        )
 
     async def prepare(self) -> None:
         """Classify the disks; export the ones to copy from the target."""
@@ -85,6 +102,9 @@ class MigrationDisks:
             tag=f"lm{self.request.migration_id[:8]}",
             on_progress=self._progress,
         )
+        for job in self.mirror.jobs:
+            use = self.replicas.get(job.placement.name)
+            job.replica_bitmap = use.bitmap if use is not None else None
         await self.mirror.export()
         # The mirrors are completed in QEMU's pre-switchover pause (the strategy
         # calls finish_at_switchover, then migrate-continue).
@@ -100,6 +120,9 @@ class MigrationDisks:
         total = 0
         for placement in (await self.classify()).mirrored:
             disk = placement.source
+            if placement.mode is DiskMode.REPLICA:
+                total += self.replicas[placement.name].dirty_bytes
+                continue
             try:
                 allocated = os.stat(disk.path).st_blocks * 512
             except OSError:
@@ -115,6 +138,14 @@ class MigrationDisks:
         self.notice(f"disks: mirroring {names} over NBD to {self.mirror.address} "
                     f"({self.mirror.copy_mode})")  # fmt: skip
         await self.mirror.start()
+        for job in self.mirror.jobs:
+            if job.replica_bitmap is not None:
+                use = self.replicas[job.placement.name]
+                self.notice(
+                    f"disk {job.placement.name}: on replica generation {use.generation}, "
+                    f"caught up {job.catch_up_bytes} bytes (guest paused "
+                    f"{job.catch_up_pause_ms:.0f} ms to start the mirror)"
+                )
         await self.mirror.wait_ready(self.request.disk_ready_timeout_s)
         for job in self.mirror.jobs:
             self.notice(
@@ -203,7 +234,7 @@ class MigrationDisks:
                 DiskReport(
                     name=placement.name,
                     mode=placement.mode,
-                    bytes=job.bytes if job else 0,
+                    bytes=job.bytes + job.catch_up_bytes if job else 0,
                     integrity=integrity,
                     detail=detail,
                     virtual_size=placement.source.virtual_size,
