@@ -42,11 +42,19 @@ def print_json(obj: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from migrate import cli_bench, cli_cpu, cli_libvirt, cli_migrate, cli_plan, cli_recover
+    from migrate import (
+        cli_bench,
+        cli_cluster,
+        cli_cpu,
+        cli_libvirt,
+        cli_migrate,
+        cli_plan,
+        cli_recover,
+    )  # fmt: skip
 
     parser = _Parser(prog="livemig", description="Live migration of QEMU/KVM virtual machines.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (cli_migrate, cli_recover, cli_plan, cli_cpu, cli_bench):
+    for module in (cli_migrate, cli_recover, cli_plan, cli_cpu, cli_bench, cli_cluster):
         module.register(sub)
     cli_libvirt.extend(sub)  # --libvirt on migrate and demo
     return parser
