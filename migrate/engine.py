@@ -33,9 +33,10 @@ from migrate.qmp import QmpSession
 from migrate.ramfiles import ram_backing_file
 from migrate.recover import observe_held, vm_location
 from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
-from migrate.request import MigrationRequest
+from migrate.request import HostEndpoint, MigrationRequest
 from migrate.safety import snapshot_settings
 from migrate.strategy import Strategy, check_start
+from migrate.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -262,18 +263,33 @@ async def _predict(
     return predicted
 
 
+async def connect_endpoint(endpoint: HostEndpoint, role: str, timeout: float) -> QmpSession:
+    """A QMP session to ``endpoint``: its UNIX socket, or its TCP+TLS address.
+
+    Raises :class:`ConfigError` if it has neither, :class:`QemuError` if the QEMU
+    cannot be reached (or the TLS handshake fails).
+    """
+    if endpoint.qmp_tcp is not None:
+        address = endpoint.qmp_tcp
+        context = client_context(address.credentials)
+        return await QmpSession.connect_tcp(address.host, address.port, role, context, timeout)
+    if endpoint.qmp_socket is None:
+        raise ConfigError(f"the {role} endpoint needs a QMP socket path or a QMP TCP address")
+    return await QmpSession.connect(endpoint.qmp_socket, role, timeout)
+
+
 @contextlib.asynccontextmanager
 async def open_sessions(
     request: MigrationRequest, connect_timeout: float = 5.0
 ) -> AsyncIterator[tuple[QmpSession, QmpSession]]:
     """QMP sessions to the request's source and target, closed on exit."""
-    if request.source.qmp_socket is None or request.target.qmp_socket is None:
-        raise ConfigError("both endpoints need a QMP socket path")
-    if request.source.qmp_socket.resolve() == request.target.qmp_socket.resolve():
-        raise ConfigError(f"source and target are the same QEMU ({request.source.qmp_socket})")
-    source = await QmpSession.connect(request.source.qmp_socket, "source", connect_timeout)
+    src, tgt = request.source, request.target
+    a, b = src.qmp_socket, tgt.qmp_socket
+    if a is not None and b is not None and a.resolve() == b.resolve():
+        raise ConfigError(f"source and target are the same QEMU ({src.qmp_socket})")
+    source = await connect_endpoint(src, "source", connect_timeout)
     try:
-        target = await QmpSession.connect(request.target.qmp_socket, "target", connect_timeout)
+        target = await connect_endpoint(tgt, "target", connect_timeout)
         try:
             yield source, target
         finally:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +44,20 @@ class IntegrityResult:
     detail: str
     differing_pages: tuple[int, ...] = ()
     repaired_pages: int = 0
+
+
+class RamCheck(Protocol):
+    """An integrity check of target RAM against the stopped source's. What a strategy drives: prepare early, note the source's stop, compare, close."""
+
+    def prepare(self) -> None: ...
+
+    async def ready(self) -> None: ...
+
+    def source_stopped(self) -> None: ...
+
+    async def compare(self, repair: bool = False) -> IntegrityResult: ...
+
+    async def close(self) -> None: ...
 
 
 class RamComparison:

@@ -37,6 +37,7 @@ from migrate.ramfiles import (
     ram_backing_files,
     refuse_shared_file,
 )
+from migrate.remoteram import RemoteRamComparison
 from migrate.report import (
     Decision,
     Integrity,
@@ -112,15 +113,29 @@ class _NativeRun(StrategyRun):
     async def _setup(self) -> None:
         src_files = await ram_backing_files(self.source)
         tgt_files = await ram_backing_files(self.target)
-        for name, path in src_files.items():
-            if name in tgt_files:
-                refuse_shared_file(path, tgt_files[name])
-        for path in tgt_files.values():
-            check_ram_space(path)
+        remote = self.request.target_ram
+        if remote is None:
+            # Paths the target reports are only meaningful here if it runs here.
+            for name, path in src_files.items():
+                if name in tgt_files:
+                    refuse_shared_file(path, tgt_files[name])
+            for path in tgt_files.values():
+                check_ram_space(path)
         # Repair exists for one known bug (QEMU < 9.0 under TCG loses dirty pages);
         # anywhere else a differing page is a real fault, to be named, not hidden.
         self.repair_allowed = self.request.repair and await known_tcg_dirty_bug(self.source)
         if not self.request.verify or not src_files or set(src_files) != set(tgt_files):
+            return
+        if remote is not None:
+            if len(src_files) != 1:
+                self.events.notice(
+                    f"RAM not compared: a remote target's check covers one RAM backend, "
+                    f"this VM has {len(src_files)}"
+                )
+                return
+            check = RemoteRamComparison(next(iter(src_files.values())), remote)
+            check.prepare()
+            self.comparison = check
             return
         first = next(iter(src_files))
         self.ram_files = (src_files[first], tgt_files[first])

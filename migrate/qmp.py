@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -99,6 +100,50 @@ class QmpSession:
         if last is None:
             raise ConfigError(f"no QMP socket at {path}")
         raise QemuError(f"cannot open a QMP session on {path}: {last}") from last
+
+    @classmethod
+    async def connect_tcp(
+        cls,
+        host: str,
+        port: int,
+        name: str,
+        ssl_context: ssl.SSLContext,
+        timeout: float = 10.0,
+    ) -> QmpSession:
+        """Connect to a QMP server on ``host:port`` over TLS (QEMU's ``-chardev
+        socket,host=,port=,server=on,tls-creds=``), within ``timeout`` s.
+
+        The server's certificate is checked against ``ssl_context`` (and against
+        ``host`` when the context checks host names). Raises :class:`QemuError`
+        if nothing answers, the TLS handshake fails or the peer does not speak QMP.
+        """
+        address = f"{host}:{port}"
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            client = QMPClient(name)
+            try:
+                remaining = max(0.5, deadline - time.monotonic())
+                await asyncio.wait_for(client.connect((host, port), ssl=ssl_context), remaining)
+                return cls(client, address)
+            except TimeoutError:
+                await _quiet_disconnect(client)
+                raise QemuError(
+                    f"no QMP greeting from {address} within {timeout:.0f} s "
+                    "(QEMU serves one QMP client at a time: is another one connected?)"
+                ) from None
+            except ssl.SSLError as exc:
+                await _quiet_disconnect(client)
+                raise QemuError(f"TLS with the QMP server at {address} failed: {exc}") from exc
+            except (QMPError, OSError) as exc:
+                last = exc
+                await _quiet_disconnect(client)
+                if isinstance(getattr(exc, "exc", None), ssl.SSLError):
+                    raise QemuError(f"TLS with the QMP server at {address} failed: {exc}") from exc
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        raise QemuError(f"cannot open a QMP session on {address}: {last}") from last
 
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None

@@ -352,7 +352,9 @@ class MigrationReport:
     ``guest_downtime_ms`` is the longest probe reply gap (None without a probe).
     ``predicted`` is the forecast made before the start, ``measured`` the same
     quantities as they turned out. ``migration_id`` is the request's id (also on
-    every event); ``schema_version`` the version of this JSON form.
+    every event); ``transport`` the data path's: ``tls`` (mutual TLS with the
+    cluster's certificates), ``tcp`` or ``unix`` (None: not recorded, older
+    reports); ``schema_version`` the version of this JSON form.
     """
 
     status: Status
@@ -386,6 +388,7 @@ class MigrationReport:
     predicted: Predicted | None = None
     measured: Measured | None = None
     migration_id: str = ""
+    transport: str | None = None
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,13 +7,17 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrate import validate
 from migrate.errors import ConfigError
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
 from migrate.report import new_migration_id
+from migrate.tls import MigrationTls, NodeCredentials
+
+if TYPE_CHECKING:
+    from migrate.remoteram import RemoteRam
 
 #: The longest path a UNIX socket address holds (``sun_path`` is 108 bytes, NUL included).
 MAX_SOCKET_PATH_BYTES = 107
@@ -55,6 +59,13 @@ def parse_migration_uri(text: Any) -> str:
     return text
 
 
+def migration_uri_host(uri: str) -> str | None:
+    """The host of a ``tcp:HOST:PORT`` migration URI (brackets of IPv6 removed); None for unix:."""
+    match = _URI_RE.fullmatch(uri)
+    host = match.group("host") if match is not None else None
+    return host.strip("[]") if host is not None else None
+
+
 def _socket_path(value: Any, name: str) -> Path | None:
     """``value`` as a Path to a QMP socket (a str is taken), or None."""
     if value is None:
@@ -78,6 +89,39 @@ def _socket_path(value: Any, name: str) -> Path | None:
     return value
 
 
+_HOST_RE = re.compile(
+    r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]+", re.ASCII
+)
+
+
+@dataclass(frozen=True)
+class QmpTcpAddress:
+    """A QMP server reached over TCP with mutual TLS (a QEMU on another host).
+
+    The QEMU side is ``-object tls-creds-x509,id=T,dir=DIR,endpoint=server,verify-peer=on
+    -chardev socket,id=qmp,host=HOST,port=PORT,server=on,wait=off,tls-creds=T -mon
+    chardev=qmp,mode=control``. ``credentials`` are this side's (client) files; the
+    server's certificate must carry ``host`` in its SAN. Plain TCP is not offered:
+    QMP controls the whole VM.
+    """
+
+    host: str
+    port: int
+    credentials: NodeCredentials
+
+    def __post_init__(self) -> None:
+        """Raises :class:`ConfigError` for a bad host, port or credentials."""
+        if not isinstance(self.host, str) or not _HOST_RE.fullmatch(self.host):
+            raise ConfigError(f"bad QMP host {self.host!r} (a host name or an IP address)")
+        validate.whole(self.port, "QMP port", minimum=1, maximum=65535)
+        if not isinstance(self.credentials, NodeCredentials):
+            raise ConfigError(f"QMP credentials must be NodeCredentials, not {self.credentials!r}")
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tls:{host}:{self.port}"
+
+
 @dataclass(frozen=True)
 class HostEndpoint:
     """How to reach one side: its QMP socket and (target) the migration listen URI.
@@ -89,12 +133,16 @@ class HostEndpoint:
     ``netns`` is the network namespace the host's migration address lives in (the
     lab's hosts); helpers that must reach that address (pagestream's agents) run
     there. None: this machine's own namespace.
+
+    ``qmp_tcp`` reaches a QEMU on another host (QMP over TCP with mutual TLS)
+    instead of ``qmp_socket``; at most one of the two.
     """
 
     name: str
     qmp_socket: Path | None = None
     migration_uri: str | None = None
     netns: str | None = None
+    qmp_tcp: QmpTcpAddress | None = None
 
     def __post_init__(self) -> None:
         """Raises :class:`ConfigError` for a bad name, socket path, URI or namespace."""
@@ -103,6 +151,11 @@ class HostEndpoint:
         object.__setattr__(self, "qmp_socket", socket)  # a str is taken as a Path
         if self.migration_uri is not None:
             parse_migration_uri(self.migration_uri)
+        if self.qmp_tcp is not None:
+            if not isinstance(self.qmp_tcp, QmpTcpAddress):
+                raise ConfigError(f"{self.name}: qmp_tcp must be a QmpTcpAddress")
+            if self.qmp_socket is not None:
+                raise ConfigError(f"{self.name}: give a QMP socket or a QMP TCP address, not both")
         if self.netns is not None:
             where = f"{self.name}: network namespace"
             validate.text(self.netns, where, pattern=validate.PLAIN_NAME, max_length=255)
@@ -146,6 +199,12 @@ class MigrationRequest:
     migration under ``state_dir/journal`` (:mod:`migrate.journal`): ``livemig
     recover`` settles a migration whose engine crashed, and a VM with an unfinished
     journal is refused; None (the default for library use): no journal.
+    ``tls`` encrypts and authenticates the data path (native: QEMU's
+    ``tls-creds-x509`` on both QEMUs; pagestream: its page stream over TLS),
+    see :mod:`migrate.tls`; None: plain TCP (or a UNIX socket).
+    ``target_ram`` reaches the target's RAM through its owner (digests, page
+    writes) when this process cannot map the target's RAM file (another host),
+    see :mod:`migrate.remoteram`; None: the file is mapped here.
     """
 
     source: HostEndpoint
@@ -169,6 +228,8 @@ class MigrationRequest:
     qmp_timeout_s: float = 10.0
     stall_timeout_s: float = 30.0
     state_dir: Path | None = None
+    tls: MigrationTls | None = None
+    target_ram: RemoteRam | None = None
 
     def __post_init__(self) -> None:
         """Raises :class:`ConfigError` naming the first field with a bad value.
@@ -203,6 +264,19 @@ class MigrationRequest:
         validate.text(
             self.migration_id, "migration_id", pattern=validate.PLAIN_NAME, max_length=128
         )
+        if self.tls is not None and not isinstance(self.tls, MigrationTls):
+            raise ConfigError(f"tls must be a MigrationTls, not {self.tls!r}")
+        uri = self.target.migration_uri
+        if self.tls is not None and uri is not None and not uri.startswith("tcp:"):
+            raise ConfigError("a TLS migration needs a tcp:HOST:PORT migration URI")
+
+    @property
+    def transport(self) -> str:
+        """The data path's transport: ``tls``, ``tcp`` or ``unix``."""
+        if self.tls is not None:
+            return "tls"
+        uri = self.target.migration_uri or ""
+        return "unix" if uri.startswith("unix:") else "tcp"
 
     @property
     def migration_uri(self) -> str:

@@ -18,7 +18,7 @@ from migrate.control.base import ControlContext, Controller
 from migrate.control.intents import Abort
 from migrate.errors import ConfigError, MigrationAborted, MigrationError, QemuError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged
-from migrate.integrity import RamComparison, RamComparisons
+from migrate.integrity import RamCheck
 from migrate.journal import MigrationSettings
 from migrate.phase import Phase, PhaseTracker
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
@@ -36,12 +36,14 @@ from migrate.report import (
 from migrate.request import HostEndpoint as HostEndpoint
 from migrate.request import MigrationHooks as MigrationHooks
 from migrate.request import MigrationRequest as MigrationRequest
+from migrate.request import migration_uri_host
 from migrate.safety import (
     ACTIVE_STATUSES,
     Switchover,
     rollback,
     snapshot_settings,
 )
+from migrate.tls import drop_migration_tls, use_migration_tls
 
 SOURCE_START_STATUSES = frozenset({"running", "paused"})
 
@@ -191,11 +193,12 @@ class StrategyRun:
         self.t0 = time.monotonic()
         self.final_info: dict[str, Any] = {}
         self.switchover = Switchover()
-        self.comparison: RamComparison | RamComparisons | None = None
+        self.comparison: RamCheck | None = None
         self.running = start.was_running  # the VM runs on the source
         self.setup_ms: float | None = None
         self.settings: MigrationSettings | None = None  # the source's, before we changed them
         self.unknown: str | None = None  # why neither copy could be resumed
+        self.tls_used = False  # creds objects were added (request.tls)
 
     async def execute(self) -> MigrationReport:
         """Run :meth:`_migrate`; the report, or :class:`MigrationError` carrying it."""
@@ -279,6 +282,9 @@ class StrategyRun:
                 await self._stop_data_plane()
                 if self.comparison is not None:
                     await self.comparison.close()
+                if self.tls_used and self.phase.phase is not Phase.COMPLETED:
+                    # The VM stays on the source: leave it without our creds object.
+                    await asyncio.shield(drop_migration_tls(self.source))
             report = self._report(src_log, tgt_log)
         self.events.emit(Finished(report))
         return report
@@ -314,6 +320,10 @@ class StrategyRun:
         context = ControlContext(ram_bytes=self.start.ram_bytes, started_monotonic=self.t0)
         for decision in self.controller.start(context):
             await self._apply(decision, src_log)
+        if request.tls is not None:
+            self.tls_used = True
+            host = migration_uri_host(request.migration_uri) or ""
+            await use_migration_tls(source, target, request.tls, host)
         await self._setup()
         # The target listens now, outside the downtime.
         await start_incoming(target, request.migration_uri)
@@ -448,5 +458,6 @@ class StrategyRun:
             decisions=tuple(self.decisions),
             error=error,
             migration_id=self.request.migration_id,
+            transport=self.request.transport,
             **figures,
         )

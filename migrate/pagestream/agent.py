@@ -34,6 +34,7 @@ from dirtytrack.trackers import TrackerKind
 from migrate.errors import ConfigError, StreamError
 from migrate.pagestream.receiver import PageReceiver, ReceiverConfig
 from migrate.pagestream.sender import PageSender, SenderConfig, find_mapping_pid
+from migrate.tls import NodeCredentials
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -53,6 +54,15 @@ class Channel:
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         self.write({"event": name, **data})
+
+
+def _credentials(value: Any) -> NodeCredentials:
+    """``{"ca": PATH, "cert": PATH, "key": PATH}`` as :class:`NodeCredentials`."""
+    if not isinstance(value, dict) or set(value) != {"ca", "cert", "key"}:
+        raise ConfigError("tls must be an object with exactly ca, cert and key paths")
+    if not all(isinstance(v, str) and v for v in value.values()):
+        raise ConfigError("tls paths must be non-empty strings")
+    return NodeCredentials(Path(value["ca"]), Path(value["cert"]), Path(value["key"]))
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:
@@ -119,6 +129,10 @@ class SenderAgent:
             max_threads=int(args.get("max_threads", 2)),
             rate_limit_bytes_per_s=args.get("rate_limit_bytes_per_s"),
         )
+        if args.get("tls") is not None:
+            config = dataclasses.replace(
+                config, tls=_credentials(args["tls"]), tls_hostname=args.get("tls_hostname")
+            )
         if preference:
             config = dataclasses.replace(config, tracker=preference)
         if "batch_pages" in args:
@@ -183,12 +197,11 @@ class ReceiverAgent:
             host=str(args["host"]),
             port=int(args.get("port", 0)),
             session=_session(args),
-            **(
-                {"accept_timeout_s": float(args["accept_timeout_s"])}
-                if "accept_timeout_s" in args
-                else {}
-            ),
         )
+        if "accept_timeout_s" in args:
+            config = dataclasses.replace(config, accept_timeout_s=float(args["accept_timeout_s"]))
+        if args.get("tls") is not None:
+            config = dataclasses.replace(config, tls=_credentials(args["tls"]))
         self.receiver = self.receiver_type.bind(config, self.channel.event)
         self.thread = threading.Thread(target=self._serve, name="receiver", daemon=True)
         self.thread.start()

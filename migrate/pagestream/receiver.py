@@ -27,8 +27,9 @@ import numpy as np
 
 from dirtytrack.digest import RamDigest, ram_digest
 from dirtytrack.ram import PAGE_SIZE, RamMapping
-from migrate.errors import StreamError
+from migrate.errors import ConfigError, StreamError
 from migrate.pagestream.protocol import FinalDigest, FrameReader, Hello, PageBatch, RoundEnd
+from migrate.tls import NodeCredentials, server_context
 
 #: Chunks of target RAM named in a digest-mismatch report.
 MAX_CHUNKS_NAMED: Final = 8
@@ -45,6 +46,8 @@ class ReceiverConfig:
     port: int = 0
     accept_timeout_s: float = 60.0
     io_timeout_s: float = 120.0
+    #: Serve the stream over mutual TLS with these (server) credentials.
+    tls: NodeCredentials | None = None
 
 
 @dataclass
@@ -138,11 +141,23 @@ class PageReceiver:
         finally:
             # Closing at once (unread data makes it a reset) stops a sender that is
             # still pushing pages into a stream this end gave up on.
-            self._conn = None
+            served, self._conn = self._conn, None
+            if served is not None:
+                served.close()  # the TLS socket took over conn's descriptor
             conn.close()
 
     def _serve_connection(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
         conn.settimeout(self.config.io_timeout_s)
+        if self.config.tls is not None:
+            try:
+                conn = server_context(self.config.tls).wrap_socket(conn, server_side=True)
+            except (OSError, ConfigError) as exc:
+                raise StreamError(
+                    f"TLS with the sender {peer[0]} failed: {exc}",
+                    side="receiver",
+                    kind="transport",
+                ) from exc
+            self._conn = conn
         reader = FrameReader(self._recv_exactly)
         hello = reader.next()
         if not isinstance(hello, Hello):

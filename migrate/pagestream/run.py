@@ -46,12 +46,17 @@ from migrate.report import Decision, MigrationReport, Outcome, Sample
 from migrate.request import MigrationRequest
 from migrate.safety import finish_on_target
 from migrate.strategy import StartState, StrategyRun, send_to_qemu
+from migrate.tls import NodeCredentials
 
 #: xxh3 chunk digests of RAM, bytes/s on one core here (~9 ms per 256 MiB).
 DIGEST_BYTES_PER_S: Final = 25e9
 #: How long a sender error waits for the receiver to report the cause (seconds).
 _PEER_REPORT_S: Final = 2.0
 #: Commands that only make sense for QEMU's RAM stream, which pagestream replaces.
+
+
+def _tls_args(creds: NodeCredentials) -> dict[str, str]:
+    return {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)}
 
 
 class PagestreamRun(StrategyRun):
@@ -137,6 +142,7 @@ class PagestreamRun(StrategyRun):
                 "host": self.host,
                 "port": 0,
                 "session": session,
+                "tls": _tls_args(request.tls.stream_server()) if request.tls else None,
             },
             timeout=options.setup_timeout_s,
         )
@@ -149,6 +155,10 @@ class PagestreamRun(StrategyRun):
             "start_level": options.start_level,
             "rate_limit_bytes_per_s": self.rate_limit,
         }
+        tls = request.tls
+        if tls is not None:
+            args["tls"] = _tls_args(tls.stream_client())
+            args["tls_hostname"] = tls.hostname or self.host
         if options.tracker is not None:
             args["tracker"] = [kind.value for kind in options.tracker]
         if options.batch_pages is not None:

@@ -32,7 +32,7 @@ from dirtytrack.digest import ram_digest
 from dirtytrack.ram import PAGE_SIZE, RamMapping
 from dirtytrack.rate import DirtyRateEstimator
 from dirtytrack.trackers import Baseline, ProcFS, Tracker, TrackerKind, choose_tracker
-from migrate.errors import StreamError
+from migrate.errors import ConfigError, StreamError
 from migrate.pagestream.protocol import (
     EncodedBatch,
     Hello,
@@ -43,6 +43,7 @@ from migrate.pagestream.protocol import (
     encode_round_end,
 )
 from migrate.pagestream.tuning import CompressionTuner, PipelineSample, level_label
+from migrate.tls import NodeCredentials, client_context
 
 #: pagestream's tracker preference: kernel bits first (no scan), then the shadow
 #: diff, whose scan runs on several threads (numpy releases the GIL: ~21 GB/s on
@@ -74,7 +75,9 @@ class SenderConfig:
     ``memory_budget_bytes`` for its tracking memory (None: half of the host's
     available memory) and ``scan_threads`` for the shadow diff; ``qemu_pid`` lets
     soft-dirty be tried; ``rate_limit_bytes_per_s`` caps the stream (None: as
-    fast as the link and the compressor allow).
+    fast as the link and the compressor allow). ``tls`` runs the stream over
+    mutual TLS with these (client) credentials; the receiver's certificate must
+    name ``tls_hostname`` (None: ``host``).
     """
 
     ram_path: Path
@@ -91,6 +94,8 @@ class SenderConfig:
     rate_limit_bytes_per_s: float | None = None
     connect_timeout_s: float = 10.0
     io_timeout_s: float = 60.0
+    tls: NodeCredentials | None = None
+    tls_hostname: str | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +303,8 @@ class PageSender:
             raise
         sock.settimeout(config.io_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if config.tls is not None:
+            sock = _wrap_client(sock, config)
         sender = cls(config, ram, choice.tracker, choice.reason, sock)
         try:
             sender._send(encode_hello(Hello(PAGE_SIZE, ram.page_count, config.session)))
@@ -430,6 +437,21 @@ class PageSender:
         finally:
             self.tracker.close()
             self.ram.close()
+
+
+def _wrap_client(sock: socket.socket, config: SenderConfig) -> socket.socket:
+    """The TLS handshake as a client (closes ``sock`` and raises :class:`StreamError` on failure)."""
+    assert config.tls is not None
+    try:
+        context = client_context(config.tls)
+        return context.wrap_socket(sock, server_hostname=config.tls_hostname or config.host)
+    except (OSError, ConfigError) as exc:
+        sock.close()
+        raise StreamError(
+            f"TLS with the receiver at {config.host}:{config.port} failed: {exc}",
+            side="sender",
+            kind="transport",
+        ) from exc
 
 
 def find_mapping_pid(ram_path: Path, proc: Path = Path("/proc")) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from migrate.integrity import IntegrityResult, RamComparison, RamComparisons
+from migrate.integrity import IntegrityResult, RamCheck, RamComparison
 from migrate.pagestream.control import AgentProcess
 from migrate.report import Integrity
 
@@ -20,7 +20,7 @@ class StreamVerifier:
     def __init__(
         self,
         receiver: AgentProcess,
-        comparison: RamComparison | RamComparisons | None,
+        comparison: RamCheck | None,
         files: tuple[Path, Path],
         timeout_s: float,
     ) -> None:
