@@ -50,13 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         cli_migrate,
         cli_plan,
         cli_recover,
+        cli_vm,
     )  # fmt: skip
 
     parser = _Parser(prog="livemig", description="Live migration of QEMU/KVM virtual machines.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (cli_migrate, cli_recover, cli_plan, cli_cpu, cli_bench, cli_cluster):
+    for module in (cli_migrate, cli_recover, cli_plan, cli_cpu, cli_bench, cli_cluster, cli_vm):
         module.register(sub)
     cli_libvirt.extend(sub)  # --libvirt on migrate and demo
+    cli_vm.extend(sub)  # migrate VM --to NODE
     return parser
 
 
