@@ -95,6 +95,28 @@ def extend(sub: Any) -> None:
 
     mig.set_defaults(func=handler)
 
+    demo: argparse.ArgumentParser = sub.choices["demo"]
+    demo.add_argument("--cluster", action="store_true",
+                      help="make the lab's two hosts a cluster (an agent each), create the guest "
+                           "on host A through its agent and migrate it by name to host B")  # fmt: skip
+    demo.add_argument("--no-tls", action="store_true",
+                      help="with --cluster: plain TCP data path (to measure what TLS costs)")  # fmt: skip
+    other_demo = demo.get_default("func")
+
+    def demo_handler(args: argparse.Namespace) -> int:
+        if not args.cluster:
+            if args.no_tls:
+                demo.error("--no-tls goes with --cluster")
+            result: int = other_demo(args)
+            return result
+        if getattr(args, "libvirt", False):
+            demo.error("--cluster and --libvirt do not go together")
+        if args.events:
+            demo.error("--cluster prints the report (text or --json), not --events")
+        return _demo_cluster(args)
+
+    demo.set_defaults(func=demo_handler)
+
 
 def _create(args: argparse.Namespace) -> int:
     from migrate.agent.vmclient import call_local
@@ -243,3 +265,39 @@ def _migrate(args: argparse.Namespace) -> int:
             f"migration {report.get('status')}: {report.get('error') or 'no reason given'}"
         )
     return EXIT_OK if report.get("status") == "completed" else EXIT_MIGRATION
+
+
+def _demo_cluster(args: argparse.Namespace) -> int:
+    from lab.cluster_demo import run_cluster_demo
+    from migrate.cli_migrate import demo_config
+    from migrate.files import check_output_dir
+    from migrate.render import render_report
+
+    config = demo_config(args, args.strategy, predict=not args.no_predict)
+    if config.log_dir is not None:
+        check_output_dir(config.log_dir, "log directory")
+    if not args.json:
+        print(f"livemig demo --cluster: {config.workload.text} guest, {config.memory_mib} MiB, "
+              f"{config.strategy} strategy, {'plain TCP' if args.no_tls else 'TLS'} data path; "
+              "two agents, one cluster...", file=sys.stderr)  # fmt: skip
+
+    async def main() -> Any:
+        # SIGTERM unwinds like Ctrl-C: agents, QEMUs and the lab are removed on the way out.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run_cluster_demo(config, tls=not args.no_tls)
+
+    try:
+        result = asyncio.run(main())
+    except asyncio.CancelledError:
+        sys.stderr.write("livemig: terminated; the cluster lab was removed\n")
+        return 128 + signal.SIGTERM
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(render_report(result.report, result.to_dict()["environment"]))
+        c = result.cluster
+        print(f"cluster: {c['nodes']} nodes, control {c['control']}, "
+              f"migration TLS {'on' if c['migration_tls'] else 'off'}")  # fmt: skip
+    return EXIT_OK if result.report.status == "completed" else EXIT_MIGRATION

@@ -22,6 +22,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from qemu.qmp.events import ListenerError
+from qemu.qmp.message import Message
 
 from migrate.errors import ConfigError, QemuError
 
@@ -121,7 +122,7 @@ class QmpSession:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while True:
-            client = QMPClient(name)
+            client = _TlsQmpClient(name)
             try:
                 remaining = max(0.5, deadline - time.monotonic())
                 await asyncio.wait_for(client.connect((host, port), ssl=ssl_context), remaining)
@@ -248,6 +249,26 @@ def process_exited(pid: int) -> bool:
         return True
     state, flags = fields[0], int(fields[6])
     return state in (b"Z", b"X") or bool(flags & _PF_EXITING)
+
+
+class _TlsQmpClient(QMPClient):
+    """A QMP client for QEMU's TLS chardev, with a workaround for QEMU's reads.
+
+    QEMU 7.2 reads a TLS chardev only when its socket turns readable, and its
+    QMP monitor takes few bytes per read: the rest of a TLS record that gnutls
+    already decrypted waits in gnutls until more bytes reach the socket (checked
+    here: a command is answered only once something else is sent). Each message
+    is therefore followed by a whitespace-only record (QMP ignores whitespace
+    between messages), whose arrival keeps the socket readable until the
+    command's record is consumed. Upstream QEMU later made its TLS channel
+    report gnutls' pending data as readable.
+    """
+
+    def _do_send(self, msg: Message) -> None:
+        super()._do_send(msg)
+        writer = self._writer
+        if writer is not None:
+            writer.write(b"\n")  # a separate write: a separate TLS record
 
 
 def _peer_pid(client: QMPClient) -> int | None:

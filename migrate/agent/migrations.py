@@ -44,7 +44,7 @@ from migrate.cluster.address import parse_address
 from migrate.cluster.errors import ClusterError
 from migrate.codec import from_dict
 from migrate.errors import ConfigError, LivemigError, PreflightError
-from migrate.events import EventBus
+from migrate.events import EventBus, Notice, PhaseChanged
 from migrate.policy import Policy
 from migrate.preflight import HostFacts
 from migrate.progress import JsonLines
@@ -317,6 +317,7 @@ async def _run(ctx: AgentContext, run: MigrationRun, address: str) -> None:
                     target_ram=_remote_ram(client, address, vm),
                 )
                 run.handle = Migration(request, events=run.bus, abort_grace_s=2.0)
+                run.handle.add_callback(lambda event: _log_event(ctx, run, event))
                 if run.abort_reason is not None:
                     raise asyncio.CancelledError
                 await run.handle.start()
@@ -337,6 +338,13 @@ async def _run(ctx: AgentContext, run: MigrationRun, address: str) -> None:
         if report is not None:
             ctx.metrics.record_report(report)
             ctx.log.info("migration %s of %s to %s: %s", run.id, vm, options.to, report.status)
+
+
+def _log_event(ctx: AgentContext, run: MigrationRun, event: object) -> None:
+    if isinstance(event, PhaseChanged):
+        ctx.log.info("migration %s: phase %s", run.id[:8], event.phase.value)
+    elif isinstance(event, Notice):
+        ctx.log.info("migration %s: %s", run.id[:8], event.message)
 
 
 async def _settle(

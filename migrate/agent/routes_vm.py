@@ -232,6 +232,7 @@ async def commit(request: web.Request) -> web.Response:
     run.incoming = False
     run.qmp_tcp_port = run.migration_port = None
     vms._save_run(name, run)
+    await vms.close_proxy(name)
     vms.migrating.pop(name, None)
     body = await read_json(request)
     _record(ctx, body.get("report"))

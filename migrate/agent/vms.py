@@ -15,7 +15,8 @@ QEMU is started with ``-daemonize``: it leaves the agent's session and process
 group, so an agent that stops (or is restarted, or killed) leaves its VMs running;
 the next agent re-adopts every VM whose ``run.json`` names a live QEMU
 (:meth:`VmManager.readopt`). An incoming VM (a migration's target) also serves QMP
-over TCP with mutual TLS on the node's address, for the source node's engine.
+over TCP with mutual TLS on the node's address, for the source node's engine
+(relayed by the agent: :mod:`migrate.agent.qmpproxy`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from migrate.agent.qmpproxy import QmpTlsProxy
 from migrate.agent.vmdef import VmDefinition, from_qemu_argv
 from migrate.errors import ConfigError, LivemigError
 from migrate.qmp import QmpSession, process_exited
-from migrate.tls import NodeCredentials, write_qemu_creds_dir
+from migrate.tls import NodeCredentials, server_context, write_qemu_creds_dir
 from migrate.vmspec import LaunchSite
 
 VMS_DIR = "vms"
@@ -47,7 +49,6 @@ LAUNCH_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 QMP_TIMEOUT_S = 5.0
 _MAX_SOCKET_PATH = 107
-QMP_TLS_ID = "livemig-qmp-tls"
 
 
 class VmError(LivemigError):
@@ -138,6 +139,13 @@ class VmManager:
         self.locks: dict[str, asyncio.Lock] = {}
         #: VMs in a migration, by name: "source" or "target".
         self.migrating: dict[str, str] = {}
+        #: QMP over TLS for the engine on the source host, by incoming VM.
+        self.proxies: dict[str, QmpTlsProxy] = {}
+
+    async def close_proxy(self, name: str) -> None:
+        proxy = self.proxies.pop(name, None)
+        if proxy is not None:
+            await proxy.close()
 
     # -- files -------------------------------------------------------------------------
 
@@ -314,14 +322,13 @@ class VmManager:
             ]  # fmt: skip
             qmp_port = migration_port = None
             if incoming:
-                tls = self.tls_dir(name)
-                qmp_port, migration_port = free_port(self.host), free_port(self.host)
-                argv += [
-                    "-object", f"tls-creds-x509,id={QMP_TLS_ID},dir={tls},endpoint=server,verify-peer=on",
-                    "-chardev", f"socket,id=qmptcp,host={self.host},port={qmp_port},server=on,wait=off,tls-creds={QMP_TLS_ID}",
-                    "-mon", "chardev=qmptcp,mode=control",
-                ]  # fmt: skip
+                self.tls_dir(name)  # the target QEMU's creds for the migration stream
+                migration_port = free_port(self.host)
             pid = await self._spawn(argv, vm_dir / "qemu.log")
+            if incoming:
+                proxy = QmpTlsProxy(self.host, qmp, server_context(self.creds()), self.log)
+                qmp_port = await proxy.start()
+                self.proxies[name] = proxy
             run = VmRun(
                 pid=pid,
                 qmp_socket=str(qmp),
@@ -335,8 +342,13 @@ class VmManager:
             )
             self._save_run(name, run)
         except BaseException:
-            if run is not None:
-                await self._terminate(run)
+            await self.close_proxy(name)
+            pidfile = vm_dir / "qemu.pid"
+            if pidfile.exists():
+                with contextlib.suppress(ValueError, OSError):
+                    await self._terminate(
+                        VmRun(int(pidfile.read_text()), str(qmp), str(agent_sock), str(ram))
+                    )
             await self._cleanup(name, VmRun(0, "", "", str(ram), taps=taps))
             raise
         self.log.info("VM %s started (pid %d%s)", name, run.pid, ", incoming" if incoming else "")
@@ -386,6 +398,7 @@ class VmManager:
     async def _cleanup(self, name: str, run: VmRun) -> None:
         """Remove what a stopped QEMU leaves: its taps, RAM file and sockets (not an
         adopted VM's own files)."""
+        await self.close_proxy(name)
         for tap in run.taps.values():
             with contextlib.suppress(VmError):
                 await _ip("link", "del", tap)
