@@ -173,9 +173,10 @@ class QemuProcess:
         self.log_dir = log_dir or self.workdir
         self.serial_log = self.log_dir / f"{role}.serial.log"
         self.qemu_log = self.log_dir / f"{role}.qemu.log"
+        self.serial_socket = self.workdir / "serial.sock"
         self.site = LaunchSite(
             qmp_socket=self.workdir / "qmp.sock",
-            serial_socket=self.workdir / "serial.sock",
+            serial_socket=self.serial_socket,
             ram_path=self._ram_file(spec),
             taps=self.taps,
             incoming=incoming,
@@ -247,8 +248,8 @@ class QemuProcess:
                     preexec_fn=_die_with_parent,
                 )
             deadline = time.monotonic() + self.launch_timeout
-            await self._wait_for_socket(self.site.serial_socket, deadline)
-            await self.console.attach(self.site.serial_socket, deadline)
+            await self._wait_for_socket(self.serial_socket, deadline)
+            await self.console.attach(self.serial_socket, deadline)
             await self._wait_for_socket(self.site.qmp_socket, deadline)
             self._qmp = await QmpSession.connect(
                 self.site.qmp_socket,

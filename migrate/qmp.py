@@ -44,6 +44,8 @@ class QmpEvent:
 
 #: How long a QMP command may take to answer before the peer counts as silent (s).
 DEFAULT_COMMAND_TIMEOUT_S = 10.0
+#: How long closing a session may take before its connection is aborted (s).
+CLOSE_TIMEOUT_S = 2.0
 
 
 class QmpTimeout(QemuError):
@@ -233,7 +235,21 @@ class QmpSession:
             yield events
 
     async def close(self) -> None:
-        await _quiet_disconnect(self.client)
+        """End the session; a peer that does not let it end within
+        :data:`CLOSE_TIMEOUT_S` (QEMU 7.2's TLS chardev) has its connection aborted."""
+        if isinstance(self.client, _TlsQmpClient):
+            # QEMU 7.2 never reads our TLS close_notify (see _TlsQmpClient), and
+            # QMP has no goodbye: drop the connection instead of waiting on it.
+            _abort(self.client)
+        task = asyncio.ensure_future(_quiet_disconnect(self.client))
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+        if not done:
+            _abort(self.client)
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 #: ``PF_EXITING`` in /proc/PID/stat's flags: the process is in do_exit.
@@ -269,6 +285,17 @@ class _TlsQmpClient(QMPClient):
         writer = self._writer
         if writer is not None:
             writer.write(b"\n")  # a separate write: a separate TLS record
+
+
+def _abort(client: QMPClient) -> None:
+    """End the connection under the session: the peer's end is shut down at the
+    socket, so the transport sees end-of-stream rather than an abort (asyncio
+    3.11's TLS transport logs a spurious error when aborted)."""
+    writer = getattr(client, "_writer", None)  # qemu.qmp keeps its stream here
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _peer_pid(client: QMPClient) -> int | None:

@@ -33,6 +33,7 @@ from migrate.report import (
     Predicted,
     Sample,
 )
+from migrate.vmdef import VM_DEFINITION_SCHEMA_VERSION, VmDefinition
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID = "https://livemig.invalid/schema/"
@@ -41,8 +42,11 @@ BASE_ID = "https://livemig.invalid/schema/"
 class _Builder:
     """Turns type hints into JSON Schema, collecting dataclasses under ``$defs``."""
 
-    def __init__(self) -> None:
+    def __init__(self, defaults_optional: bool = False) -> None:
         self.defs: dict[str, Any] = {}
+        # Documents people write (a VM definition) may leave out fields with defaults;
+        # what the codec writes always has every field.
+        self.defaults_optional = defaults_optional
 
     def of(self, tp: Any) -> dict[str, Any]:
         origin = get_origin(tp)
@@ -99,7 +103,12 @@ class _Builder:
             schema["description"] = " ".join(doc.split())
         schema["properties"] = {f.name: self._field(f, hints[f.name]) for f in fields}
         schema["properties"].update(extra or {})
-        schema["required"] = [f.name for f in fields]
+        schema["required"] = [
+            f.name
+            for f in fields
+            if not self.defaults_optional
+            or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        ]
         schema["additionalProperties"] = False
         return schema
 
@@ -169,7 +178,25 @@ def events_schema() -> dict[str, Any]:
     }
 
 
-SCHEMAS = {"report.json": report_schema, "events.json": events_schema}
+def vm_definition_schema() -> dict[str, Any]:
+    """The schema of a VM definition file (:mod:`migrate.vmdef`)."""
+    builder = _Builder(defaults_optional=True)
+    root = builder.object_of(VmDefinition)
+    root["properties"]["schema_version"] = {"const": VM_DEFINITION_SCHEMA_VERSION}
+    return {
+        "$schema": DIALECT,
+        "$id": BASE_ID + "vm-definition.json",
+        "title": "livemig VM definition",
+        **root,
+        "$defs": dict(sorted(builder.defs.items())),
+    }
+
+
+SCHEMAS = {
+    "report.json": report_schema,
+    "events.json": events_schema,
+    "vm-definition.json": vm_definition_schema,
+}
 
 
 def render(schema: dict[str, Any]) -> str:

@@ -150,8 +150,15 @@ def client_context(creds: NodeCredentials, check_hostname: bool = True) -> ssl.S
 
 
 def server_context(creds: NodeCredentials) -> ssl.SSLContext:
-    """A server context presenting ``creds`` and requiring a client certificate of their CA."""
-    return _context(ssl.Purpose.CLIENT_AUTH, creds)
+    """A server context presenting ``creds`` and requiring a client certificate of their CA.
+
+    It sends no TLS 1.3 session tickets: a client that only writes (pagestream's
+    sender) would leave them unread, and closing a socket with unread data sends
+    a reset that makes the peer's kernel drop the stream's unread tail.
+    """
+    context = _context(ssl.Purpose.CLIENT_AUTH, creds)
+    context.num_tickets = 0
+    return context
 
 
 @dataclass(frozen=True)

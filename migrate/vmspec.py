@@ -55,21 +55,70 @@ class NicSpec:
             raise ConfigError(f"bad NIC id {self.id!r}")
 
 
+class DiskFormat(StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+class DiskCache(StrEnum):
+    """QEMU's ``cache=`` modes; ``none`` (O_DIRECT) is what migration over shared storage needs."""
+
+    NONE = "none"
+    WRITETHROUGH = "writethrough"
+    WRITEBACK = "writeback"
+    DIRECTSYNC = "directsync"
+    UNSAFE = "unsafe"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A virtio block device backed by an image file at the same path on every host."""
+
+    path: Path
+    id: str = "disk0"
+    format: DiskFormat = DiskFormat.RAW
+    cache: DiskCache = DiskCache.NONE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not _ID_RE.fullmatch(self.id):
+            raise ConfigError(f"bad disk id {self.id!r}")
+        raw = str(self.path)
+        if not Path(raw).is_absolute() or "," in raw or validate.has_control(raw):
+            raise ConfigError(f"disk {self.id}: path must be absolute, without commas: {raw!r}")
+
+
+@dataclass(frozen=True)
+class QmpTlsListen:
+    """An extra QMP monitor on TCP with mutual TLS, for an engine on another host.
+
+    ``creds_dir`` is a QEMU creds dir (:func:`migrate.tls.write_qemu_creds_dir`);
+    clients must present a certificate of its CA.
+    """
+
+    host: str
+    port: int
+    creds_dir: Path
+
+
 @dataclass(frozen=True)
 class LaunchSite:
     """The host-specific half of a launch.
 
     ``taps`` maps NIC id → tap ifname on this host. ``incoming`` starts QEMU with
     ``-incoming defer``; ``paused`` with ``-S`` (an incoming VM then stays paused after
-    the migration until the engine resumes it).
+    the migration until the engine resumes it). The serial console goes to
+    ``serial_socket`` (QEMU waits for a reader) or, without one, to the file
+    ``serial_log``. ``qmp_tls`` adds a QMP monitor on TCP with mutual TLS.
     """
 
     qmp_socket: Path
-    serial_socket: Path
+    serial_socket: Path | None
     ram_path: Path | None = None
     taps: Mapping[str, str] = field(default_factory=dict)
     incoming: bool = False
     paused: bool = False
+    serial_log: Path | None = None
+    qmp_tls: QmpTlsListen | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +146,7 @@ class VMSpec:
     binary: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = ()
     ram_dir: Path | None = None
+    disks: tuple[DiskSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _ID_RE.fullmatch(self.name):
@@ -109,6 +159,9 @@ class VMSpec:
         ids = [n.id for n in self.nics]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"duplicate NIC ids: {ids}")
+        disk_ids = [d.id for d in self.disks]
+        if len(set(disk_ids)) != len(disk_ids):
+            raise ConfigError(f"duplicate disk ids: {disk_ids}")
 
     @property
     def ram_bytes(self) -> int:
@@ -154,12 +207,35 @@ class VMSpec:
                 "-netdev", f"tap,id={nic.id},ifname={tap},script=no,downscript=no",
                 "-device", f"{nic.model},netdev={nic.id},mac={nic.mac},id=nic-{nic.id}",
             ]  # fmt: skip
+        for disk in self.disks:
+            argv += [
+                "-drive",
+                f"file={disk.path},format={disk.format.value},if=none,id={disk.id},"
+                f"cache={disk.cache.value}",
+                "-device", f"virtio-blk-pci,drive={disk.id},id=blk-{disk.id}",
+            ]  # fmt: skip
+        if site.serial_socket is not None:
+            serial = f"socket,id=serial0,path={site.serial_socket},server=on,wait=on"
+        elif site.serial_log is not None:
+            serial = f"file,id=serial0,path={site.serial_log}"
+        else:
+            raise ConfigError("a launch site needs a serial socket or a serial log file")
         argv += [
-            "-chardev", f"socket,id=serial0,path={site.serial_socket},server=on,wait=on",
+            "-chardev", serial,
             "-serial", "chardev:serial0",
             "-chardev", f"socket,id=qmp0,path={site.qmp_socket},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
         ]  # fmt: skip
+        if site.qmp_tls is not None:
+            tls = site.qmp_tls
+            argv += [
+                "-object",
+                f"tls-creds-x509,id=qmptls0,dir={tls.creds_dir},endpoint=server,verify-peer=on",
+                "-chardev",
+                f"socket,id=qmp1,host={tls.host},port={tls.port},server=on,wait=off,"
+                "tls-creds=qmptls0",
+                "-mon", "chardev=qmp1,mode=control",
+            ]  # fmt: skip
         if site.incoming:
             argv += ["-incoming", "defer"]
         if site.paused:

@@ -24,6 +24,12 @@ def validate_report(data: Any) -> Any:
     return data
 
 
+def validate_vm_definition(data: Any) -> Any:
+    """``data`` if it is a VM definition the schema accepts."""
+    _validator("vm-definition.json").validate(data)
+    return data
+
+
 def validate_event(record: Any) -> Any:
     """``record`` if it is an ``--events`` line the schema accepts."""
     _validator("events.json").validate(record)

@@ -130,10 +130,13 @@ class AgentClient:
         return await _request(self._require(), "POST", address, path, body)
 
 
-async def fetch_ca(address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
-    """``GET /v1/cluster/ca`` without verifying the agent (it is what gets verified)."""
+async def fetch_ca(address: str, expect_sha256: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """``GET /v1/cluster/ca?expect=FINGERPRINT`` without verifying the agent (it is
+    what gets verified); the agent refuses (409) when the fingerprint is not its CA's."""
     async with _session(tls.bootstrap_context(), timeout_s) as session:
-        return await _request(session, "GET", address, "/v1/cluster/ca", None)
+        return await _request(
+            session, "GET", address, f"/v1/cluster/ca?expect={expect_sha256}", None
+        )
 
 
 async def post_join(

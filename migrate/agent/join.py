@@ -3,7 +3,9 @@
 1. Make this node's key and a CSR locally (the key never leaves the node).
 2. Fetch the CA certificate from the agent named in the key, unverified, and
    compare its SHA-256 with the key's fingerprint. A mismatch stops here: only
-   ``GET /v1/cluster/ca`` went over the wire.
+   ``GET /v1/cluster/ca?expect=<fingerprint>`` went over the wire (the agent
+   refuses and logs that request when the fingerprint is not its CA's; this node
+   does not rely on it and compares for itself).
 3. Connect again, verifying the agent against that CA and its address against its
    certificate; only then send the token, name, address and CSR.
 4. Check the answer (the certificate is for this name and key and chains to the
@@ -19,7 +21,7 @@ from typing import Any
 from migrate.agent import client
 from migrate.cluster import pki
 from migrate.cluster.address import Address, parse_address
-from migrate.cluster.errors import AgentError, TrustError
+from migrate.cluster.errors import AgentError, AgentRefused, TrustError
 from migrate.cluster.joinkey import JoinKey
 from migrate.cluster.state import Member, NodeIdentity, StateDir, check_name, members_from_json
 from migrate.errors import ConfigError
@@ -50,7 +52,12 @@ async def join_cluster(
     target = str(parse_address(key.address))
     node = pki.make_csr(name, address.host)
 
-    reply = await client.fetch_ca(target, timeout_s)
+    try:
+        reply = await client.fetch_ca(target, key.ca_sha256, timeout_s)
+    except AgentRefused as exc:
+        if exc.status != 409:
+            raise
+        raise TrustError(f"{exc.reason}: refusing to send the token to {target}") from None
     ca_pem = _pem(reply, "ca_pem", target)
     ca = pki.load_cert(ca_pem)
     seen = pki.fingerprint(ca)

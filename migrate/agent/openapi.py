@@ -117,7 +117,20 @@ _PATHS: dict[str, Any] = {
             "operationId": "getClusterCA",
             "summary": "The cluster CA certificate, to compare with a join key's fingerprint",
             "security": [],
-            "responses": {"200": _json(_ref("ClusterCA"), "The CA")},
+            "parameters": [
+                {
+                    "name": "expect",
+                    "in": "query",
+                    "required": False,
+                    "description": "The fingerprint a join key carries: refused (409, logged) "
+                    "when it is not this cluster's CA",
+                    "schema": _SHA256,
+                }
+            ],
+            "responses": {
+                "200": _json(_ref("ClusterCA"), "The CA"),
+                "409": _json(_ref("Error"), "Not this cluster's CA fingerprint"),
+            },
         }
     },
     "/v1/cluster/join": {

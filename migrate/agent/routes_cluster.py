@@ -11,10 +11,12 @@ member list to the other members (best effort, logged).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 
 from migrate.agent.app import AgentContext, Refusal, Router, context, json_response, peer, read_json
 from migrate.cluster import pki
@@ -30,6 +32,7 @@ from migrate.cluster.state import (
 from migrate.cluster.tokens import TokenStore, well_formed
 from migrate.errors import ConfigError
 
+_HEX = re.compile(r"[0-9a-fA-F]+")
 #: Deadline (s) for pushing the member list to one member.
 PUSH_TIMEOUT_S = 5.0
 
@@ -45,10 +48,21 @@ def register(router: Router) -> None:
 
 
 async def get_ca(request: web.Request) -> web.Response:
+    """The CA. A joining node names the fingerprint its key carries (``?expect=``):
+    when it is not this cluster's the request is refused, so the agent's log shows
+    the failed join too. The joining node compares the fingerprint itself anyway;
+    a fingerprint is no secret."""
     state = context(request).state
-    return json_response(
-        {"ca_pem": state.ca_pem().decode("ascii"), "ca_sha256": state.ca_fingerprint()}
-    )
+    ours = state.ca_fingerprint()
+    expect = request.query.get("expect")
+    if expect is not None and expect.lower() != ours:
+        shown = expect[:16] if _HEX.fullmatch(expect[:16]) else "(not hex)"
+        raise Refusal(
+            409,
+            f"the join key's CA fingerprint {shown}... is not this cluster's ({ours[:16]}...)",
+            "ca-fingerprint",
+        )
+    return json_response({"ca_pem": state.ca_pem().decode("ascii"), "ca_sha256": ours})
 
 
 def _field(body: dict[str, Any], name: str) -> str:
@@ -76,15 +90,18 @@ async def join(request: web.Request) -> web.Response:
         csr = pki.load_csr(_field(body, "csr_pem").encode("ascii", "replace"))
         if pki.common_name(csr) != name:
             raise TrustError(f"the CSR is for {pki.common_name(csr)!r}, not {name!r}")
-        ca_cert = state.ca_cert()
-        cert = pki.sign_node(csr, name, address.host, ca_cert, pki.load_key(state.ca_key_pem()))
     except TrustError as exc:
         raise Refusal(400, str(exc), "bad-csr") from None
-    member = Member(name, str(address), False, pki.fingerprint(cert), time.time())
+    ca_cert = state.ca_cert()
+    issued: list[tuple[x509.Certificate, Member]] = []
 
     def admit() -> tuple[Member, ...]:
+        # Runs only for a valid, unused token: nothing is signed for anyone else.
+        cert = pki.sign_node(csr, name, address.host, ca_cert, pki.load_key(state.ca_key_pem()))
+        member = Member(name, str(address), False, pki.fingerprint(cert), time.time())
         members = with_member(state.members(), member)
         state.write_members(members)
+        issued.append((cert, member))
         return members
 
     try:
@@ -93,6 +110,7 @@ async def join(request: web.Request) -> web.Response:
         raise Refusal(403, str(exc), f"token-{exc.reason}") from None
     except ConfigError as exc:
         raise Refusal(409, str(exc), "member-exists") from None
+    cert, member = issued[0]
     ctx.log.info("JOINED %s at %s (certificate %s)", name, address, member.cert_sha256[:16])
     ctx.spawn(push_members(ctx, members, skip={name, ctx.identity.name}))
     return json_response(

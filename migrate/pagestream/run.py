@@ -42,6 +42,7 @@ from migrate.pagestream.planner import SwitchoverPlanner
 from migrate.pagestream.totals import StreamTotals
 from migrate.pagestream.verifier import StreamVerifier
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is
+from migrate.remoteram import RemoteRamComparison
 from migrate.report import Decision, MigrationReport, Outcome, Sample
 from migrate.request import MigrationRequest
 from migrate.safety import finish_on_target
@@ -113,7 +114,12 @@ class PagestreamRun(StrategyRun):
 
     async def _setup(self) -> None:
         if self.request.verify and self.options.engine_compare:
-            self.comparison = RamComparison(self.source_ram, self.target_ram)
+            remote = self.request.target_ram
+            self.comparison = (
+                RamComparison(self.source_ram, self.target_ram)
+                if remote is None
+                else RemoteRamComparison(self.source_ram, remote)
+            )
             self.comparison.prepare()
         await self._start_agents()
 

@@ -84,8 +84,11 @@ class PagestreamStrategy:
                 f"pagestream needs guest RAM in a shared file on both sides "
                 f"(memory-backend-file,share=on); the {' and '.join(missing)} VM has none"
             )
-        refuse_shared_file(source_ram, target_ram)
-        check_ram_space(target_ram)
+        if request.target_ram is None:
+            # The target's path means a file here only when it runs here; otherwise
+            # its receiver agent maps it on its own host.
+            refuse_shared_file(source_ram, target_ram)
+            check_ram_space(target_ram)
         host = stream_host(request.migration_uri)
         run = PagestreamRun(
             request, source, target, controller, events, start, self.options,

@@ -54,6 +54,25 @@ def _refused(result: subprocess.CompletedProcess[str], needle: str) -> str:
     return lines[0]
 
 
+def _qemu_loads_the_certificates(state: Path, work: Path) -> None:
+    """The node certificate serves as QEMU's tls-creds-x509 server and client cert."""
+    names = {"ca-cert.pem": "ca.pem", "server-cert.pem": "node.pem",
+             "server-key.pem": "node-key.pem", "client-cert.pem": "node.pem",
+             "client-key.pem": "node-key.pem"}  # fmt: skip
+    work.mkdir()
+    for qemu_name, ours in names.items():
+        (work / qemu_name).symlink_to(state / ours)
+    qmp = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+    for endpoint in ("server", "client"):
+        obj = f"tls-creds-x509,id=tls0,dir={work},endpoint={endpoint},verify-peer=on"
+        result = subprocess.run(
+            ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+             "-object", obj, "-qmp", "stdio"],
+            input=qmp, capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0 and '"return": {}' in result.stdout, result.stderr
+
+
 def _refusal_counts(text: str) -> dict[str, float]:
     counts = {}
     for line in text.splitlines():
@@ -100,6 +119,7 @@ def test_two_agents_join_refuse_and_list(tmp_path: Path) -> None:
         # Wrong fingerprint, key well-formed: refused before the token is sent.
         wrong_fp = dataclasses.replace(key, ca_sha256=hashlib.sha256(b"other").hexdigest())
         _refused(join(dir_b, "b", wrong_fp.encode()), "refusing to send the token")
+        assert "is not this cluster's" in _log(cluster, "a")
 
         # Tampered token (well-formed key): the agent does not know it.
         other_token = key.token[:-1] + ("A" if key.token[-1] != "A" else "B")
@@ -116,6 +136,7 @@ def test_two_agents_join_refuse_and_list(tmp_path: Path) -> None:
         assert oct((dir_b / "node-key.pem").stat().st_mode & 0o777) == "0o600"
         cluster.start_agent(b)
         assert "JOINED b" in _log(cluster, "a")
+        _qemu_loads_the_certificates(dir_b, tmp_path / "qemu-tls")
 
         # Replayed key: refused by A, nothing written on either side.
         before_a, before_b = _snapshot(dir_a), _snapshot(dir_b)
@@ -168,6 +189,7 @@ def test_two_agents_join_refuse_and_list(tmp_path: Path) -> None:
         # the client may try the handshake twice (aiohttp retries a dropped connection)
         assert counts["tls-handshake"] >= 1 and counts["no-client-cert"] == 1, counts
         assert counts["token-used"] == counts["token-expired"] == counts["token-unknown"] == 1
+        assert counts["ca-fingerprint"] == 1
 
         assert cluster.stop_agent(a) == 0 and cluster.stop_agent(b) == 0
     assert time.monotonic() - started < 30

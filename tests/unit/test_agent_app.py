@@ -228,6 +228,12 @@ def test_mutual_tls_end_to_end(state_a: StateDir, tmp_path: Path) -> None:
                 with pytest.raises(aiohttp.ClientError):
                     async with session.get(f"https://{address}/v1/node", ssl=ctx_foreign) as resp:
                         await resp.read()
+            # Plain HTTP on the TLS port: the handshake fails, is logged, the socket closes.
+            reader, writer = await asyncio.open_connection("127.0.0.1", site.bound_port)
+            writer.write(b"GET /v1/node HTTP/1.0\r\n\r\n")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
             # And a foreign cluster's client does not trust us.
             async with AgentClient(foreign, timeout_s=5) as client:
                 with pytest.raises(AgentError, match="not trusted"):
@@ -237,7 +243,10 @@ def test_mutual_tls_end_to_end(state_a: StateDir, tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert any(" b GET /v1/node -> 200" in line for line in log.lines), log.lines
-    assert refused and any("certificate" in r for r in refused), refused
+    assert any("certificate" in r for r in refused), refused
+    assert any("HTTP" in r or "version" in r.lower() or "record" in r.lower() for r in refused), (
+        refused
+    )
 
 
 def test_metrics_record_a_report() -> None:

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from migrate.agent.join import join_cluster
 from migrate.agent.nodes import list_nodes
 from migrate.agent.server import serve
 from migrate.cli import main
-from migrate.cluster import pki
+from migrate.cluster import pki, tls
 from migrate.cluster.address import parse_address
 from migrate.cluster.errors import AgentRefused, TrustError
 from migrate.cluster.joinkey import JoinKey
@@ -90,6 +91,43 @@ def test_join_push_and_refusals_between_two_agents(tmp_path: Path) -> None:
     asyncio.run(run())
     log_a = (a.path / "agent.log").read_text()
     assert "member list pushed to b" in log_a and "REFUSED" in log_a
+
+
+def test_the_joining_node_checks_the_fingerprint_itself(tmp_path: Path) -> None:
+    """An agent that ignores ``?expect=`` and shows another CA gets no token."""
+    honest = StateDir(tmp_path / "a")
+    create_cluster(honest, "a", parse_address("127.0.0.1:7443"))
+    impostor = StateDir(tmp_path / "m")
+    create_cluster(impostor, "m", parse_address("127.0.0.1:7443"))
+    seen: list[str] = []
+
+    async def ca(request: web.Request) -> web.Response:
+        seen.append(request.path_qs)
+        return web.json_response({"ca_pem": impostor.ca_pem().decode(), "ca_sha256": "x"})
+
+    async def join(request: web.Request) -> web.Response:
+        seen.append(request.path_qs)
+        return web.json_response({})
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/cluster/ca", ca)
+        app.router.add_post("/v1/cluster/join", join)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.server_context(impostor))
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            key = dataclasses.replace(_key(honest), address=f"127.0.0.1:{port}")
+            with pytest.raises(TrustError, match="refusing to send the token"):
+                await join_cluster(StateDir(tmp_path / "b"), "b", parse_address("127.0.0.1:1"), key)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(run())
+    assert len(seen) == 1 and seen[0].startswith("/v1/cluster/ca?expect=")
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_create_join_key_and_refusals(
