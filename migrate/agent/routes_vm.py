@@ -288,9 +288,11 @@ def encode_pages(pages: np.ndarray[Any, Any]) -> str:
 
 
 async def _body(request: web.Request, limit: int) -> dict[str, Any]:
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise Refusal(413, f"body larger than {limit} bytes", "bad-request")
+    raw = bytearray()
+    while chunk := await request.content.read(1 << 16):  # read() may return part of it
+        raw += chunk
+        if len(raw) > limit:
+            raise Refusal(413, f"body larger than {limit} bytes", "bad-request")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
