@@ -136,7 +136,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body, bounded; raises :class:`Refusal` (400/413)."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes", "bad-request")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    raw = bytearray()  # read() returns what has arrived, not the whole body
+    while len(raw) <= MAX_BODY_BYTES and (chunk := await request.content.read(1 << 16)):
+        raw += chunk
     if len(raw) > MAX_BODY_BYTES:
         raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes", "bad-request")
     try:
