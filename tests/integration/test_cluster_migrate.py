@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -201,6 +202,41 @@ def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: 
                 time.sleep(0.05)
             assert process_exited(hand_pid)
             ram.unlink(missing_ok=True)
+
+            # Ctrl-C while it copies (link capped): the source agent aborts, the VM stays
+            # on B (its owner), A (the target) keeps nothing.
+            lab.set_bandwidth(40)
+            follower = subprocess.Popen(
+                lab.netns_argv(a.netns, [sys.executable, "-m", "migrate.cli", "migrate", VM_NAME,
+                                         "--to", "a", "--events", "--no-predict",
+                                         "--state-dir", world.state(a)]),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+            )  # fmt: skip
+            try:
+                assert follower.stdout is not None
+                for line in follower.stdout:
+                    if json.loads(line).get("event") == "progress":
+                        break
+                follower.send_signal(signal.SIGINT)
+                out, err = follower.communicate(timeout=60)
+            finally:
+                if follower.poll() is None:
+                    follower.kill()
+                lab.set_bandwidth(None)
+            assert follower.returncode == 130, err
+            final = json.loads(out.strip().splitlines()[-1])
+            assert final["event"] == "finished" and final["report"]["status"] == "aborted", final
+            listed_a = json.loads(
+                world.cli(a, "vm", "list", "--json", "--state-dir", world.state(a))
+            )
+            assert [(v["name"], v["state"]) for v in listed_a["vms"]] == [("hand", "stopped")]
+            assert not (world.cluster.state_dir(a) / "vms" / VM_NAME).exists()
+            again = json.loads(world.cli(b, "vm", "show", VM_NAME, "--state-dir", world.state(b)))
+            assert (again["state"], again["pid"], again["qemu_status"]) == (
+                "running",
+                pid,
+                "running",
+            )
 
             world.cli(b, "vm", "stop", VM_NAME, "--state-dir", world.state(b))
             assert process_exited(pid) or not _qemu_pids_under(str(tmp_path))
