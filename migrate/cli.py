@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_plan,
         cli_recover,
         cli_replicate,
+        cli_vm,
     )  # fmt: skip
 
     parser = _Parser(prog="livemig", description="Live migration of QEMU/KVM virtual machines.")
@@ -63,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         cli_cpu,
         cli_bench,
         cli_cluster,
+        cli_vm,
     ):
         module.register(sub)
     cli_libvirt.extend(sub)  # --libvirt on migrate and demo
+    cli_vm.extend(sub)  # migrate VM --to NODE
     return parser
 
 

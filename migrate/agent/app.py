@@ -67,6 +67,8 @@ class AgentContext:
     started_at: float = field(default_factory=time.monotonic)
     cpu: dict[str, Any] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: What route modules keep for the agent's lifetime (e.g. ``"vms"``: the VM manager).
+    services: dict[str, Any] = field(default_factory=dict)
 
     def spawn(self, coro: Awaitable[None]) -> None:
         async def run() -> None:
@@ -107,6 +109,9 @@ class Router:
 
     def __init__(self) -> None:
         self.specs: list[RouteSpec] = []
+        #: Called with the context when the application starts, and when it shuts down.
+        self.startup: list[Callable[[AgentContext], Awaitable[None]]] = []
+        self.shutdown: list[Callable[[AgentContext], Awaitable[None]]] = []
 
     def add(
         self, method: str, path: str, handler: Handler, *, summary: str, public: bool = False
@@ -131,7 +136,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body, bounded; raises :class:`Refusal` (400/413)."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes", "bad-request")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    raw = bytearray()  # read() returns what has arrived, not the whole body
+    while len(raw) <= MAX_BODY_BYTES and (chunk := await request.content.read(1 << 16)):
+        raw += chunk
     if len(raw) > MAX_BODY_BYTES:
         raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes", "bad-request")
     try:
@@ -210,9 +217,14 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def default_modules() -> list[RouteModule]:
-    from migrate.agent import routes_cluster, routes_node
+    from migrate.agent import routes_cluster, routes_migrate, routes_node, routes_vm
 
-    return [routes_cluster.register, routes_node.register]
+    return [
+        routes_cluster.register,
+        routes_node.register,
+        routes_vm.register,
+        routes_migrate.register,
+    ]
 
 
 def create_app(ctx: AgentContext, extra: Sequence[RouteModule] = ()) -> web.Application:
@@ -228,8 +240,15 @@ def create_app(ctx: AgentContext, extra: Sequence[RouteModule] = ()) -> web.Appl
         app.router.add_route(spec.method, spec.path, spec.handler)
 
     async def drain(_app: web.Application) -> None:
+        for hook in router.shutdown:
+            await hook(ctx)
         if ctx.tasks:
             await asyncio.wait(set(ctx.tasks), timeout=10.0)
 
+    async def start(_app: web.Application) -> None:
+        for hook in router.startup:
+            await hook(ctx)
+
+    app.on_startup.append(start)
     app.on_shutdown.append(drain)
     return app

@@ -40,7 +40,9 @@ async def _request(
     url = parse_address(address).url + path
     try:
         async with session.request(method, url, json=body) as resp:
-            raw = await resp.content.read(MAX_REPLY_BYTES + 1)
+            raw = bytearray()  # read() returns what has arrived, not the whole body
+            while len(raw) <= MAX_REPLY_BYTES and (chunk := await resp.content.read(1 << 16)):
+                raw += chunk
             status = resp.status
     except aiohttp.ClientConnectorCertificateError as exc:
         raise AgentError(

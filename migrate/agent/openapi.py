@@ -193,6 +193,8 @@ _PATHS: dict[str, Any] = {
 
 def document() -> dict[str, Any]:
     """The agent's OpenAPI document (a fresh copy)."""
+    from migrate.agent import openapi_vms
+
     doc = {
         "openapi": "3.1.0",
         "info": {
@@ -202,7 +204,7 @@ def document() -> dict[str, Any]:
             "signed by the cluster CA (mutual TLS) unless its `security` is empty.",
         },
         "security": [{"clusterMTLS": []}],
-        "paths": _PATHS,
+        "paths": {**_PATHS, **openapi_vms.PATHS},
         "components": {
             "securitySchemes": {
                 "clusterMTLS": {
@@ -210,7 +212,7 @@ def document() -> dict[str, Any]:
                     "description": "A node certificate signed by the cluster CA",
                 }
             },
-            "schemas": _SCHEMAS,
+            "schemas": {**_SCHEMAS, **openapi_vms.SCHEMAS},
         },
     }
     copied: dict[str, Any] = json.loads(json.dumps(doc))

@@ -111,14 +111,14 @@ def test_the_committed_document_is_current() -> None:
 
 
 def test_extra_route_modules_plug_in(state_a: StateDir) -> None:
-    async def list_vms(_request: web.Request) -> web.Response:
-        return web.json_response({"vms": []})
+    async def example(_request: web.Request) -> web.Response:
+        return web.json_response({"example": []})
 
     def register(router: Any) -> None:
-        router.add("GET", "/v1/vms", list_vms, summary="VMs")
+        router.add("GET", "/v1/example", example, summary="VMs")
 
     app = create_app(_context(state_a)[0], extra=[register])
-    assert ("GET", "/v1/vms") in _registered(app)
+    assert ("GET", "/v1/example") in _registered(app)
 
 
 @asynccontextmanager

@@ -1,0 +1,284 @@
+"""The VM and migration part of the agent's OpenAPI document (merged by ``openapi``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ERRORS = {
+    "400": _json(_ref("Error"), "Malformed request or definition"),
+    "403": _json(_ref("Error"), "No cluster client certificate"),
+    "404": _json(_ref("Error"), "No such VM or migration on this node"),
+    "409": _json(_ref("Error"), "The VM's state does not allow it"),
+}
+_B64 = {"type": "string", "contentEncoding": "base64"}
+
+SCHEMAS: dict[str, Any] = {
+    "VmDefinition": {
+        "type": "object",
+        "description": "docs/agent.md, 'VM definitions'. Paths are read on the host that starts the VM.",
+        "required": ["name", "memory_mib"],
+        "additionalProperties": False,
+        "properties": {
+            "version": {"const": 1},
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$", "maxLength": 64},
+            "memory_mib": {"type": "integer", "minimum": 16},
+            "vcpus": {"type": "integer", "minimum": 1},
+            "cpu_model": {"type": "string"},
+            "accelerator": {"enum": ["tcg", "kvm"]},
+            "machine": {"type": "string"},
+            "kernel": {"type": ["string", "null"]},
+            "initrd": {"type": ["string", "null"]},
+            "append": {"type": "string"},
+            "nics": {
+                "type": "array",
+                "maxItems": 8,
+                "items": {
+                    "type": "object",
+                    "required": ["mac", "bridge"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "mac": {"type": "string"},
+                        "bridge": {"type": "string"},
+                        "model": {"type": "string"},
+                    },
+                },
+            },
+            "ram_backend": {"const": "shared-file"},
+        },
+    },
+    "Vm": {
+        "type": "object",
+        "required": ["name", "node", "definition", "state", "pid", "adopted"],
+        "properties": {
+            "name": {"type": "string"},
+            "node": {"type": "string"},
+            "definition": _ref("VmDefinition"),
+            "state": {
+                "type": "string",
+                "description": "stopped, running, incoming, migrating (source|target)",
+            },
+            "pid": {"type": ["integer", "null"]},
+            "qemu_status": {"type": ["string", "null"], "description": "QMP query-status"},
+            "adopted": {"type": "boolean"},
+            "ram_path": {"type": "string"},
+        },
+    },
+    "Incoming": {
+        "type": "object",
+        "required": ["qmp_host", "qmp_port", "migration_uri", "tls_dir"],
+        "properties": {
+            "qmp_host": {"type": "string"},
+            "qmp_port": {"type": "integer", "description": "QMP over TCP with mutual TLS"},
+            "migration_uri": {"type": "string"},
+            "tls_dir": {"type": "string", "description": "the target QEMU's tls-creds-x509 dir"},
+            "ram_path": {"type": "string"},
+            "netns": {"type": ["string", "null"]},
+        },
+    },
+    "MigrateRequest": {
+        "type": "object",
+        "required": ["to"],
+        "properties": {
+            "to": {"type": "string", "description": "target node name"},
+            "strategy": {"enum": ["native", "pagestream"]},
+            "policy": {"type": "object", "description": "migrate.policy.Policy as JSON"},
+            "tls": {"type": "boolean", "default": True},
+            "verify": {"type": "boolean"},
+            "repair": {"type": "boolean"},
+            "force": {"type": "boolean"},
+            "predict": {"type": "boolean"},
+            "offline": {"type": "boolean"},
+        },
+    },
+}
+
+_VM = _json(_ref("Vm"), "The VM")
+
+
+def _op(op_id: str, summary: str, ok: dict[str, Any], body: dict[str, Any] | None = None,
+        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary,
+                          "responses": {"200": ok, **_ERRORS}}  # fmt: skip
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json(body, "Request")}
+    return op
+
+
+PATHS: dict[str, Any] = {
+    "/v1/vms": {
+        "get": _op(
+            "listVms",
+            "This node's VMs",
+            _json(
+                {
+                    "type": "object",
+                    "properties": {
+                        "node": {"type": "string"},
+                        "vms": {"type": "array", "items": _ref("Vm")},
+                    },
+                },
+                "VMs",
+            ),
+        ),
+        "post": _op(
+            "createVm",
+            "Define a VM on this node (and start it unless start is false)",
+            _VM,
+            {
+                "type": "object",
+                "required": ["definition"],
+                "properties": {"definition": _ref("VmDefinition"), "start": {"type": "boolean"}},
+            },
+        ),
+    },
+    "/v1/vms/adopt": {
+        "post": _op(
+            "adoptVm",
+            "Adopt a QEMU started elsewhere: definition from its command line",
+            _VM,
+            {
+                "type": "object",
+                "required": ["qmp_socket"],
+                "properties": {
+                    "qmp_socket": {"type": "string"},
+                    "name": {"type": ["string", "null"]},
+                },
+            },
+        ),
+    },
+    "/v1/vms/{name}": {"get": _op("getVm", "One VM: definition and state", _VM, params=[_NAME])},
+    "/v1/vms/{name}/start": {"post": _op("startVm", "Start a defined VM", _VM, params=[_NAME])},
+    "/v1/vms/{name}/stop": {
+        "post": _op("stopVm", "Stop a VM (it stays defined)", _VM, params=[_NAME])
+    },
+    "/v1/vms/{name}/migrate": {
+        "post": _op(
+            "migrateVm",
+            "Migrate a VM of this node to another node (runs in the background)",
+            _json(
+                {
+                    "type": "object",
+                    "properties": {
+                        "migration_id": {"type": "string"},
+                        "vm": {"type": "string"},
+                        "to": {"type": "string"},
+                    },
+                },
+                "Started",
+            ),
+            _ref("MigrateRequest"),
+            [_NAME],
+        ),
+    },
+    "/v1/vms/{name}/incoming": {
+        "post": _op(
+            "incomingVm",
+            "Start a migration's target QEMU (-incoming defer -S, QMP over TLS)",
+            _json(_ref("Incoming"), "The target's endpoints"),
+            {
+                "type": "object",
+                "required": ["definition"],
+                "properties": {"definition": _ref("VmDefinition"), "source": {"type": "string"}},
+            },
+            [_NAME],
+        ),
+    },
+    "/v1/vms/{name}/incoming/commit": {
+        "post": _op(
+            "commitIncoming",
+            "The migration completed: this node owns the VM",
+            _VM,
+            {"type": "object", "properties": {"report": {"type": ["object", "null"]}}},
+            [_NAME],
+        ),
+    },
+    "/v1/vms/{name}/incoming/discard": {
+        "post": _op(
+            "discardIncoming",
+            "The migration did not complete: stop the target, forget it",
+            _json({"type": "object"}, "Discarded"),
+            {
+                "type": "object",
+                "properties": {
+                    "report": {"type": ["object", "null"]},
+                    "reason": {"type": "string"},
+                },
+            },
+            [_NAME],
+        ),
+    },
+    "/v1/vms/{name}/ram/digest": {
+        "get": _op(
+            "ramDigest",
+            "Chunk digest (xxh3, 2 MiB chunks) of the VM's RAM",
+            _json(
+                {
+                    "type": "object",
+                    "required": ["size", "chunk_size", "hashes"],
+                    "properties": {
+                        "size": {"type": "integer"},
+                        "chunk_size": {"type": "integer"},
+                        "hashes": _B64,
+                    },
+                },
+                "Digest",
+            ),
+            params=[_NAME],
+        ),
+    },
+    "/v1/vms/{name}/ram/page-hashes": {
+        "post": _op(
+            "ramPageHashes",
+            "One xxh3-64 per listed page",
+            _json({"type": "object", "properties": {"hashes": _B64}}, "Little-endian uint64s"),
+            {"type": "object", "properties": {"pages": _B64}},
+            [_NAME],
+        ),
+    },
+    "/v1/vms/{name}/ram/pages": {
+        "post": _op(
+            "ramWritePages",
+            "Write pages into a paused incoming VM's RAM (repair)",
+            _json({"type": "object", "properties": {"written": {"type": "integer"}}}, "Written"),
+            {"type": "object", "properties": {"pages": _B64, "data": _B64}},
+            [_NAME],
+        ),
+    },
+    "/v1/migrations/{id}/events": {
+        "get": {
+            "operationId": "migrationEvents",
+            "summary": "A migration's events, streamed as JSON lines; the last is finished "
+            "(with the report) or error; keepalive lines every 5 s of silence",
+            "parameters": [_ID],
+            "responses": {
+                "200": {
+                    "description": "Events",
+                    "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                },
+                **_ERRORS,
+            },
+        }
+    },
+    "/v1/migrations/{id}/abort": {
+        "post": _op(
+            "abortMigration",
+            "Abort (the VM stays on the source)",
+            _json({"type": "object"}, "Asked"),
+            {"type": "object", "properties": {"reason": {"type": "string"}}},
+            [_ID],
+        ),
+    },
+}

@@ -1,0 +1,251 @@
+"""VMs owned by agents, moved by name between two lab hosts: ``livemig migrate VM --to NODE``.
+
+Two lab hosts, an agent each (own namespace, own state directory), one cluster.
+Everything is driven with ``livemig`` commands in the hosts' namespaces.
+
+- ``livemig demo --cluster --json`` (native): create → join-key → join → vm create
+  on A → migrate by name to B; completed, RAM integrity ok (digested by each
+  agent), data path over TLS, the ``cluster`` field; nothing left behind.
+- pagestream, asked from host B (any member may ask; A's agent runs it): completed,
+  integrity ok, TLS; the definition moved (A lists nothing, B the running VM);
+  both agents counted it in their metrics. Then B's agent is restarted while idle:
+  the VM keeps running (same QEMU), the new agent re-adopts it. Refusals: an
+  unknown node, a VM no node has. ``vm adopt`` of a QEMU started by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lab.cluster_demo import VM_NAME, ClusterLab, _wait_in_file, definition_json
+from lab.demo import DemoConfig, Workload, guest_spec
+from lab.net import Lab
+from migrate.qmp import process_exited
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _qemu_pids_under(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and text.encode() in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}\{{([^}}]*)\}} (\S+)", line)
+        if match and ",".join(sorted(match.group(1).split(","))) == want:
+            return float(match.group(2))
+    return 0.0
+
+
+def _check_report(report: dict[str, object], strategy: str) -> None:
+    assert report["status"] == "completed", report.get("error")
+    assert report["strategy"] == strategy
+    assert report["integrity"] == "ok", report.get("integrity_detail")
+    # native: the engine's digest of the source against the target agent's; pagestream:
+    # the stream's agents digest their own host's RAM.
+    owner_check = "remote target" if strategy == "native" else "pagestream digest"
+    assert owner_check in str(report.get("integrity_detail")), report.get("integrity_detail")
+    assert report["transport"] == "tls"
+
+
+def test_demo_cluster_json(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the cluster lab needs root (network namespaces)")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "migrate.cli", "demo", "--cluster", "--json",
+         "--workload", "openssl", "--memory-mib", "128", "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, env=_env(), timeout=300, check=False,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    _check_report(report, "native")
+    assert report["cluster"] == {"nodes": 2, "control": "mtls", "migration_tls": True}
+    assert report["guest_downtime_ms"] is not None and report["guest_downtime_ms"] > 0
+    assert str(report["guest_check"]).startswith("ok"), report["guest_check"]
+    assert report["wire_bytes"] > 0
+    # Nothing left behind: QEMUs, RAM files; the state dirs are under --log-dir.
+    root = tmp_path / "logs" / "cluster"
+    assert _qemu_pids_under(str(root)) == []
+    assert not [p for p in ("a", "b") if Path(f"/dev/shm/livemig-{p}-demo.ram").exists()]
+    assert not list(root.glob("*/vms/*/run.json"))
+    print(f"\ndemo --cluster native: {elapsed:.1f} s, guest downtime "
+          f"{report['guest_downtime_ms']:.0f} ms, total {report['total_time_ms']:.0f} ms")  # fmt: skip
+
+
+def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: object) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the cluster lab needs root (network namespaces)")
+    import asyncio
+
+    from lab.accel import AccelChoice
+    from lab.guest import GuestImage
+
+    assert isinstance(guest, GuestImage) and isinstance(accel, AccelChoice)
+    config = DemoConfig(workload=Workload("dirty:8"), memory_mib=128, dirty_mib=16)
+    with Lab() as lab:
+        world = ClusterLab(lab, tmp_path)
+        try:
+            world.form()
+            a, b = world.a, world.b
+            spec = guest_spec(config, guest, accel, lab.next_guest_address())
+            definition = tmp_path / "demo.json"
+            definition.write_text(json.dumps(definition_json(config, spec)))
+            out = world.cli(a, "vm", "create", "--state-dir", world.state(a), str(definition))
+            assert "VM demo defined on node a: running" in out
+            asyncio.run(_wait_in_file(world.serial_log(a), r"^MEMDIRTY pass=", 90))
+
+            # Asked from host B: A's agent (the owner) runs it.
+            moved = world.cluster.cli(
+                b, "migrate", VM_NAME, "--to", "b", "--strategy", "pagestream", "--json",
+                "--state-dir", world.state(b), timeout_s=300,
+            )  # fmt: skip
+            assert moved.returncode == 0, moved.stderr[-3000:]
+            report = json.loads(moved.stdout)
+            _check_report(report, "pagestream")
+            assert report["stream"] is not None
+            listed_a = json.loads(
+                world.cli(a, "vm", "list", "--json", "--state-dir", world.state(a))
+            )
+            assert listed_a["vms"] == []
+            assert not (world.cluster.state_dir(a) / "vms" / VM_NAME).exists()
+            show = json.loads(world.cli(b, "vm", "show", VM_NAME, "--state-dir", world.state(b)))
+            assert show["state"] == "running" and show["qemu_status"] == "running", show
+            pid = int(show["pid"])
+            asyncio.run(_wait_in_file(world.serial_log(b), r"^MEMDIRTY pass=", 60))
+            text = world.serial_log(b).read_text()
+            lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+            passes = [ln for ln in lines if ln.startswith("MEMDIRTY pass=")]
+            assert passes and all(" bad=0 " in ln for ln in passes), passes
+            for host in (a, b):
+                state = world.cluster.state_dir(host)
+                metrics = world.cluster.python(
+                    host, "-m", "lab.cluster", "request",
+                    f"https://{world.cluster.address(host)}/metrics",
+                    "--cert", str(state / "node.pem"), "--key", str(state / "node-key.pem"),
+                )  # fmt: skip
+                assert metrics.returncode == 0, metrics.stderr
+                answer = json.loads(metrics.stdout)
+                assert answer.get("status") == 200, answer
+                assert _metric(answer["body"], "livemig_migrations_total",
+                               status="completed", strategy="pagestream") == 1.0, host.name  # fmt: skip
+
+            # B's agent restarted while idle: the VM keeps running and is re-adopted.
+            world.cluster.stop_agent(b)
+            time.sleep(0.5)
+            assert not process_exited(pid), "the VM died with its agent"
+            world.cluster.start_agent(b)
+            assert "VM demo re-adopted" in (world.cluster.state_dir(b) / "agent.log").read_text()
+            listed = json.loads(world.cli(b, "vm", "list", "--json", "--state-dir", world.state(b)))
+            assert [(v["name"], v["pid"], v["state"]) for v in listed["vms"]] == [
+                (VM_NAME, pid, "running")
+            ]
+            assert listed["vms"][0]["qemu_status"] == "running"
+
+            # Refusals: one line, non-zero, nothing changed.
+            bad = world.cluster.cli(
+                b, "migrate", VM_NAME, "--to", "nosuch", "--state-dir", world.state(b)
+            )
+            assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
+            assert "no node 'nosuch'" in bad.stderr
+            bad = world.cluster.cli(
+                a, "migrate", "ghost", "--to", "b", "--state-dir", world.state(a)
+            )
+            assert bad.returncode == 1 and "no node of the cluster has a VM 'ghost'" in bad.stderr
+
+            # Adopt a QEMU started by hand on host A (shared-file RAM, a QMP socket).
+            sock = tmp_path / "hand.qmp"
+            ram = Path("/dev/shm") / f"livemig-test-hand-{os.getpid()}.ram"
+            hand = subprocess.run(
+                lab.netns_argv(a.netns, [
+                    "qemu-system-x86_64", "-name", "hand", "-nodefaults", "-display", "none",
+                    "-m", "64M", "-object", f"memory-backend-file,id=ram0,size=64M,mem-path={ram},share=on",
+                    "-machine", "pc,memory-backend=ram0", "-S",
+                    "-chardev", f"socket,id=m,path={sock},server=on,wait=off",
+                    "-mon", "chardev=m,mode=control", "-daemonize",
+                ]), capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert hand.returncode == 0, hand.stderr
+            adopted = world.cli(a, "vm", "adopt", str(sock), "--state-dir", world.state(a))
+            assert "VM hand adopted by node a" in adopted
+            shown = json.loads(world.cli(a, "vm", "show", "hand", "--state-dir", world.state(a)))
+            assert shown["adopted"] is True and shown["definition"]["memory_mib"] == 64
+            hand_pid = int(shown["pid"])
+            world.cli(a, "vm", "stop", "hand", "--state-dir", world.state(a))
+            deadline = time.monotonic() + 10
+            while not process_exited(hand_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert process_exited(hand_pid)
+            ram.unlink(missing_ok=True)
+
+            # Ctrl-C while it copies (link capped): the source agent aborts, the VM stays
+            # on B (its owner), A (the target) keeps nothing.
+            lab.set_bandwidth(40)
+            follower = subprocess.Popen(
+                lab.netns_argv(a.netns, [sys.executable, "-m", "migrate.cli", "migrate", VM_NAME,
+                                         "--to", "a", "--events", "--no-predict",
+                                         "--state-dir", world.state(a)]),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+            )  # fmt: skip
+            try:
+                assert follower.stdout is not None
+                for line in follower.stdout:
+                    if json.loads(line).get("event") == "progress":
+                        break
+                follower.send_signal(signal.SIGINT)
+                out, err = follower.communicate(timeout=60)
+            finally:
+                if follower.poll() is None:
+                    follower.kill()
+                lab.set_bandwidth(None)
+            assert follower.returncode == 130, err
+            final = json.loads(out.strip().splitlines()[-1])
+            # "aborted" when the engine can prove the target stopped; across hosts its
+            # rollback finds the target QEMU already gone (QEMU exits when its incoming
+            # migration is cancelled) and, unable to prove it over TCP, says "failed".
+            # Either way: the VM runs on its owner, untouched, and the target has nothing.
+            assert final["event"] == "finished", final
+            assert final["report"]["status"] in ("aborted", "failed"), final["report"]["error"]
+            print(f"\nCtrl-C: {final['report']['status']}: {final['report']['error']}")
+            listed_a = json.loads(
+                world.cli(a, "vm", "list", "--json", "--state-dir", world.state(a))
+            )
+            assert [(v["name"], v["state"]) for v in listed_a["vms"]] == [("hand", "stopped")]
+            assert not (world.cluster.state_dir(a) / "vms" / VM_NAME).exists()
+            again = json.loads(world.cli(b, "vm", "show", VM_NAME, "--state-dir", world.state(b)))
+            assert (again["state"], again["pid"], again["qemu_status"]) == (
+                "running",
+                pid,
+                "running",
+            )
+
+            world.cli(b, "vm", "stop", VM_NAME, "--state-dir", world.state(b))
+            assert process_exited(pid) or not _qemu_pids_under(str(tmp_path))
+        finally:
+            world.close()
+    assert _qemu_pids_under(str(tmp_path)) == []
