@@ -128,6 +128,14 @@ async def finish_on_target(
         result.verified = time.time()
         if result.integrity.integrity is Integrity.FAILED:
             raise MigrationAborted(f"integrity check failed: {result.integrity.detail}")
+        if result.integrity.integrity is Integrity.UNCHECKED:
+            # A check that was set up but could not finish (the target's RAM owner
+            # unreachable, a mapping gone) proves nothing; resuming would trust a
+            # QEMU that loses dirty pages (7.2 under TCG). The source still holds
+            # the VM: stay there.
+            raise MigrationAborted(
+                f"integrity check could not be completed: {result.integrity.detail}"
+            )
     elif result.integrity.integrity is Integrity.UNCHECKED:
         result.integrity = IntegrityResult(Integrity.UNCHECKED, "RAM not mappable on both sides")
     if disks is not None and status == "paused":  # a running target writes its disks

@@ -431,3 +431,40 @@ def test_a_silent_process_on_this_host_is_killed_for_proof() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_ram_check_that_cannot_finish_keeps_the_vm_on_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another host's RAM owner unreachable at switchover: the check proves nothing,
+    so the target is not resumed (QEMU 7.2 under TCG loses dirty pages); the VM
+    stays on the source."""
+    import migrate.native
+    from dirtytrack.digest import RamDigest
+    from migrate.remoteram import RemoteRam
+
+    ram = tmp_path / "source.ram"
+    ram.write_bytes(bytes(64 * 4096))
+
+    async def files(_session: object) -> dict[str, Path]:
+        return {"ram0": ram}
+
+    async def unreachable() -> RamDigest:
+        raise OSError("agent unreachable")
+
+    async def never(*_args: object) -> None:
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(migrate.native, "ram_backing_files", files)
+    source, target = fake_pair()
+    request = make_request(
+        verify=True,
+        target_ram=RemoteRam(unreachable, never, never),  # type: ignore[arg-type]
+    )
+    out = asyncio.run(drive(source, target, request))
+    assert isinstance(out.error, MigrationAborted), out.error
+    assert "integrity check could not be completed" in str(out.error)
+    assert "agent unreachable" in str(out.error)
+    assert target.count("cont") == 0 and not target.running
+    assert source.running
+    assert_one_copy(source)
