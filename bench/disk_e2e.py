@@ -217,6 +217,51 @@ def _result(
     }
 
 
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / MIB:.0f} MiB"
+
+
+def _ms(n: float | None) -> str:
+    return "-" if n is None else f"{n:.0f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The runs and the medians as Markdown tables."""
+    lines = [
+        "| run | mode | total ms | guest downtime ms | stop→resume ms | RAM verified→resume ms "
+        "| disk READY ms | disk bytes | RAM bytes | link bytes | disk integrity | RAM integrity | guest check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for index, r in enumerate(result["runs"], 1):
+        tl = r["timeline_ms"]
+        compare = (
+            tl["target_resume_ms"] - tl["verified_ms"]
+            if tl.get("target_resume_ms") is not None and tl.get("verified_ms") is not None
+            else None
+        )
+        disk = r["disks"][0] if r["disks"] else {}
+        lines.append(
+            f"| {index} | {disk.get('mode', r['mode'])} | {_ms(r['total_time_ms'])} "
+            f"| {_ms(r['guest_downtime_ms'])} | {_ms(r['stop_to_resume_ms'])} | {_ms(compare)} "
+            f"| {_ms(disk.get('ready_ms'))} | {_mib(disk.get('bytes'))} | {_mib(r['ram_transferred_bytes'])} "
+            f"| {_mib(r['wire_bytes'])} | {disk.get('integrity', '-')} | {r['ram_integrity']} "
+            f"| {(r['guest_check'] or r['status']).split(':')[0]} |"
+        )
+    lines += [
+        "",
+        "| median | runs | total ms | guest downtime ms | stop→resume ms | disk bytes | RAM bytes "
+        "| link bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in result["summary"].items():
+        lines.append(
+            f"| {mode} | {m['runs']} | {_ms(m['total_time_ms'])} | {_ms(m['guest_downtime_ms'])} "
+            f"| {_ms(m['stop_to_resume_ms'])} | {_mib(m['disk_bytes'])} "
+            f"| {_mib(m['ram_transferred_bytes'])} | {_mib(m['wire_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
 def _write(out: Path, result: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "end-to-end.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -230,11 +275,15 @@ def main() -> None:
     parser.add_argument("--memory-mib", type=int, default=128)
     parser.add_argument("--workload", default="openssl")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None, help="print a result JSON's tables")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     result = asyncio.run(main_async(args))
     if args.out:
         _write(args.out, result)
-    print(json.dumps(result["summary"], indent=1))
+    print(table(result))
 
 
 if __name__ == "__main__":
