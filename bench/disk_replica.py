@@ -61,7 +61,8 @@ async def _hmp(session: QmpSession, line: str) -> None:
     await session.execute("human-monitor-command", {"command-line": line}, timeout=120)
 
 
-async def _change(session: QmpSession, mib: int, size_mib: int, seed: int) -> None:
+async def change_disk(session: QmpSession, mib: int, size_mib: int, seed: int) -> None:
+    """Write `mib` scattered 1 MiB blocks (a random pattern each) from the host."""
     qdev = f"/machine/peripheral/{DISK}/virtio-backend"
     rng = random.Random(seed)
     for offset in rng.sample(range(size_mib), mib):
@@ -141,7 +142,7 @@ async def one_run(work: Path, size_mib: int, changed_mib: int, seed: int) -> dic
         session = vm.qmp
         full = await replicate_once(session, store)
         out["replicate_full"] = {"seconds": round(full.seconds, 3), "bytes": full.bytes}
-        await _change(session, changed_mib, size_mib, seed)
+        await change_disk(session, changed_mib, size_mib, seed)
         mirror = await _mirror_full(session, work, size_mib * MIB)
         on_replica = await _mirror_replica(session, work, store, size_mib * MIB)
         await _hmp(session, f'qemu-io -d /machine/peripheral/{DISK}/virtio-backend "flush"')
