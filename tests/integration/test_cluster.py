@@ -85,7 +85,6 @@ def _refusal_counts(text: str) -> dict[str, float]:
 def test_two_agents_join_refuse_and_list(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("the cluster lab needs root (network namespaces)")
-    started = time.monotonic()
     with Lab() as lab, LabCluster(lab, tmp_path) as cluster:
         a, b = lab.host_a, lab.host_b
         dir_a, dir_b = cluster.state_dir(a), cluster.state_dir(b)
@@ -192,4 +191,3 @@ def test_two_agents_join_refuse_and_list(tmp_path: Path) -> None:
         assert counts["ca-fingerprint"] == 1
 
         assert cluster.stop_agent(a) == 0 and cluster.stop_agent(b) == 0
-    assert time.monotonic() - started < 30
