@@ -41,6 +41,7 @@ from lab.probe import NetworkProbe
 from migrate.errors import ConfigError, MigrationError, PreflightError
 from migrate.files import check_output_dir
 from migrate.report import MigrationReport
+from migrate.vmdef import NicDef, VmDefinition
 
 VM_NAME = "demo"
 _KERNEL_TROUBLE = re.compile(r"(BUG:|Oops|Kernel panic|general protection|soft lockup)")
@@ -62,18 +63,17 @@ class ClusterDemoResult:
 def definition_json(config: DemoConfig, spec_args: Any) -> dict[str, Any]:
     """The lab guest as an agent's VM definition (its NIC on the host's bridge)."""
     spec = spec_args
-    return {
-        "version": 1,
-        "name": VM_NAME,
-        "memory_mib": spec.memory_mib,
-        "vcpus": spec.vcpus,
-        "cpu_model": spec.cpu_model,
-        "accelerator": spec.accelerator.value,
-        "kernel": str(spec.kernel),
-        "initrd": str(spec.initrd),
-        "append": spec.append,
-        "nics": [{"id": n.id, "mac": n.mac, "bridge": BRIDGE} for n in spec.nics],
-    }
+    return VmDefinition(
+        name=VM_NAME,
+        memory_mib=spec.memory_mib,
+        vcpus=spec.vcpus,
+        cpu_model=spec.cpu_model,
+        accelerator=spec.accelerator,
+        kernel=str(spec.kernel),
+        initrd=str(spec.initrd),
+        append=spec.append,
+        nics=tuple(NicDef(mac=n.mac, id=n.id, model=n.model, bridge=BRIDGE) for n in spec.nics),
+    ).to_dict()
 
 
 def _ok(cluster: LabCluster, host: LabHost, *args: str, timeout_s: float = 60.0) -> str:

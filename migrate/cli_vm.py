@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from migrate import cli_args
 from migrate.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_MIGRATION, EXIT_OK, print_json
-from migrate.errors import ConfigError, MigrationError
+from migrate.errors import MigrationError
 
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
@@ -120,17 +119,14 @@ def extend(sub: Any) -> None:
 
 def _create(args: argparse.Namespace) -> int:
     from migrate.agent.vmclient import call_local
-    from migrate.agent.vmdef import VmDefinition
+    from migrate.agent.vms import check_definition
+    from migrate.vmdef import VmDefinition
 
-    try:
-        data = json.loads(Path(args.definition).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {args.definition}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ConfigError(f"{args.definition} is not JSON: {exc}") from None
-    definition = VmDefinition.from_json(data)  # refused here in one line before any call
+    # refused here in one line before any call
+    definition = VmDefinition.load(Path(args.definition))
+    check_definition(definition)
     state = _state(args)
-    body = {"definition": definition.to_json(), "start": not args.no_start}
+    body = {"definition": definition.to_dict(), "start": not args.no_start}
     info = asyncio.run(call_local(state, "POST", "/v1/vms", body))
     sys.stdout.write(f"VM {definition.name} defined on node {info['node']}: {info['state']}\n")
     return EXIT_OK

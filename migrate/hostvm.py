@@ -85,6 +85,8 @@ async def launch_vm(
     netns: str | None = None,
     taps: Mapping[str, str] | None = None,
     qmp_tls: QmpTlsListen | None = None,
+    ram_file: Path | None = None,
+    extra_qmp_sockets: Sequence[Path] = (),
     binary: str = "qemu-system-x86_64",
     timeout_s: float = 30.0,
 ) -> HostVm:
@@ -94,6 +96,9 @@ async def launch_vm(
     backend without a ``dir``) ``ram``. ``taps`` maps NIC ids to existing taps on
     this host (default: each NIC's ``tap``; a NIC with a ``bridge`` needs one here:
     making taps is the host's job). ``netns`` runs QEMU in that network namespace.
+    ``ram_file`` is where a file RAM backend without a ``dir`` goes (default
+    ``state_dir/ram``). ``extra_qmp_sockets`` are more UNIX QMP monitors (QEMU
+    serves one client per monitor: an agent keeps one for itself).
     Returns once QMP answers. Raises :class:`QemuLaunchError` (exit code and
     QEMU's output) or :class:`ConfigError`; nothing is left running on failure.
     """
@@ -109,6 +114,8 @@ async def launch_vm(
     if definition.ram.backend is RamBackend.FILE:
         ram_dir = Path(definition.ram.dir) if definition.ram.dir else state_dir
         ram_path = ram_dir / f"{definition.name}.ram" if definition.ram.dir else state_dir / "ram"
+        if ram_file is not None and not definition.ram.dir:
+            ram_path = ram_file
     site = LaunchSite(
         qmp_socket=state_dir / "qmp.sock",
         serial_socket=None,
@@ -120,9 +127,17 @@ async def launch_vm(
         qmp_tls=qmp_tls,
     )
     pidfile = state_dir / "qemu.pid"
-    for stale in (site.qmp_socket, pidfile):
+    for stale in (site.qmp_socket, pidfile, *extra_qmp_sockets):
         stale.unlink(missing_ok=True)
-    argv = [*spec.qemu_argv(site), "-daemonize", "-pidfile", str(pidfile)]
+    if ram_path is not None and definition.ram.dir is None:
+        ram_path.unlink(missing_ok=True)  # a stale file of an earlier run
+    argv = spec.qemu_argv(site)
+    for n, sock in enumerate(extra_qmp_sockets):
+        argv += [
+            "-chardev", f"socket,id=qmpx{n},path={sock},server=on,wait=off",
+            "-mon", f"chardev=qmpx{n},mode=control",
+        ]  # fmt: skip
+    argv += ["-daemonize", "-pidfile", str(pidfile)]
     full = ["ip", "netns", "exec", netns, *argv] if netns else argv
     # -daemonize: the parent exits once QEMU is set up (QMP socket listening) and
     # reports any start-up error on its stderr before it does.
@@ -214,6 +229,21 @@ async def _wait_gone(pid: int, timeout_s: float) -> bool:
 
 
 # --- adopt -----------------------------------------------------------------------------
+
+
+def nics_on_bridges(definition: VmDefinition, bridge_of: Mapping[str, str]) -> VmDefinition:
+    """``definition`` with each tap NIC turned into a NIC on the bridge its tap is
+    enslaved to (``bridge_of``: ifname → bridge), so another host can make its own
+    tap. Raises :class:`ConfigError` for a tap on no bridge."""
+    nics = []
+    for nic in definition.nics:
+        if nic.tap is not None:
+            bridge = bridge_of.get(nic.tap)
+            if bridge is None:
+                raise ConfigError(f"tap {nic.tap} of NIC {nic.id!r} is on no bridge")
+            nic = replace(nic, tap=None, bridge=bridge)
+        nics.append(nic)
+    return replace(definition, nics=tuple(nics))
 
 
 async def adopt_vm(qmp_socket: Path, timeout_s: float = 5.0) -> HostVm:

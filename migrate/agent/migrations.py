@@ -271,7 +271,7 @@ async def _run(ctx: AgentContext, run: MigrationRun, address: str) -> None:
                     raise VmError(f"VM {vm!r} stopped")
                 prep = await client.post_json(
                     address, f"/v1/vms/{vm}/incoming",
-                    {"definition": definition.to_json(), "source": ctx.identity.name},
+                    {"definition": definition.to_dict(), "source": ctx.identity.name},
                 )  # fmt: skip
                 prepared = True
                 run.notice(

@@ -4,9 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
+from migrate.schema import vm_definition_schema
+
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _definition_schemas() -> dict[str, Any]:
+    """``VmDefinition`` and its parts, from docs/schema/vm-definition.json's source
+    (:func:`migrate.schema.vm_definition_schema`), refs pointed at the components."""
+    schema = vm_definition_schema()
+    parts = schema.pop("$defs", {})
+    for key in ("$schema", "$id"):
+        schema.pop(key, None)
+    schema["description"] = (
+        "docs/schema/vm-definition.json (migrate.vmdef). Paths are read on the host that "
+        "starts the VM; agents take a file RAM backend and NICs on bridges only."
+    )
+
+    def relink(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" else relink(v))
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [relink(v) for v in value]
+        return value
+
+    return {"VmDefinition": relink(schema), **{k: relink(v) for k, v in parts.items()}}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -24,39 +51,7 @@ _ERRORS = {
 _B64 = {"type": "string", "contentEncoding": "base64"}
 
 SCHEMAS: dict[str, Any] = {
-    "VmDefinition": {
-        "type": "object",
-        "description": "docs/agent.md, 'VM definitions'. Paths are read on the host that starts the VM.",
-        "required": ["name", "memory_mib"],
-        "additionalProperties": False,
-        "properties": {
-            "version": {"const": 1},
-            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$", "maxLength": 64},
-            "memory_mib": {"type": "integer", "minimum": 16},
-            "vcpus": {"type": "integer", "minimum": 1},
-            "cpu_model": {"type": "string"},
-            "accelerator": {"enum": ["tcg", "kvm"]},
-            "machine": {"type": "string"},
-            "kernel": {"type": ["string", "null"]},
-            "initrd": {"type": ["string", "null"]},
-            "append": {"type": "string"},
-            "nics": {
-                "type": "array",
-                "maxItems": 8,
-                "items": {
-                    "type": "object",
-                    "required": ["mac", "bridge"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "mac": {"type": "string"},
-                        "bridge": {"type": "string"},
-                        "model": {"type": "string"},
-                    },
-                },
-            },
-            "ram_backend": {"const": "shared-file"},
-        },
-    },
+    **_definition_schemas(),
     "Vm": {
         "type": "object",
         "required": ["name", "node", "definition", "state", "pid", "adopted"],

@@ -25,12 +25,12 @@ import numpy as np
 from aiohttp import web
 
 from migrate.agent.app import AgentContext, Refusal, Router, context, json_response, read_json
-from migrate.agent.vmdef import VmDefinition
 from migrate.agent.vms import VmError, VmManager
 from migrate.errors import ConfigError, LivemigError
 from migrate.integrity import MAX_REPAIR_PAGES
 from migrate.remoteram import RamOwner, encode_digest
 from migrate.validate import PLAIN_NAME
+from migrate.vmdef import VmDefinition
 
 #: Largest page-write body: the repair bound's pages, base64, and room for the JSON.
 MAX_PAGES_BODY = (MAX_REPAIR_PAGES * 4096 * 4) // 3 + (1 << 20)
@@ -107,7 +107,7 @@ async def create_vm(request: web.Request) -> web.Response:
     body = await read_json(request)
     vms = manager(context(request))
     try:
-        definition = VmDefinition.from_json(body.get("definition"))
+        definition = VmDefinition.from_dict(body.get("definition"))
     except ConfigError as exc:
         raise Refusal(400, f"bad VM definition: {exc}", "bad-request") from None
     start = body.get("start", True)
@@ -175,7 +175,7 @@ async def incoming(request: web.Request) -> web.Response:
     name = _name(request)
     body = await read_json(request)
     try:
-        definition = VmDefinition.from_json(body.get("definition"))
+        definition = VmDefinition.from_dict(body.get("definition"))
     except ConfigError as exc:
         raise Refusal(400, f"bad VM definition: {exc}", "bad-request") from None
     if definition.name != name:

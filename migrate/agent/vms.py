@@ -2,16 +2,18 @@
 
 Layout under the state directory::
 
-    vms/NAME/definition.json   the VM's definition (migrate.agent.vmdef), owned by this node
+    vms/NAME/definition.json   the VM's definition (migrate.vmdef JSON), owned by this node
     vms/NAME/run.json          the running QEMU: pid, sockets, RAM file, taps, state
     vms/NAME/qmp.sock          QMP for the engine (a migration's source side)
     vms/NAME/qmp-agent.sock    QMP for the agent's own questions (status, stop)
-    vms/NAME/serial.log        the guest's serial console (QEMU's chardev logfile)
-    vms/NAME/qemu.log          QEMU's output until it daemonized
+    vms/NAME/serial.log        the guest's serial console
+    vms/NAME/qemu.pid          QEMU's pid file
     vms/NAME/tls/              QEMU's tls-creds-x509 directory (from the node's certificate)
 
-Guest RAM is a ``memory-backend-file,share=on`` at ``/dev/shm/livemig-NODE-NAME.ram``.
-QEMU is started with ``-daemonize``: it leaves the agent's session and process
+QEMU is started, stopped and adopted by :mod:`migrate.hostvm`; this module adds
+the node's side: taps on the bridges a definition names, the records, the TLS relay.
+Guest RAM is a ``memory-backend-file,share=on`` at ``/dev/shm/livemig-NODE-NAME.ram``
+(unless the definition names a RAM ``dir``). QEMU is started with ``-daemonize``: it leaves the agent's session and process
 group, so an agent that stops (or is restarted, or killed) leaves its VMs running;
 the next agent re-adopts every VM whose ``run.json`` names a live QEMU
 (:meth:`VmManager.readopt`). An incoming VM (a migration's target) also serves QMP
@@ -23,24 +25,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from migrate import hostvm
 from migrate.agent.qmpproxy import QmpTlsProxy
-from migrate.agent.vmdef import VmDefinition, from_qemu_argv
-from migrate.errors import ConfigError, LivemigError
+from migrate.errors import ConfigError, LivemigError, QemuError
 from migrate.qmp import QmpSession, process_exited
 from migrate.tls import NodeCredentials, server_context, write_qemu_creds_dir
-from migrate.vmspec import LaunchSite
+from migrate.vmdef import RamBackend, VmDefinition
 
 VMS_DIR = "vms"
 RAM_DIR = Path("/dev/shm")
@@ -95,6 +97,17 @@ def _pid_alive(pid: int) -> bool:
     return pid > 0 and not process_exited(pid)
 
 
+def check_definition(definition: VmDefinition) -> None:
+    """What an agent needs beyond a valid definition: RAM it can map (a file
+    backend: the integrity check digests it, pagestream needs it) and NICs on
+    bridges (each host makes its own tap). Raises :class:`ConfigError`."""
+    if definition.ram.backend is not RamBackend.FILE:
+        raise ConfigError("agents run VMs with a file RAM backend only (ram.backend file)")
+    for nic in definition.nics:
+        if nic.bridge is None:
+            raise ConfigError(f"NIC {nic.id}: agents attach NICs to a bridge, not a fixed tap")
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -115,6 +128,11 @@ async def _ip(*args: str) -> None:
         raise VmError(f"`ip {' '.join(args)}` took over 10 s", 500) from None
     if proc.returncode != 0:
         raise VmError(f"`ip {' '.join(args)}`: {err.decode(errors='replace').strip()}", 500)
+
+
+def vm_run(vm: hostvm.HostVm, agent_socket: str) -> VmRun:
+    """A bare run record of a launched QEMU (for cleaning up after a failed launch)."""
+    return VmRun(vm.pid, str(vm.qmp_socket), agent_socket, str(vm.ram_path or ""))
 
 
 def bridges_of_taps() -> dict[str, str]:
@@ -171,7 +189,10 @@ class VmManager:
             raise VmError(f"no VM {name!r} on node {self.node!r}", 404) from None
         except (OSError, ValueError) as exc:
             raise VmError(f"cannot read {path}: {exc}", 500) from None
-        return VmDefinition.from_json(data)
+        try:
+            return VmDefinition.from_dict(data)
+        except ConfigError as exc:
+            raise VmError(f"cannot read {path}: {exc}", 500) from None
 
     def run(self, name: str) -> VmRun | None:
         path = self.dir(name) / "run.json"
@@ -193,7 +214,7 @@ class VmManager:
         os.replace(tmp, path)
 
     def save_definition(self, definition: VmDefinition) -> None:
-        self._write(self.dir(definition.name) / "definition.json", definition.to_json())
+        self._write(self.dir(definition.name) / "definition.json", definition.to_dict())
 
     def _save_run(self, name: str, run: VmRun | None) -> None:
         path = self.dir(name) / "run.json"
@@ -227,7 +248,7 @@ class VmManager:
         info: dict[str, Any] = {
             "name": name,
             "node": self.node,
-            "definition": definition.to_json(),
+            "definition": definition.to_dict(),
             "state": "stopped",
             "pid": None,
             "qemu_status": None,
@@ -259,6 +280,10 @@ class VmManager:
     # -- create / start / stop --------------------------------------------------------------
 
     def create(self, definition: VmDefinition) -> None:
+        try:
+            check_definition(definition)
+        except ConfigError as exc:
+            raise VmError(str(exc), 400) from None
         if self.exists(definition.name):
             raise VmError(f"VM {definition.name!r} already exists on node {self.node!r}")
         self.save_definition(definition)
@@ -275,66 +300,58 @@ class VmManager:
         return f"lm{digest[:10]}"
 
     async def launch(self, definition: VmDefinition, incoming: bool = False) -> VmRun:
-        """Start QEMU for ``definition`` on this host (``incoming``: ``-incoming defer
-        -S`` plus QMP over TCP+TLS on this node's address). Raises :class:`VmError`."""
+        """Start QEMU for ``definition`` on this host (:func:`migrate.hostvm.launch_vm`;
+        ``incoming``: ``-incoming defer -S`` plus QMP over TCP+TLS on this node's
+        address, relayed). Raises :class:`VmError`."""
         name = definition.name
+        try:
+            check_definition(definition)
+        except ConfigError as exc:
+            raise VmError(str(exc), 400) from None
         vm_dir = self.dir(name)
         vm_dir.mkdir(parents=True, exist_ok=True)
         qmp, agent_sock = vm_dir / "qmp.sock", vm_dir / "qmp-agent.sock"
         if len(str(agent_sock)) > _MAX_SOCKET_PATH:
             raise VmError(f"socket path {agent_sock} is too long for a UNIX socket", 500)
-        for stale in (qmp, agent_sock, vm_dir / "serial.sock", vm_dir / "qemu.pid"):
-            stale.unlink(missing_ok=True)
         ram = self.ram_path(name)
-        ram.unlink(missing_ok=True)
         taps: dict[str, str] = {}
-        run: VmRun | None = None
+        vm: hostvm.HostVm | None = None
         try:
             for nic in definition.nics:
+                assert nic.bridge is not None  # check_definition
                 tap = self._tap_name(name, nic.id)
                 with contextlib.suppress(VmError):
                     await _ip("link", "del", tap)
                 await _ip("tuntap", "add", "dev", tap, "mode", "tap")
                 taps[nic.id] = tap
                 await _ip("link", "set", tap, "master", nic.bridge, "up")
-            site = LaunchSite(
-                qmp_socket=qmp,
-                serial_socket=vm_dir / "serial.sock",
-                ram_path=ram,
-                taps=taps,
-                incoming=incoming,
-                paused=incoming,
-            )
-            argv = definition.spec().qemu_argv(site)
-            serial_log = vm_dir / "serial.log"
-            argv = [
-                a.replace(
-                    ",server=on,wait=on", f",server=on,wait=off,logfile={serial_log},logappend=on"
-                )
-                if a.startswith("socket,id=serial0,")
-                else a
-                for a in argv
-            ]
-            argv += [
-                "-chardev", f"socket,id=qmpagent,path={agent_sock},server=on,wait=off",
-                "-mon", "chardev=qmpagent,mode=control",
-                "-daemonize", "-pidfile", str(vm_dir / "qemu.pid"),
-            ]  # fmt: skip
             qmp_port = migration_port = None
             if incoming:
                 self.tls_dir(name)  # the target QEMU's creds for the migration stream
                 migration_port = free_port(self.host)
-            pid = await self._spawn(argv, vm_dir / "qemu.log")
+            try:
+                vm = await hostvm.launch_vm(
+                    definition,
+                    vm_dir,
+                    incoming=incoming,
+                    paused=incoming,
+                    taps=taps,
+                    ram_file=ram,
+                    extra_qmp_sockets=(agent_sock,),
+                    timeout_s=LAUNCH_TIMEOUT_S,
+                )
+            except (QemuError, ConfigError) as exc:
+                raise VmError(str(exc), 500) from None
             if incoming:
                 proxy = QmpTlsProxy(self.host, qmp, server_context(self.creds()), self.log)
                 qmp_port = await proxy.start()
                 self.proxies[name] = proxy
             run = VmRun(
-                pid=pid,
+                pid=vm.pid,
                 qmp_socket=str(qmp),
                 agent_socket=str(agent_sock),
-                ram_path=str(ram),
-                serial_log=str(serial_log),
+                ram_path=str(vm.ram_path or ""),
+                serial_log=str(vm.serial_log) if vm.serial_log else None,
                 taps=taps,
                 incoming=incoming,
                 qmp_tcp_port=qmp_port,
@@ -343,57 +360,36 @@ class VmManager:
             self._save_run(name, run)
         except BaseException:
             await self.close_proxy(name)
-            pidfile = vm_dir / "qemu.pid"
-            if pidfile.exists():
-                with contextlib.suppress(ValueError, OSError):
-                    await self._terminate(
-                        VmRun(int(pidfile.read_text()), str(qmp), str(agent_sock), str(ram))
-                    )
+            if vm is not None:
+                with contextlib.suppress(QemuError):
+                    await self._terminate(definition, vm_run(vm, str(agent_sock)))
             await self._cleanup(name, VmRun(0, "", "", str(ram), taps=taps))
             raise
         self.log.info("VM %s started (pid %d%s)", name, run.pid, ", incoming" if incoming else "")
         return run
 
-    async def _spawn(self, argv: list[str], log_path: Path) -> int:
-        with log_path.open("ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True,
-            )  # fmt: skip
-        try:
-            code = await asyncio.wait_for(proc.wait(), LAUNCH_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            raise VmError(f"QEMU did not start within {LAUNCH_TIMEOUT_S:g} s", 500) from None
-        pidfile = log_path.with_name("qemu.pid")
-        if code != 0 or not pidfile.exists():
-            text = log_path.read_text(errors="replace").strip().splitlines()
-            last = text[-1] if text else f"exit code {code}"
-            raise VmError(f"QEMU did not start: {last}", 500)
-        return int(pidfile.read_text().strip())
+    def _host_vm(self, definition: VmDefinition, run: VmRun) -> hostvm.HostVm:
+        """The run record as :mod:`migrate.hostvm` sees it; QMP is the agent's own
+        monitor (the engine may hold the other)."""
+        return hostvm.HostVm(
+            definition=definition,
+            pid=run.pid,
+            qmp_socket=Path(run.agent_socket),
+            ram_path=Path(run.ram_path) if run.ram_path else None,
+            state_dir=None if run.adopted else self.dir(definition.name),
+            serial_log=Path(run.serial_log) if run.serial_log else None,
+            argv=(),
+            adopted=run.adopted,
+        )
 
-    async def _terminate(self, run: VmRun) -> None:
-        """``quit`` over the agent's QMP, then SIGTERM, then SIGKILL."""
+    async def _terminate(self, definition: VmDefinition, run: VmRun) -> None:
+        """``quit`` over the agent's QMP, then SIGTERM, then SIGKILL (hostvm.stop_vm)."""
         if not _pid_alive(run.pid):
             return
-        with contextlib.suppress(LivemigError, OSError):
-            session = await QmpSession.connect(run.agent_socket, "agent", 2.0)
-            try:
-                await session.execute("quit", timeout=2.0)
-            finally:
-                await session.close()
-        for sig, wait in ((None, 3.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-            if sig is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(run.pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _pid_alive(run.pid):
-                await asyncio.sleep(0.05)
-            if not _pid_alive(run.pid):
-                return
-        raise VmError(f"QEMU pid {run.pid} did not exit", 500)
+        try:
+            await hostvm.stop_vm(self._host_vm(definition, run), timeout_s=STOP_TIMEOUT_S)
+        except QemuError as exc:
+            raise VmError(str(exc), 500) from None
 
     async def _cleanup(self, name: str, run: VmRun) -> None:
         """Remove what a stopped QEMU leaves: its taps, RAM file and sockets (not an
@@ -418,7 +414,7 @@ class VmManager:
         run = self.run(name)
         if run is None:
             raise VmError(f"VM {name!r} is not running on node {self.node!r}")
-        await self._terminate(run)
+        await self._terminate(self.definition(name), run)
         await self._cleanup(name, run)
         self.log.info("VM %s stopped", name)
 
@@ -426,7 +422,11 @@ class VmManager:
         """Stop the VM if it runs and drop its definition and files (it lives elsewhere now)."""
         run = self.run(name)
         if run is not None:
-            await self._terminate(run)
+            with contextlib.suppress(VmError):
+                definition = self.definition(name)
+                await self._terminate(definition, run)
+            if _pid_alive(run.pid):
+                raise VmError(f"QEMU pid {run.pid} did not exit", 500)
             await self._cleanup(name, run)
         shutil.rmtree(self.dir(name), ignore_errors=True)
         self.locks.pop(name, None)
@@ -434,59 +434,35 @@ class VmManager:
     # -- adopt / re-adopt -------------------------------------------------------------------
 
     async def adopt(self, qmp_socket: Path, name: str | None = None) -> VmDefinition:
-        """Take over a QEMU started elsewhere, reached at ``qmp_socket``: its definition
-        from its command line, its pid from the socket's peer. Raises :class:`VmError`."""
+        """Take over a QEMU started elsewhere, reached at ``qmp_socket``
+        (:func:`migrate.hostvm.adopt_vm`: its pid from the socket's peer, its
+        definition from its command line; each tap NIC becomes a NIC on its tap's
+        bridge). Raises :class:`VmError`."""
+        if not qmp_socket.exists():
+            raise VmError(f"cannot reach a QEMU at {qmp_socket}: no such socket", 400)
         try:
-            session = await QmpSession.connect(qmp_socket, "adopt", QMP_TIMEOUT_S)
-        except LivemigError as exc:
-            raise VmError(f"cannot reach a QEMU at {qmp_socket}: {exc}", 400) from None
-        try:
-            pid = session.peer_pid
-            await session.status(timeout=QMP_TIMEOUT_S)
-        finally:
-            await session.close()
-        if pid is None:
-            raise VmError(f"cannot tell which process serves {qmp_socket}", 400)
-        argv = _cmdline(pid)
-        try:
-            definition = from_qemu_argv(argv, bridges_of_taps())
+            vm = await hostvm.adopt_vm(qmp_socket, QMP_TIMEOUT_S)
+            definition = hostvm.nics_on_bridges(vm.definition, bridges_of_taps())
+            if name is not None and name != definition.name:
+                definition = dataclasses.replace(definition, name=name)
+            check_definition(definition)
         except ConfigError as exc:
             raise VmError(f"cannot adopt the QEMU at {qmp_socket}: {exc}", 400) from None
-        if name is not None and name != definition.name:
-            definition = VmDefinition.from_json({**definition.to_json(), "name": name})
+        except LivemigError as exc:
+            raise VmError(f"cannot reach a QEMU at {qmp_socket}: {exc}", 400) from None
         if self.exists(definition.name):
             raise VmError(f"VM {definition.name!r} already exists on node {self.node!r}")
-        ram = next(
-            (
-                part.split("=", 1)[1]
-                for a in argv
-                if a.startswith("memory-backend-file")
-                for part in a.split(",")
-                if part.startswith("mem-path=")
-            ),
-            "",
-        )
-        serial = next(
-            (
-                part.split("=", 1)[1]
-                for a in argv
-                if a.startswith("socket,id=serial0")
-                for part in a.split(",")
-                if part.startswith("logfile=")
-            ),
-            None,
-        )
         self.save_definition(definition)
         run = VmRun(
-            pid=pid,
+            pid=vm.pid,
             qmp_socket=str(qmp_socket),
             agent_socket=str(qmp_socket),
-            ram_path=ram,
-            serial_log=serial,
+            ram_path=str(vm.ram_path or ""),
+            serial_log=str(vm.serial_log) if vm.serial_log else None,
             adopted=True,
         )
         self._save_run(definition.name, run)
-        self.log.info("VM %s adopted (pid %d, QMP %s)", definition.name, pid, qmp_socket)
+        self.log.info("VM %s adopted (pid %d, QMP %s)", definition.name, vm.pid, qmp_socket)
         return definition
 
     def readopt(self) -> list[str]:

@@ -178,13 +178,15 @@ def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: 
             )
             assert bad.returncode == 1 and "no node of the cluster has a VM 'ghost'" in bad.stderr
 
-            # Adopt a QEMU started by hand on host A (shared-file RAM, a QMP socket).
+            # Adopt a QEMU started by hand on host A (shared-file RAM, a QMP socket; a
+            # kernel: a definition needs something to boot).
             sock = tmp_path / "hand.qmp"
             ram = Path("/dev/shm") / f"livemig-test-hand-{os.getpid()}.ram"
             hand = subprocess.run(
                 lab.netns_argv(a.netns, [
                     "qemu-system-x86_64", "-name", "hand", "-nodefaults", "-display", "none",
-                    "-m", "64M", "-object", f"memory-backend-file,id=ram0,size=64M,mem-path={ram},share=on",
+                    "-m", "64M", "-kernel", str(spec.kernel),
+                    "-object", f"memory-backend-file,id=ram0,size=64M,mem-path={ram},share=on",
                     "-machine", "pc,memory-backend=ram0", "-S",
                     "-chardev", f"socket,id=m,path={sock},server=on,wait=off",
                     "-mon", "chardev=m,mode=control", "-daemonize",

@@ -1,9 +1,10 @@
-"""Agent-owned VMs without QEMU: definitions, adoption's command-line reading, migrate
+"""Agent-owned VMs without QEMU: what an agent takes, adoption's command-line reading, migrate
 options, and the VM/migration routes' refusals through a real in-process agent (mTLS)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -16,65 +17,70 @@ from migrate.agent.client import AgentClient
 from migrate.agent.metrics import AgentMetrics
 from migrate.agent.migrations import MigrateOptions
 from migrate.agent.tlsgate import GatedTLSSite
-from migrate.agent.vmdef import VmDefinition, from_qemu_argv
+from migrate.agent.vms import check_definition
 from migrate.cluster import pki, tls
 from migrate.cluster.address import parse_address
 from migrate.cluster.errors import AgentRefused
 from migrate.cluster.state import Member, NodeIdentity, StateDir, create_cluster
 from migrate.errors import ConfigError
+from migrate.hostvm import nics_on_bridges, parse_qemu_argv
+from migrate.vmdef import NicDef, RamBackend, RamDef, VmDefinition
 from migrate.vmspec import LaunchSite
 
-DEFINITION = {
-    "version": 1,
-    "name": "web1",
-    "memory_mib": 128,
-    "vcpus": 2,
-    "cpu_model": "qemu64,+ssse3",
-    "accelerator": "tcg",
-    "machine": "pc",
-    "kernel": "/srv/vmlinuz",
-    "initrd": "/srv/initrd",
-    "append": "console=ttyS0 quiet",
-    "nics": [
-        {"id": "net0", "mac": "52:54:00:00:00:01", "bridge": "br0", "model": "virtio-net-pci"}
-    ],
-    "ram_backend": "shared-file",
-}
+DEFINITION = VmDefinition(
+    name="web1",
+    memory_mib=128,
+    vcpus=2,
+    cpu_model="qemu64,+ssse3",
+    kernel="/srv/vmlinuz",
+    initrd="/srv/initrd",
+    append="console=ttyS0 quiet",
+    nics=(NicDef("52:54:00:00:00:01", "net0", bridge="br0"),),
+).to_dict()
 
 
-def test_definition_round_trip_and_refusals() -> None:
-    definition = VmDefinition.from_json(DEFINITION)
-    assert definition.to_json() == DEFINITION
+def test_agents_take_file_ram_and_bridge_nics_only() -> None:
+    definition = VmDefinition.from_dict(DEFINITION)
+    check_definition(definition)
     for bad, needle in (
-        ({**DEFINITION, "disks": []}, "unknown VM definition field"),
-        ({**DEFINITION, "version": 2}, "version 2"),
-        ({**DEFINITION, "memory_mib": 1}, "memory_mib"),
-        ({**DEFINITION, "kernel": "vmlinuz"}, "absolute path"),
-        ({**DEFINITION, "nics": [{"mac": "XX", "bridge": "br0"}]}, "MAC"),
-        ({**DEFINITION, "nics": [{"mac": "52:54:00:00:00:01", "bridge": "br 0"}]}, "bridge"),
-        ({**DEFINITION, "ram_backend": "anonymous"}, "shared-file"),
-        ({"name": "x"}, "memory_mib"),
-        ([], "JSON object"),
+        ({**DEFINITION, "ram": {"backend": "anonymous"}}, "file RAM backend"),
+        (
+            {**DEFINITION, "nics": [{"mac": "52:54:00:00:00:01", "tap": "tap7"}]},
+            "not a fixed tap",
+        ),
     ):
         with pytest.raises(ConfigError, match=needle):
-            VmDefinition.from_json(bad)
+            check_definition(VmDefinition.from_dict(bad))
 
 
-def test_adoption_reads_back_what_the_launcher_wrote() -> None:
-    definition = VmDefinition.from_json(DEFINITION)
+def test_adoption_reads_back_what_the_agent_launched() -> None:
+    """The agent's argv (hostvm's, plus its own QMP monitor) parsed back by
+    hostvm.parse_qemu_argv; taps become NICs on their bridges again."""
+    definition = VmDefinition.from_dict(DEFINITION)
     site = LaunchSite(
         qmp_socket=Path("/run/q.sock"),
-        serial_socket=Path("/run/s.sock"),
+        serial_socket=None,
+        serial_log=Path("/run/serial.log"),
         ram_path=Path("/dev/shm/x.ram"),
         taps={"net0": "tap7"},
     )
-    argv = definition.spec().qemu_argv(site)
-    assert from_qemu_argv(argv, {"tap7": "br0"}) == definition
+    argv = [
+        *definition.spec().qemu_argv(site),
+        "-chardev", "socket,id=qmpx0,path=/run/a.sock,server=on,wait=off",
+        "-mon", "chardev=qmpx0,mode=control",
+        "-daemonize", "-pidfile", "/run/qemu.pid",
+    ]  # fmt: skip
+    parsed = parse_qemu_argv(argv)
+    assert parsed.qmp_sockets == (Path("/run/q.sock"), Path("/run/a.sock"))
+    adopted = nics_on_bridges(parsed.definition, {"tap7": "br0"})
+    assert adopted == definition
+    check_definition(adopted)
     with pytest.raises(ConfigError, match="on no bridge"):
-        from_qemu_argv(argv, {})
-    plain = [a for a in argv if "memory-backend-file" not in a]
-    with pytest.raises(ConfigError, match="share=on"):
-        from_qemu_argv(plain, {"tap7": "br0"})
+        nics_on_bridges(parsed.definition, {})
+    anonymous = dataclasses.replace(definition, ram=RamDef(backend=RamBackend.ANONYMOUS))
+    plain = parse_qemu_argv(anonymous.spec().qemu_argv(site)).definition
+    with pytest.raises(ConfigError, match="file RAM backend"):
+        check_definition(nics_on_bridges(plain, {"tap7": "br0"}))
 
 
 def test_migrate_options() -> None:
@@ -129,7 +135,7 @@ def test_vm_and_migration_routes_refuse_in_one_line(tmp_path: Path) -> None:
                         "/v1/vms",
                         {"definition": {"name": "x"}},
                         400,
-                        "needs name and memory_mib",
+                        "missing field 'memory_mib'",
                     ),
                     ("POST", "/v1/vms/ghost/migrate", {"to": "b"}, 404, "no VM 'ghost'"),
                     ("POST", "/v1/vms/ghost/start", {}, 404, "no VM 'ghost'"),
@@ -148,7 +154,7 @@ def test_vm_and_migration_routes_refuse_in_one_line(tmp_path: Path) -> None:
                     assert needle in str(caught.value), (path, caught.value)
                     assert "\n" not in str(caught.value)
                 # A defined, stopped VM: migrate refuses before anything starts.
-                ctx.services["vms"].create(VmDefinition.from_json(DEFINITION))
+                ctx.services["vms"].create(VmDefinition.from_dict(DEFINITION))
                 with pytest.raises(AgentRefused, match="not running on node 'a'"):
                     await client.post_json(address, "/v1/vms/web1/migrate", {"to": "b"})
                 shown = await client.get_json(address, "/v1/vms/web1")

@@ -45,6 +45,10 @@ def test_json_round_trip_and_schema() -> None:
     minimal = {"name": "vm", "memory_mib": 64, "kernel": "/k"}
     validate_vm_definition(minimal)
     assert VmDefinition.from_dict(minimal).ram == RamDef()
+    bridged = dataclasses.replace(definition, nics=(NicDef("52:54:00:00:00:01", bridge="br0"),))
+    assert VmDefinition.from_dict(json.loads(bridged.to_json())) == bridged
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        VmDefinition.from_dict([])
 
 
 @pytest.mark.parametrize(
@@ -64,6 +68,7 @@ def test_json_round_trip_and_schema() -> None:
         (lambda d: d["disks"][1].update(id="disk0"), "duplicate disks ids"),
         (lambda d: d["nics"][0].update(mac="52:54:00:12:34:5G"), r"nics\[0\].mac"),
         (lambda d: d["nics"][0].update(bridge="br0"), r"nics\[0\] needs exactly one of"),
+        (lambda d: d["nics"][0].update(tap=None, bridge="br 0"), r"nics\[0\].bridge"),
         (lambda d: d["nics"][1].update(extra=1), r"nics\[1\]: unknown field 'extra'"),
         (lambda d: d.update(nics={}), "nics must be a list"),
         (lambda d: d.update(ram={"backend": "file", "share": False}), "share must be true"),
