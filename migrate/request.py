@@ -168,9 +168,12 @@ class MigrationHooks:
     ``before_target_resume`` runs once the target has loaded the VM, paused, before
     the integrity check and ``cont``. ``point_of_no_return`` runs right before
     ``cont`` goes to the target (synchronously: a journal records it there).
+    ``after_disks_ready`` runs once every local disk's mirror is READY, before the
+    background disk comparison starts.
     """
 
     before_target_resume: Callable[[], Awaitable[None]] | None = None
+    after_disks_ready: Callable[[], Awaitable[None]] | None = None
     point_of_no_return: Callable[[], None] | None = None
 
 

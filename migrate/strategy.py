@@ -312,6 +312,8 @@ class StrategyRun:
             # After a post-copy switch the VM already runs on the target: no switchover.
             self.phase.advance(Phase.SWITCHOVER)
         await self._switchover(src_log, tgt_log)
+        for note in await self.disks.close_checks():  # verify removed them unless skipped
+            self.events.notice(note)
         self.phase.advance(Phase.COMPLETED)
         self._on_completed()
         if self.request.quit_source:

@@ -27,6 +27,7 @@ from migrate.disks.images import remove_image
 from migrate.disks.integrity import DiskComparison, compare_images
 from migrate.disks.mirror import CopyMode, NbdAddress, NbdMirror
 from migrate.disks.model import DiskMode, DiskPlacement
+from migrate.disks.quickcheck import QuickCheck
 from migrate.disks.replica_mirror import ReplicaUse, detect_replicas
 from migrate.errors import ConfigError
 from migrate.events import DiskCopy, DiskProgress, EventBus
@@ -63,6 +64,7 @@ class MigrationDisks:
         self.removed: list[str] = []
         self._last_progress = 0.0
         self.replicas: dict[str, ReplicaUse] = {}
+        self.checks: dict[str, QuickCheck] = {}
 
     async def classify(self) -> Classification:
         src, dst = await block_disks(self.source), await block_disks(self.target)
@@ -152,6 +154,24 @@ class MigrationDisks:
                 f"disk {job.placement.name}: mirror READY, {job.bytes} bytes copied in "
                 f"{(self.mirror.ready_ms(job) or 0) / 1e3:.1f} s"
             )
+        if self.request.hooks.after_disks_ready is not None:
+            await self.request.hooks.after_disks_ready()
+        # Compare now, the guest running (the mirrors keep both images in step); the
+        # downtime re-checks only what the guest writes from here on.
+        for placement in self.mirror.placements:
+            assert placement.target is not None
+            check = QuickCheck(self.source, placement.source.node_name, placement.name,
+                               placement.source.path, placement.target.path)  # fmt: skip
+            self.checks[placement.name] = check
+            await check.start()
+            background = check.background
+            self.notice(
+                f"disk {placement.name}: compared in the background, {background.compared} "
+                f"bytes in {background.ms:.0f} ms, {len(background.differed)} chunk range(s) "
+                "to re-check"
+                if background is not None
+                else f"disk {placement.name}: {check.problem}; the downtime compares it in full"
+            )
 
     def _progress(self, state: dict[str, tuple[int, int]]) -> None:
         now = time.monotonic()
@@ -184,9 +204,13 @@ class MigrationDisks:
             return IntegrityResult(Integrity.UNCHECKED, "no disk copied")
         for placement in self.mirror.placements:
             assert placement.target is not None
-            result = await compare_images(
-                placement.name, placement.source.path, placement.target.path
-            )
+            check = self.checks.pop(placement.name, None)
+            if check is not None:
+                result = await check.verify()
+            else:
+                result = await compare_images(
+                    placement.name, placement.source.path, placement.target.path
+                )
             self.comparisons[placement.name] = result
         verdicts = [c.integrity for c in self.comparisons.values()]
         worst = (
@@ -202,7 +226,19 @@ class MigrationDisks:
     # -- failure ------------------------------------------------------------------------
 
     async def abort(self) -> list[str]:
-        return await self.mirror.abort() if self.mirror is not None else []
+        notes = []
+        for check in self.checks.values():
+            notes += await check.close()
+        self.checks.clear()
+        return notes + (await self.mirror.abort() if self.mirror is not None else [])
+
+    async def close_checks(self) -> list[str]:
+        """Remove what the background comparisons left on the source (bitmaps)."""
+        notes = []
+        for check in self.checks.values():
+            notes += await check.close()
+        self.checks.clear()
+        return notes
 
     def remove_target_images(self) -> list[str]:
         """Remove the target's copies of mirrored disks (call once its QEMU is gone)."""

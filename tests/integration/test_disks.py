@@ -122,8 +122,10 @@ def test_abort_mid_mirror_leaves_vm_and_disk_on_source(tmp_path: Path) -> None:
 
 
 def test_disk_that_differs_keeps_the_vm_on_the_source(tmp_path: Path) -> None:
-    """A byte of the target's copy changed after the mirror completed, before resume:
-    the comparison catches it, the VM stays on the source, the target copy goes."""
+    """A byte of the target's copy changed behind QEMU's back once its mirror is READY
+    (before the background comparison: a change the guest did not write is not in
+    the source's dirty bitmap): the comparison catches it, the VM stays on the
+    source, the target copy goes."""
     seen: dict[str, object] = {}
 
     async def migrate(pair: LabPair) -> MigrationReport:
@@ -145,7 +147,7 @@ def test_disk_that_differs_keeps_the_vm_on_the_source(tmp_path: Path) -> None:
             target=HostEndpoint("host-b", pair.target.site.qmp_socket, pair.migration_uri),
             vm=pair.spec.name,
             with_local_disks=True,
-            hooks=MigrationHooks(before_target_resume=corrupt),
+            hooks=MigrationHooks(after_disks_ready=corrupt),
         )
         migration = Migration(request, source=pair.source.qmp, target=pair.target.qmp,
                               events=EventBus())  # fmt: skip
