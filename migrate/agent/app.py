@@ -132,15 +132,16 @@ def peer(request: web.Request) -> Peer | None:
     return value if isinstance(value, Peer) else None
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object body, bounded; raises :class:`Refusal` (400/413)."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes", "bad-request")
+async def read_json(request: web.Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The request's JSON object body, at most ``limit`` bytes; raises
+    :class:`Refusal` (400/413)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise Refusal(413, f"body larger than {limit} bytes", "bad-request")
     raw = bytearray()  # read() returns what has arrived, not the whole body
-    while len(raw) <= MAX_BODY_BYTES and (chunk := await request.content.read(1 << 16)):
+    while len(raw) <= limit and (chunk := await request.content.read(1 << 16)):
         raw += chunk
-    if len(raw) > MAX_BODY_BYTES:
-        raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes", "bad-request")
+    if len(raw) > limit:
+        raise Refusal(413, f"body larger than {limit} bytes", "bad-request")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -287,21 +286,6 @@ def encode_pages(pages: np.ndarray[Any, Any]) -> str:
     return base64.b64encode(np.asarray(pages).astype("<i8").tobytes()).decode()
 
 
-async def _body(request: web.Request, limit: int) -> dict[str, Any]:
-    raw = bytearray()
-    while chunk := await request.content.read(1 << 16):  # read() may return part of it
-        raw += chunk
-        if len(raw) > limit:
-            raise Refusal(413, f"body larger than {limit} bytes", "bad-request")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise Refusal(400, "body is not JSON", "bad-request") from None
-    if not isinstance(body, dict):
-        raise Refusal(400, "body is not a JSON object", "bad-request")
-    return body
-
-
 async def ram_digest(request: web.Request) -> web.Response:
     vms = manager(context(request))
     path = _ram_path(vms, _name(request))
@@ -316,7 +300,7 @@ async def ram_digest(request: web.Request) -> web.Response:
 async def ram_page_hashes(request: web.Request) -> web.Response:
     vms = manager(context(request))
     path = _ram_path(vms, _name(request))
-    pages = _pages((await _body(request, MAX_HASH_BODY)).get("pages"))
+    pages = _pages((await read_json(request, MAX_HASH_BODY)).get("pages"))
     try:
         async with RamOwner(path) as owner:
             hashes = await owner.page_hashes(pages)
@@ -331,7 +315,7 @@ async def ram_write_pages(request: web.Request) -> web.Response:
     name = _name(request)
     _target(vms, name)
     path = _ram_path(vms, name)
-    body = await _body(request, MAX_PAGES_BODY)
+    body = await read_json(request, MAX_PAGES_BODY)
     pages = _pages(body.get("pages"))
     try:
         data = base64.b64decode(str(body.get("data", "")), validate=True)
