@@ -313,6 +313,13 @@ class LibvirtRun:
         if decision.has(Abort):
             self._record(decision.settled(Outcome.APPLIED, "abortJob"))
             raise MigrationAborted(decision.reason)
+        if decision.has(StartPostcopy) and self.phase.phase is Phase.SWITCHOVER:
+            # The source already stopped for the ordinary switchover: there is no
+            # pre-copy left to turn into post-copy.
+            self._record(
+                decision.settled(Outcome.REJECTED, "too late: the switchover already began")
+            )
+            return
         settled = await asyncio.to_thread(
             settle_live, decision, self._ctl_domain, self.postcopy_armed
         )

@@ -288,6 +288,9 @@ def test_plan_cpu_ctrl_c_and_postcopy_on_one_running_domain(
     async def postcopy() -> None:
         target = DomainConsole(b, spec.name)
         attach = asyncio.create_task(target.attach(120))
+        # A capped link keeps pre-copy going until the switch to post-copy is asked
+        # for (uncapped, a quiet machine may converge first and switch over normally).
+        lab.set_bandwidth(100)
         try:
             migration = LibvirtMigration(lab_request(daemons, spec.name, config))
             await migration.start()
@@ -314,6 +317,7 @@ def test_plan_cpu_ctrl_c_and_postcopy_on_one_running_domain(
             assert check.startswith("ok: memdirty"), check
             assert await guest_answers(lab, guest_ip) > 0
         finally:
+            lab.set_bandwidth(None)
             attach.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, OSError):
                 await attach
