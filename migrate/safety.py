@@ -300,6 +300,9 @@ class RollbackResult:
     notes: list[str]
     unknown: str | None = None
     lost: bool = False
+    #: The target QEMU answered ``quit`` (or is proven gone): it will not run the VM
+    #: nor write its images any more, though it may still be exiting.
+    target_stopped: bool = False
 
 
 async def rollback(
@@ -338,11 +341,11 @@ async def rollback(
         return _finish(RollbackResult(notes, lost=True), events)
     target_dead = await _stop_target(target, notes)
     if not was_running:
-        return _finish(RollbackResult(notes), events)
+        return _finish(RollbackResult(notes, target_stopped=target_dead), events)
     source_state = await _runstate(source)
     if source_state == "running":
         notes.append("the VM kept running on the source")
-        return _finish(RollbackResult(notes), events)
+        return _finish(RollbackResult(notes, target_stopped=target_dead), events)
     if not target_dead:
         why = "the target could not be stopped or proven gone and the source is stopped"
         return _finish(RollbackResult(notes, await _describe_unknown(source, target, why)), events)
@@ -354,8 +357,13 @@ async def rollback(
         await source.execute("announce-self", ANNOUNCE_NOW)
     except QemuError as exc:
         notes.append(f"could not resume the source: {exc}")
-        return _finish(RollbackResult(notes, f"could not resume the source: {exc}"), events)
-    return _finish(RollbackResult(notes), events)
+        return _finish(
+            RollbackResult(
+                notes, f"could not resume the source: {exc}", target_stopped=target_dead
+            ),
+            events,
+        )
+    return _finish(RollbackResult(notes, target_stopped=target_dead), events)
 
 
 def _finish(result: RollbackResult, events: EventBus) -> RollbackResult:

@@ -256,7 +256,11 @@ class StrategyRun:
                 )
                 self.unknown = back.unknown
                 lost = back.lost
-                if back.unknown is None and await asyncio.shield(self.target.gone()) is True:
+                if back.unknown is None and (
+                    back.target_stopped or await asyncio.shield(self.target.gone()) is True
+                ):
+                    # A QEMU that answered `quit` may still be exiting; unlinking the
+                    # image it still holds open is safe (it writes nothing more).
                     back.notes += self.disks.remove_target_images()
                 self.phase.advance(failure_phase(exc))
                 notes = back.notes + ([back.unknown] if back.unknown else [])
