@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,20 @@ def data_ranges(*maps: list[Extent]) -> list[tuple[int, int]]:
     return merged
 
 
+def _chunk_pairs(
+    ranges: list[tuple[int, int]], src: _Reader, dst: _Reader, chunk_bytes: int
+) -> Iterator[tuple[int, int, bytes, bytes]]:
+    """``(offset, length, source bytes, target bytes)`` chunk by chunk over ``ranges``."""
+    for lo, hi in ranges:
+        for pos in range(lo, hi, chunk_bytes):
+            n = min(chunk_bytes, hi - pos)
+            yield pos, n, src.read(pos, n), dst.read(pos, n)
+
+
+def _differ(a: bytes, b: bytes) -> bool:
+    return hashlib.sha256(a).digest() != hashlib.sha256(b).digest()
+
+
 def compare_mapped(
     name: str,
     source: Path,
@@ -100,20 +115,17 @@ def compare_mapped(
     dst = _Reader(target, target_map, target_chain)
     compared = 0
     try:
-        for lo, hi in ranges:
-            for pos in range(lo, hi, chunk_bytes):
-                n = min(chunk_bytes, hi - pos)
-                a, b = src.read(pos, n), dst.read(pos, n)
-                compared += n
-                if hashlib.sha256(a).digest() != hashlib.sha256(b).digest():
-                    at = pos + next(i for i in range(n) if a[i] != b[i])
-                    return DiskComparison(
-                        name,
-                        Integrity.FAILED,
-                        f"differs at guest offset {at} (source {source}, target {target})",
-                        compared,
-                        at,
-                    )
+        for pos, n, a, b in _chunk_pairs(ranges, src, dst, chunk_bytes):
+            compared += n
+            if _differ(a, b):
+                at = pos + next(i for i in range(n) if a[i] != b[i])
+                return DiskComparison(
+                    name,
+                    Integrity.FAILED,
+                    f"differs at guest offset {at} (source {source}, target {target})",
+                    compared,
+                    at,
+                )
     finally:
         src.close()
         dst.close()
@@ -169,13 +181,10 @@ def compare_ranges(
     compared = 0
     differed: list[tuple[int, int]] = []
     try:
-        for lo, hi in ranges:
-            for pos in range(lo, hi, chunk_bytes):
-                n = min(chunk_bytes, hi - pos)
-                a, b = src.read(pos, n), dst.read(pos, n)
-                compared += n
-                if hashlib.sha256(a).digest() != hashlib.sha256(b).digest():
-                    differed.append((pos, pos + n))
+        for pos, n, a, b in _chunk_pairs(ranges, src, dst, chunk_bytes):
+            compared += n
+            if _differ(a, b):
+                differed.append((pos, pos + n))
     finally:
         src.close()
         dst.close()
