@@ -40,6 +40,7 @@ from lab.guest import ensure_guest
 from lab.net import Lab
 from lab.qemu import QemuProcess
 from lab.raw import run_raw_demo
+from migrate.deadline import within
 from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Progress
 from migrate.phase import Phase
 from migrate.report import MigrationReport
@@ -84,7 +85,7 @@ class LabBackend:
             )  # fmt: skip
             try:
                 assert receiver.stdout is not None
-                ready = await asyncio.wait_for(receiver.stdout.readline(), 10)
+                ready = await within(receiver.stdout.readline(), 10)
                 if b"READY" not in ready:
                     raise LinkMeasureError("link receiver did not start", ready.decode())
                 sender = await asyncio.create_subprocess_exec(
@@ -94,12 +95,12 @@ class LabBackend:
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                 )  # fmt: skip
                 try:
-                    sent, _ = await asyncio.wait_for(sender.communicate(), 30)
+                    sent, _ = await within(sender.communicate(), 30)
                 finally:
                     await _reap(sender)
                 if sender.returncode != 0:
                     raise LinkMeasureError("link sender failed", sent.decode())
-                out, _ = await asyncio.wait_for(receiver.communicate(), 10)
+                out, _ = await within(receiver.communicate(), 10)
             except TimeoutError as exc:
                 raise LinkMeasureError("link measurement timed out") from exc
             finally:

@@ -12,7 +12,6 @@ migrates real guests in the namespace lab; unit tests pass a fake.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import time
@@ -33,6 +32,7 @@ from bench.results import (
 from bench.scenario import Omitted, Scenario, Suite
 from cpumodel.errors import CpuModelError
 from dirtytrack.errors import DirtyTrackError
+from migrate.deadline import within
 from migrate.errors import LivemigError
 
 # What one run may raise and still be recorded as a failed run; anything else is a
@@ -138,7 +138,7 @@ async def run_one(
     ``timeout_s`` comes back as a failed :class:`RunResult`."""
     started_at, t0 = time.time(), time.monotonic()
     try:
-        result = await asyncio.wait_for(backend.run(planned, log_dir), timeout_s)
+        result = await within(backend.run(planned, log_dir), timeout_s)
     except TimeoutError:
         return failed_run(
             planned,

@@ -87,9 +87,9 @@ class QmpCpuSession:
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run one QMP command with a deadline; raises QemuProbeError."""
         try:
-            return await asyncio.wait_for(
-                self._client.execute(command, arguments), timeout=_COMMAND_TIMEOUT_S
-            )
+            # asyncio.timeout, not 3.11's wait_for: that one can swallow a cancellation.
+            async with asyncio.timeout(_COMMAND_TIMEOUT_S):
+                return await self._client.execute(command, arguments)
         except (QMPError, TimeoutError) as exc:
             raise QemuProbeError(f"QMP {command} failed: {exc}") from exc
 
@@ -196,7 +196,8 @@ class QemuCpuProbe:
                 )
             await self._wait_for_socket(socket_path)
             self._client = QMPClient("livemig-cpuprobe")
-            await asyncio.wait_for(self._client.connect(str(socket_path)), _START_TIMEOUT_S)
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                await self._client.connect(str(socket_path))
         except BaseException as exc:
             output = self.output()
             await self._cleanup()
@@ -236,7 +237,8 @@ class QemuCpuProbe:
         try:
             if self._client is not None:
                 try:
-                    await asyncio.wait_for(self._client.disconnect(), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await self._client.disconnect()
                 except (QMPError, OSError, TimeoutError) as exc:
                     log.debug("QMP disconnect failed: %s", exc)
                 self._client = None
@@ -362,7 +364,8 @@ async def host_view_from_qmp_async(socket_path: str, name: str = "") -> QmpHostV
     """Ask a running QEMU (QMP unix socket) what its host CPU is; raises QemuProbeError."""
     client = QMPClient("livemig-cpu-show")
     try:
-        await asyncio.wait_for(client.connect(socket_path), _START_TIMEOUT_S)
+        async with asyncio.timeout(_START_TIMEOUT_S):
+            await client.connect(socket_path)
     except (QMPError, OSError, TimeoutError) as exc:
         raise QemuProbeError(f"cannot connect to QMP socket {socket_path}: {exc}") from exc
     try:
@@ -374,7 +377,8 @@ async def host_view_from_qmp_async(socket_path: str, name: str = "") -> QmpHostV
         definitions = tuple(await session.definitions())
     finally:
         try:
-            await asyncio.wait_for(client.disconnect(), 5.0)
+            async with asyncio.timeout(5.0):
+                await client.disconnect()
         except (QMPError, OSError, TimeoutError) as exc:
             log.debug("QMP disconnect failed: %s", exc)
     return QmpHostView(host=host, accelerator="kvm" if kvm else "tcg", definitions=definitions)

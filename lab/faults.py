@@ -51,6 +51,7 @@ from lab.guest import GuestImage, ensure_guest
 from lab.net import MIGRATION_IFACE, Lab, run_ip
 from lab.qemu import QemuProcess
 from migrate.api import Migration
+from migrate.deadline import within
 from migrate.errors import LivemigError, PreflightError, QemuError
 from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged
 from migrate.pagestream.control import AGENT_MODULE
@@ -581,7 +582,7 @@ async def _recover(world: CellWorld, state_dir: Path, env: dict[str, str]) -> No
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        out, err = await within(proc.communicate(), 90)
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -897,7 +898,7 @@ async def run_fault_suite(
         cell_began = time.monotonic()
         log_dir = out / "logs" / cell.name.replace("/", "-")
         try:
-            result = await asyncio.wait_for(run_cell(cell, guest, accel, log_dir), CELL_TIMEOUT_S)
+            result = await within(run_cell(cell, guest, accel, log_dir), CELL_TIMEOUT_S)
         except TimeoutError:
             result = _failed_cell(cell, f"hung (over {CELL_TIMEOUT_S:g} s)", cell_began)
         except LivemigError as exc:

@@ -37,6 +37,7 @@ from lab.libvirt import DomainSite, LibvirtHost, LibvirtLab, domain_xml
 from lab.net import Lab
 from lab.probe import NetworkProbe
 from lab.qemu import QemuProcess, SerialConsole
+from migrate.deadline import within
 from migrate.errors import ConfigError
 from migrate.events import EventBus
 from migrate.libvirt import LibvirtEndpoint, LibvirtMigration, LibvirtRequest
@@ -225,7 +226,7 @@ async def run_libvirt_demo(
                 await asyncio.sleep(config.settle_s)
                 wire = lab.migration_link_stats(lab.host_a).tx_bytes - link_before
                 if report.status == "completed":
-                    await asyncio.wait_for(asyncio.shield(attach), 5)
+                    await within(asyncio.shield(attach), 5)
                     check = await guest_check(target.as_qemu(), config.workload, 0)
                     report = dataclasses.replace(report, guest_check=check)
             assert probe.record is not None

@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from lab.errors import ProbeError
 from migrate import cli_args
+from migrate.deadline import within
 
 _ICMP_ECHO_REQUEST = 8
 _ICMP_ECHO_REPLY = 0
@@ -272,7 +273,7 @@ class NetworkProbe:
         )
         assert self._proc.stdout is not None
         try:
-            line = await asyncio.wait_for(self._proc.stdout.readline(), 10)
+            line = await within(self._proc.stdout.readline(), 10)
         except TimeoutError:
             line = b""
         if b"PROBE STARTED" not in line:
@@ -287,7 +288,7 @@ class NetworkProbe:
             if proc is not None and proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    _, err = await asyncio.wait_for(proc.communicate(), 10)
+                    _, err = await within(proc.communicate(), 10)
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()

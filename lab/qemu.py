@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from migrate.deadline import within
 from migrate.errors import QemuError, QemuLaunchError
 from migrate.qmp import QmpSession
 from migrate.vmspec import LaunchSite, RamBackendKind, VMSpec
@@ -118,7 +119,7 @@ class SerialConsole:
                 if remaining <= 0:
                     raise QemuError(f"no console line matched {pattern!r} within {timeout:.1f} s")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+                    await within(self._changed.wait(), remaining)
 
     def matching(self, pattern: str, since: int = 0) -> list[ConsoleLine]:
         regex = re.compile(pattern)
@@ -301,7 +302,7 @@ class QemuProcess:
         try:
             if self.alive and self._qmp is not None:
                 with contextlib.suppress(QemuError, TimeoutError):
-                    await asyncio.wait_for(self._qmp.execute("quit"), timeout=min(2.0, timeout))
+                    await within(self._qmp.execute("quit"), min(2.0, timeout))
                 await self._wait_exit(timeout)
             for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
                 if not self.alive:
@@ -332,7 +333,7 @@ class QemuProcess:
         if self._proc is None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._proc.wait(), timeout)
+            await within(self._proc.wait(), timeout)
 
     async def wait_exited(self, timeout: float) -> int | None:
         """Wait up to ``timeout`` s for QEMU to exit; its exit code, or None if still running."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from migrate.control.base import Controller, PredictionAware
+from migrate.deadline import within
 from migrate.disks.run import MigrationDisks
 from migrate.errors import ConfigError, LivemigError, MigrationError, PreflightError, QemuError
 from migrate.events import EventBus, Finished, MigrationEvent, PhaseChanged, Planned, Progress
@@ -269,7 +270,7 @@ async def _end_journal(
     if why is None and error is not None:
         why = str(error) or type(error).__name__
     try:
-        where = await asyncio.wait_for(
+        where = await within(
             _locate(record, source, target, completed=status == "completed"), 2 * _LOCATE_S + 1
         )
     except (TimeoutError, LivemigError):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dirtytrack.ram import filesystem_type
+from migrate.deadline import within
 from migrate.disks.images import image_info
 from migrate.disks.model import CacheMode, DiskFormat
 from migrate.errors import ConfigError, QemuError, QemuLaunchError
@@ -149,7 +150,7 @@ async def launch_vm(
         start_new_session=True,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+        out, _ = await within(proc.communicate(), timeout_s)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

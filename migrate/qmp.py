@@ -24,6 +24,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from qemu.qmp.events import ListenerError
 from qemu.qmp.message import Message
 
+from migrate.deadline import within
 from migrate.errors import ConfigError, QemuError
 
 
@@ -84,7 +85,7 @@ class QmpSession:
                 try:
                     # A peer that accepts but never greets must not hang us.
                     remaining = max(0.5, deadline - time.monotonic())
-                    await asyncio.wait_for(client.connect(str(path)), remaining)
+                    await within(client.connect(str(path)), remaining)
                     return cls(client, str(path))
                 except TimeoutError:
                     await _quiet_disconnect(client)
@@ -127,7 +128,7 @@ class QmpSession:
             client = _TlsQmpClient(name)
             try:
                 remaining = max(0.5, deadline - time.monotonic())
-                await asyncio.wait_for(client.connect((host, port), ssl=ssl_context), remaining)
+                await within(client.connect((host, port), ssl=ssl_context), remaining)
                 return cls(client, address)
             except TimeoutError:
                 await _quiet_disconnect(client)
@@ -159,7 +160,7 @@ class QmpSession:
         """
         limit = self.timeout_s if timeout is None else timeout
         try:
-            return await asyncio.wait_for(self._send(command, arguments), limit)
+            return await within(self._send(command, arguments), limit)
         except TimeoutError:
             raise QmpTimeout(
                 f"{command} to {self.client.name}: no answer within {limit:g} s (QEMU stuck or "
@@ -184,15 +185,13 @@ class QmpSession:
             if not path.exists():
                 return True
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(path)), 2.0
-                )
+                reader, writer = await within(asyncio.open_unix_connection(str(path)), 2.0)
             except (ConnectionRefusedError, FileNotFoundError):
                 return True
             except (OSError, TimeoutError):
                 return None
             try:
-                greeting: bytes | None = await asyncio.wait_for(reader.read(6), 1.0)
+                greeting: bytes | None = await within(reader.read(6), 1.0)
             except (OSError, TimeoutError):
                 greeting = None
             finally:
@@ -380,7 +379,7 @@ class EventRecorder:
                 if remaining <= 0:
                     return None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+                    await within(self._changed.wait(), remaining)
             return event
 
     async def wait_any(self, timeout: float, since: int) -> None:
@@ -392,7 +391,7 @@ class EventRecorder:
                 if remaining <= 0:
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+                    await within(self._changed.wait(), remaining)
 
 
 def migration_status_is(*statuses: str) -> Callable[[QmpEvent], bool]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
 from migrate.codec import to_dict
+from migrate.deadline import within
 from migrate.errors import ConfigError, QemuError
 from migrate.journal import (
     JournalBusy,
@@ -141,7 +142,7 @@ class SocketQemus:
         if not path.is_socket():
             return None
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(socket), timeout)
+            _, writer = await within(asyncio.open_unix_connection(socket), timeout)
         except (ConnectionRefusedError, FileNotFoundError):
             return False  # nobody listens: the QEMU that did has exited
         except (OSError, TimeoutError):
@@ -157,7 +158,7 @@ class SocketQemus:
 
 async def _bounded(call: Awaitable[T], timeout: float, what: str) -> T:
     try:
-        return await asyncio.wait_for(call, timeout)
+        return await within(call, timeout)
     except TimeoutError:
         raise QemuError(f"{what}: no answer within {timeout:g} s", command=what) from None
 

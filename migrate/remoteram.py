@@ -38,6 +38,7 @@ import xxhash
 from dirtytrack.digest import DEFAULT_CHUNK_SIZE, RamDigest, ram_digest
 from dirtytrack.errors import RamMappingError
 from dirtytrack.ram import PAGE_SIZE, RamMapping
+from migrate.deadline import within
 from migrate.errors import ConfigError
 from migrate.integrity import MAX_REPAIR_PAGES, IntegrityResult, RamCheck, _list_pages
 from migrate.report import Integrity
@@ -218,7 +219,7 @@ class RemoteRamComparison:
 
     async def _call(self, what: str, call: Awaitable[Any]) -> Any:
         try:
-            return await asyncio.wait_for(call, self.call_timeout_s)
+            return await within(call, self.call_timeout_s)
         except TimeoutError:
             raise _Unreachable(
                 f"the target's {what} took longer than {self.call_timeout_s:g} s"

@@ -43,6 +43,7 @@ from migrate.api import Migration
 from migrate.cluster.address import parse_address
 from migrate.cluster.errors import ClusterError
 from migrate.codec import from_dict
+from migrate.deadline import within
 from migrate.errors import ConfigError, LivemigError, PreflightError
 from migrate.events import EventBus, Notice, PhaseChanged
 from migrate.policy import Policy
@@ -188,7 +189,7 @@ class MigrationRun:
                 return
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), 5.0)
+                await within(self.changed.wait(), 5.0)
             except TimeoutError:
                 yield None
 

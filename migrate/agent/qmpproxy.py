@@ -19,6 +19,8 @@ import logging
 import ssl
 from pathlib import Path
 
+from migrate.deadline import within
+
 #: How long to wait for the QEMU's socket to accept (s).
 CONNECT_TIMEOUT_S = 5.0
 
@@ -59,7 +61,7 @@ class QmpTlsProxy:
                 return
             async with self._busy:
                 try:
-                    qr, qw = await asyncio.wait_for(
+                    qr, qw = await within(
                         asyncio.open_unix_connection(str(self.socket_path)), CONNECT_TIMEOUT_S
                     )
                 except (OSError, TimeoutError) as exc:

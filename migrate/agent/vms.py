@@ -39,6 +39,7 @@ from typing import Any
 
 from migrate import hostvm
 from migrate.agent.qmpproxy import QmpTlsProxy
+from migrate.deadline import within
 from migrate.errors import ConfigError, LivemigError, QemuError
 from migrate.qmp import QmpSession, process_exited
 from migrate.tls import NodeCredentials, server_context, write_qemu_creds_dir
@@ -121,7 +122,7 @@ async def _ip(*args: str) -> None:
         "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), 10.0)
+        _, err = await within(proc.communicate(), 10.0)
     except TimeoutError:
         proc.kill()
         await proc.wait()

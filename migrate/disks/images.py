@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from migrate.deadline import within
 from migrate.errors import LivemigError
 
 QEMU_IMG = "qemu-img"
@@ -87,7 +88,7 @@ async def _qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT_S) -> str:
     except OSError as exc:
         raise DiskImageError(f"cannot run {QEMU_IMG}: {exc}") from exc
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await within(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()

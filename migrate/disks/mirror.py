@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from migrate.deadline import within
 from migrate.disks.model import DiskPlacement
 from migrate.disks.replica_mirror import mirror_from_replica
 from migrate.errors import MigrationError, QemuError
@@ -275,7 +276,7 @@ class NbdMirror:
                         + ", ".join(j.placement.name for j in pending.values())
                     )
                 try:
-                    event = await asyncio.wait_for(events.get(), remaining)
+                    event = await within(events.get(), remaining)
                 except TimeoutError:
                     continue
                 raw = event.get("data")

@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from migrate.deadline import within
 from migrate.disks.classify import parse_query_block
 from migrate.disks.replica_store import (
     DiskReplica,
@@ -181,7 +182,7 @@ async def qemu_img(*args: str, timeout: float = 600.0) -> str:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await within(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from migrate.deadline import within
 from migrate.errors import ConfigError, QemuError, QemuLaunchError
 from migrate.qmp import EventRecorder, QmpSession
 
@@ -209,16 +210,14 @@ class StorageDaemon:
         if proc is not None:
             deadline = time.monotonic() + timeout
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
+                await within(proc.wait(), max(0.1, deadline - time.monotonic()))
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-                await asyncio.wait_for(proc.wait(), timeout)
+                await within(proc.wait(), timeout)
             if proc.stderr is not None:
                 with contextlib.suppress(TimeoutError):
-                    output = (await asyncio.wait_for(proc.stderr.read(), 1.0)).decode(
-                        "utf-8", "replace"
-                    )
+                    output = (await within(proc.stderr.read(), 1.0)).decode("utf-8", "replace")
         for path in (self.qmp_socket, self.nbd.path):
             if path is not None:
                 path.unlink(missing_ok=True)

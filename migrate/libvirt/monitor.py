@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from migrate.deadline import within
 from migrate.libvirt.conn import require_libvirt
 
 
@@ -102,4 +103,4 @@ class MonitorLog:
         """Until a new event arrives or ``timeout`` s pass."""
         self._changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            await within(self._changed.wait(), timeout)

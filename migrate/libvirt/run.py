@@ -36,6 +36,7 @@ from typing import Any
 
 from migrate.control.base import ControlContext, Controller
 from migrate.control.intents import Abort, StartPostcopy
+from migrate.deadline import within
 from migrate.errors import ConfigError, MigrationAborted, MigrationError
 from migrate.events import DecisionMade, EventBus, Finished, PhaseChanged, Progress
 from migrate.integrity import IntegrityResult, RamComparison
@@ -384,7 +385,7 @@ class LibvirtRun:
         lv = require_libvirt()
         assert self._job is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self._job), self.request.job_timeout_s)
+            await within(asyncio.shield(self._job), self.request.job_timeout_s)
         except lv.libvirtError as exc:
             raise MigrationError(f"libvirt: {exc.get_error_message() or exc}") from exc
         if not self.switchover.resumed and self._monitor is not None:
@@ -449,7 +450,7 @@ class LibvirtRun:
                 notes.append(f"abortJob failed: {exc.get_error_message()}")
         if job is not None:
             with contextlib.suppress(lv.libvirtError, TimeoutError, LibvirtError):
-                await asyncio.wait_for(asyncio.shield(job), ROLLBACK_TIMEOUT_S)
+                await within(asyncio.shield(job), ROLLBACK_TIMEOUT_S)
             if not job.done():
                 notes.append(f"libvirt's job did not end within {ROLLBACK_TIMEOUT_S:.0f} s")
         if facts is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+from migrate.deadline import within
 from migrate.errors import ConfigError, StreamError
 
 #: The module an agent runs as (``python -m``), unless told otherwise.
@@ -150,7 +151,7 @@ class AgentProcess:
             assert proc.stdin is not None
             proc.stdin.write(line.encode())
             await proc.stdin.drain()
-            return await asyncio.wait_for(future, timeout)
+            return await within(future, timeout)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._exit_error or StreamError(
                 f"the {self.role} agent is gone: {exc}", side=self.role.value, kind="agent"
@@ -188,7 +189,7 @@ class AgentProcess:
                 if remaining <= 0:
                     return None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+                    await within(self._changed.wait(), remaining)
             return failure
 
     async def wait_event(self, name: str, timeout: float, since: int = 0) -> dict[str, Any]:
@@ -210,7 +211,7 @@ class AgentProcess:
                         kind="agent",
                     )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+                    await within(self._changed.wait(), remaining)
             return event
 
     # --- reading ------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class AgentProcess:
         code = await self._proc.wait() if self._proc is not None else None
         # Let the stderr reader catch up so the message carries the agent's last words.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._tasks[1]), 1.0)
+            await within(asyncio.shield(self._tasks[1]), 1.0)
         tail = " | ".join(list(self._stderr_tail)[-5:])
         self._exit_error = StreamError(
             f"the {self.role} agent exited with code {code}" + (f": {tail}" if tail else ""),
@@ -296,19 +297,19 @@ class AgentProcess:
             if proc.returncode is None and proc.stdin is not None:
                 proc.stdin.close()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), timeout)
+                    await within(proc.wait(), timeout)
             for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
                 if proc.returncode is not None:
                     break
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, sig)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), wait)
+                    await within(proc.wait(), wait)
         finally:
             for task in self._tasks:
                 if not task.done():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(task), 2.0)
+                        await within(asyncio.shield(task), 2.0)
                 if not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
