@@ -38,14 +38,20 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# Unit tests run on both cores (pytest-xdist): they are independent and mostly
+# start Python subprocesses. Integration tests run one at a time: they time real
+# QEMUs on the same two cores.
+UNIT_WORKERS ?= 2
+
 unit: venv
-	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/unit -n $(UNIT_WORKERS) $(PYTEST_ARGS)
 
 integration: setup
 	$(SUDO) $(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
 
 test: setup lint typecheck
-	$(SUDO) $(VENV)/bin/pytest tests $(PYTEST_ARGS)
+	$(SUDO) $(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+	$(SUDO) $(VENV)/bin/pytest tests/unit -n $(UNIT_WORKERS) $(PYTEST_ARGS)
 
 # Removes labs left behind by a process that was killed (SIGKILL skips cleanup).
 lab-clean: venv

@@ -62,9 +62,11 @@ def test_plan_json_on_the_lab_guest(guest: GuestImage, tmp_path: Path) -> None:
     assert plan["environment"]["workload"] == "dirty:8"
 
 
+# (An idle guest, once a third case here, is openssl's guest without the loop: its
+# forecast was within 0.4 %; the bench suites keep forecasting it.)
 @pytest.mark.parametrize(
     ("workload", "mbit", "compression"),
-    [("idle", 80, True), ("openssl", 80, True), ("dirty:4", 200, False)],
+    [("openssl", 80, True), ("dirty:4", 200, False)],
 )
 def test_forecast_total_time_matches_the_migration(
     tmp_path: Path, workload: str, mbit: float, compression: bool
@@ -90,7 +92,9 @@ def test_forecast_total_time_matches_the_migration(
     assert report.measured.total_time_error_pct == pytest.approx(error * 100)
 
 
-@pytest.mark.parametrize("policy", PRESET_NAMES)
+# qemu-default runs against real QEMU in test_convergence (its non-convergence) and as
+# the raw peer in test_bench_raw; the others only here.
+@pytest.mark.parametrize("policy", [name for name in PRESET_NAMES if name != "qemu-default"])
 def test_demo_json_for_every_preset(guest: GuestImage, tmp_path: Path, policy: str) -> None:
     result = _cli("demo", "--policy", policy, "--json", "--workload", "idle",
                   "--memory-mib", "128", "--log-dir", str(tmp_path))  # fmt: skip
