@@ -58,7 +58,7 @@ def test_demo_draws_a_bar_whose_percentage_never_decreases(
 ) -> None:
     code, out = _run_in_pty(
         [sys.executable, "-m", "migrate.cli", "demo", "--workload", "idle",
-         "--memory-mib", "128", "--bandwidth-mbit", "80", "--log-dir", str(tmp_path)],
+         "--memory-mib", "128", "--bandwidth-mbit", "200", "--log-dir", str(tmp_path)],
         columns=160,
         timeout=180,
     )  # fmt: skip
