@@ -4,7 +4,10 @@ Two ways to point it at a VM:
 
 - ``--source-qmp PATH``: a running QEMU (``memory-backend-file,share=on`` RAM lets
   it sample pages too); ``--link-mbit`` gives the migration link's speed, else the
-  policy's or QEMU's default bandwidth cap is assumed and said so.
+  policy's or QEMU's default bandwidth cap is assumed and said so;
+  ``--with-local-disks`` counts its writable disks as local: their first copy and
+  the guest's write rate to them (QEMU's block counters over the same window) are
+  in the forecast, as in a ``--with-local-disks`` migration.
 - ``--lab``: boots the test guest on lab host A with ``--workload`` (root), as
   ``livemig demo`` would, and measures it there; ``--bandwidth-mbit`` caps the
   lab's migration link and is the forecast's bandwidth.
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from migrate import cli_args
 from migrate.cli import EXIT_OK, EXIT_PREFLIGHT, print_json
 from migrate.codec import to_dict
+from migrate.disks.classify import block_disks
 from migrate.errors import ConfigError
 from migrate.plan import BandwidthHint, allowed, plan_migration
 from migrate.policy import Policy
@@ -71,6 +75,9 @@ def register(sub: Any) -> None:
     plan.add_argument("--dirty-mib", type=cli_args.MEMORY_MIB, default=64)
     plan.add_argument("--bandwidth-mbit", type=cli_args.MBIT, default=None,
                       help="with --lab: cap the lab's migration link (Mbit/s)")  # fmt: skip
+    plan.add_argument("--with-local-disks", action="store_true",
+                      help="with --source-qmp: count every writable disk as local (copied "
+                           "first, its writes mirrored)")  # fmt: skip
     plan.add_argument("--calc-time-s", type=cli_args.int_in(1, 60), default=1,
                       metavar="S", help="dirty-rate measurement window (1-60 s)")  # fmt: skip
     plan.add_argument("--log-dir", type=cli_args.path, default=None)
@@ -85,6 +92,8 @@ def _plan(args: argparse.Namespace) -> int:
     environment: dict[str, Any] | None = None
     if (args.libvirt is None) != (args.to is None):
         raise ConfigError("--libvirt SRC_URI DOMAIN and --to DST_URI go together")
+    if args.with_local_disks and args.source_qmp is None:
+        raise ConfigError("--with-local-disks goes with --source-qmp")
     if args.libvirt is not None:
         return _plan_libvirt(args, policy)
     if args.lab:
@@ -104,7 +113,9 @@ def _plan(args: argparse.Namespace) -> int:
         if not args.source_qmp.exists():
             raise ConfigError(f"no QMP socket at {args.source_qmp}")
         bandwidth = BandwidthHint.for_policy(policy, args.link_mbit)
-        predicted = asyncio.run(_plan_qmp(args.source_qmp, policy, bandwidth, args.calc_time_s))
+        predicted = asyncio.run(
+            _plan_qmp(args.source_qmp, policy, bandwidth, args.calc_time_s, args.with_local_disks)
+        )
     if args.json:
         data: dict[str, Any] = to_dict(predicted)
         data["policy"] = policy.name
@@ -149,14 +160,17 @@ def render_libvirt_plan(planned: LibvirtPlan, policy: Policy) -> str:
 
 
 async def _plan_qmp(path: Path, policy: Policy, bandwidth: BandwidthHint,
-                    calc_time_s: int) -> Predicted:  # fmt: skip
+                    calc_time_s: int, with_local_disks: bool = False) -> Predicted:  # fmt: skip
     session = await QmpSession.connect(path, "plan", 5.0)
     try:
         status = await session.status()
         if status not in ("running", "paused"):
             raise ConfigError(f"no VM runs behind {path} (its state is {status!r})")
         ram = await ram_backing_file(session)
-        return await plan_migration(session, policy, bandwidth, ram, calc_time_s)
+        disks = (
+            [d for d in await block_disks(session) if not d.readonly] if with_local_disks else []
+        )
+        return await plan_migration(session, policy, bandwidth, ram, calc_time_s, disks)
     finally:
         await session.close()
 
@@ -176,6 +190,11 @@ def render_plan(predicted: Predicted, policy: Policy) -> str:
         + (f", rewriting ~{p.working_set_bytes / MIB:.1f} MiB" if p.working_set_bytes else ""),
         f"  bandwidth:   {p.bandwidth_bytes_per_s / MIB:.1f} MiB/s ({p.bandwidth_source})",
     ]
+    if p.disk_copy_bytes or p.disk_write_bytes_per_s:
+        lines.append(
+            f"  disks:       {p.disk_copy_bytes / MIB:.0f} MiB to copy first, guest writes "
+            f"{p.disk_write_bytes_per_s / MIB:.1f} MiB/s to them (mirrored until the switchover)"
+        )
     if p.compression_ratios:
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in sorted(p.compression_ratios.items()))
         speed = p.compression_speed_bytes_per_s

@@ -32,8 +32,8 @@ from migrate.plan import (
     BandwidthHint,
     Measurement,
     bandwidth_known,
-    forecast,
-    measure,
+    forecast_with_disks,
+    measure_with_disks,
     measured_from,
 )
 from migrate.plan.linkrate import StreamMeter, revised_forecast
@@ -42,7 +42,7 @@ from migrate.presets import controller_for
 from migrate.qmp import QmpSession
 from migrate.ramfiles import ram_backing_file
 from migrate.recover import observe_held, vm_location
-from migrate.report import Forecast, MigrationReport, Predicted, PreflightCheck, Verdict
+from migrate.report import MigrationReport, Predicted, PreflightCheck, Verdict
 from migrate.request import HostEndpoint, MigrationRequest
 from migrate.safety import snapshot_settings
 from migrate.strategy import Strategy, check_start
@@ -309,48 +309,26 @@ def _with_plan(
     )
 
 
-def with_disk_copy(predicted: Predicted, disk_bytes: int) -> Predicted:
-    """The forecast with the disks' first full copy before the RAM: each forecast's
-    time grows by ``disk_bytes`` at the forecast's bandwidth, its bytes by ``disk_bytes``.
-    (A write-blocking mirror's ongoing guest writes share the link with RAM
-    afterwards; they are not modelled.)"""
-    if disk_bytes <= 0:
-        return predicted
-    extra_ms = disk_bytes / max(predicted.bandwidth_bytes_per_s, 1.0) * 1e3
-
-    def grow(forecast: Forecast) -> Forecast:
-        return dataclasses.replace(
-            forecast,
-            total_time_ms=forecast.total_time_ms + extra_ms,
-            transferred_bytes=forecast.transferred_bytes + disk_bytes,
-        )
-
-    return dataclasses.replace(
-        predicted,
-        forecasts=tuple(grow(f) for f in predicted.forecasts),
-        policy_forecast=grow(predicted.policy_forecast) if predicted.policy_forecast else None,
-        disk_copy_bytes=disk_bytes,
-    )
-
-
 async def _predict(
     request: MigrationRequest, source: QmpSession, target: QmpSession, events: EventBus
 ) -> tuple[Measurement | None, Predicted | None]:
-    """The pre-start measurement and forecast (with the disks' first copy), or None
-    (not asked for, offline, or QEMU refused)."""
+    """The pre-start measurement and forecast (with the disks' first copy and their
+    write rate over the same window), or None (not asked for, offline, or QEMU refused)."""
     if not request.predict or request.offline:
         return None, None
     bandwidth = BandwidthHint.for_policy(request.policy, request.link_mbit)
     try:
         ram_path = await ram_backing_file(source)
-        measurement = await measure(source, ram_path)
-        disk_bytes = 0
+        disk_bytes, copied = 0, []
         if request.with_local_disks:
-            disk_bytes = await MigrationDisks(request, source, target, events).copy_bytes()
+            disks = MigrationDisks(request, source, target, events)
+            disk_bytes = await disks.copy_bytes()  # a replica's: only what changed
+            copied = [p.source for p in disks.classification.mirrored]
+        measurement, write_rate = await measure_with_disks(source, ram_path, copied)
     except QemuError as exc:
         events.notice(f"no forecast: {exc}")
         return None, None
-    predicted = with_disk_copy(forecast(measurement, bandwidth, request.policy), disk_bytes)
+    predicted = forecast_with_disks(measurement, bandwidth, request.policy, disk_bytes, write_rate)
     events.emit(Planned(time.time(), predicted))
     return measurement, predicted
 

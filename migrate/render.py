@@ -36,6 +36,11 @@ def _forecast_lines(report: MigrationReport) -> list[str]:
         + ", "
         f"bandwidth {p.bandwidth_bytes_per_s / (1 << 20):.1f} MiB/s ({p.bandwidth_source})",
     ]
+    if p.disk_copy_bytes or p.disk_write_bytes_per_s:
+        lines.append(
+            f"    disks:            {p.disk_copy_bytes / (1 << 20):.0f} MiB first copy, guest "
+            f"writes {p.disk_write_bytes_per_s / (1 << 20):.1f} MiB/s to them"
+        )
     if m is not None:
         error = "" if m.total_time_error_pct is None else f" ({m.total_time_error_pct:+.0f}%)"
         bandwidth = m.bandwidth_bytes_per_s

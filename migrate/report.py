@@ -265,6 +265,10 @@ class Predicted:
     the policy the migration runs with; ``recommendation`` names the best forecast.
     ``disk_copy_bytes``: allocated bytes of the local disks copied first
     (``--with-local-disks``), included in every forecast's time and bytes.
+    ``disk_write_bytes_per_s``: how fast the guest wrote those disks while it was
+    measured; a write-blocking mirror sends those writes along from the first copy
+    to the switchover, so every forecast has that much less of the link and moves
+    that much more.
     """
 
     ram_bytes: int
@@ -287,6 +291,7 @@ class Predicted:
     #: start (ms); None when it came from a hint before the start.
     bandwidth_measured_at_ms: float | None = None
     disk_copy_bytes: int = 0
+    disk_write_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,24 @@
   (:class:`~migrate.report.Measured`), so a report can show predicted against
   measured.
 
-:func:`plan_migration` does the first two.
+:mod:`~migrate.plan.disks` adds the local disks a migration copies (their first
+copy and the guest's writes to them). :func:`plan_migration` does the first two
+(and the disks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from migrate.disks.model import BlockDisk
 from migrate.plan.compare import measured_from
+from migrate.plan.disks import (
+    allocated_bytes,
+    forecast_with_disks,
+    measure_with_disks,
+    with_disk_copy,
+)
 from migrate.plan.forecasting import (
     BandwidthHint,
     Measurement,
@@ -35,13 +45,17 @@ __all__ = [
     "BandwidthHint",
     "Measurement",
     "RamSample",
+    "allocated_bytes",
     "allowed",
     "bandwidth_known",
     "forecast",
+    "forecast_with_disks",
     "measure",
+    "measure_with_disks",
     "measured_from",
     "plan_migration",
     "policy_forecast",
+    "with_disk_copy",
     "with_policy",
 ]
 
@@ -52,7 +66,10 @@ async def plan_migration(
     bandwidth: BandwidthHint,
     ram_path: Path | None = None,
     calc_time_s: int = 1,
+    disks: Sequence[BlockDisk] = (),
 ) -> Predicted:
-    """:func:`measure` then :func:`forecast`."""
-    m = await measure(source, ram_path, calc_time_s)
-    return forecast(m, bandwidth, policy)
+    """:func:`measure` then :func:`forecast`; with ``disks`` (the local disks a
+    migration would copy) their copy and the guest's writes to them are in it."""
+    m, write_rate = await measure_with_disks(source, ram_path, disks, calc_time_s)
+    disk_bytes = sum(allocated_bytes(d) for d in disks)
+    return forecast_with_disks(m, bandwidth, policy, disk_bytes, write_rate)

@@ -78,6 +78,16 @@ class BandwidthHint:
             f"{ASSUMED}: QEMU's default max-bandwidth 128 MiB/s (link speed unknown)",
         )
 
+    def less(self, other_bytes_per_s: float, what: str) -> BandwidthHint:
+        """What is left for the migration when ``what`` takes ``other_bytes_per_s`` of
+        the same link (never less than a tenth: the copy still moves, just slowly)."""
+        if other_bytes_per_s <= 0:
+            return self
+        left = max(self.bytes_per_s - other_bytes_per_s, self.bytes_per_s / 10)
+        return BandwidthHint(
+            left, f"{self.source}, less {what} ({other_bytes_per_s / MIB:.1f} MiB/s)"
+        )
+
 
 @dataclass(frozen=True)
 class RamSample:

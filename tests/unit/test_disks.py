@@ -14,8 +14,8 @@ from migrate.disks.images import Extent
 from migrate.disks.integrity import compare_mapped, data_ranges
 from migrate.disks.mirror import CopyMode, MirrorJob, NbdAddress, NbdMirror, mirror_arguments
 from migrate.disks.model import BlockDisk, CacheMode, DiskMode, DiskPlacement, DiskSpec
-from migrate.engine import with_disk_copy
 from migrate.errors import ConfigError
+from migrate.plan import with_disk_copy
 from migrate.report import (
     DiskReport,
     Forecast,

@@ -364,6 +364,7 @@ CLI: dict[str, Cli] = {
     "plan lab bandwidth -1": _cli(NUM, 2, "must be positive", "plan", "--lab", "--bandwidth-mbit", "-1" ),
     "plan lab memory 0": _cli(NUM, 2, "must be positive", "plan", "--lab", "--memory-mib", "0"),
     "plan lab dirty -5": _cli(NUM, 2, "must be positive", "plan", "--lab", "--dirty-mib", "-5"),
+    "plan lab with disks": _cli(USAGE, 1, "--with-local-disks goes with --source-qmp", "plan", "--lab", "--with-local-disks"),
     "plan calc time 0": _cli(NUM, 2, "must be positive", "plan", "--lab", "--calc-time-s", "0"),
     "plan calc time 61": _cli(NUM, 2, "must be 1-60", "plan", "--lab", "--calc-time-s", "61"),
     "plan dirty over memory": _cli(NUM, 1, "more than the guest's memory_mib", "plan", "--lab", "--memory-mib", "32", "--dirty-mib", "64"),
