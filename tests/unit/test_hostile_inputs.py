@@ -16,7 +16,7 @@ Every row is refused with one clear error: no traceback, no hang, no silent acce
   the cpumodel and bench loaders, the lab's ``DemoConfig``/``Workload``), each under
   a 20 s timeout.
 
-The table (258 rows: 150 CLI, 108 API) by category:
+The table (259 rows: 151 CLI, 108 API) by category:
 
 =================================================  ===  ===
 category                                           CLI  API
@@ -28,7 +28,7 @@ files (FIFO, device, directory, size, encoding)     32   10
 JSON (depth, NaN/Infinity, shape)                   11    6
 CPU description semantics (CPUID, TSC, family)      19   11
 output directories (file, read-only, non-UTF-8)     12    6
-usage (unknown command, choice, conflict)            8    2
+usage (unknown command, choice, conflict)            9    2
 =================================================  ===  ===
 """
 
