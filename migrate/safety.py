@@ -24,7 +24,7 @@ from migrate.events import EventBus
 from migrate.integrity import IntegrityResult, RamComparison, RamComparisons
 from migrate.journal import MigrationSettings
 from migrate.qmp import EventRecorder, QmpSession, migration_status_is, process_exited
-from migrate.report import Integrity
+from migrate.report import Integrity, Timeline, offset_ms
 from migrate.request import MigrationHooks
 
 ACTIVE_STATUSES = frozenset(
@@ -62,6 +62,22 @@ class Switchover:
     integrity: IntegrityResult = field(
         default_factory=lambda: IntegrityResult(Integrity.UNCHECKED, "not compared")
     )
+
+    def timeline(
+        self, started_at: float, source_stop: float | None, source_completed: float | None
+    ) -> Timeline:
+        """The switchover's timeline from ``started_at`` (realtime seconds): the
+        source's STOP and ``completed`` as its QEMU reported them, then our marks."""
+        at = started_at
+        return Timeline(
+            started_at=at,
+            source_stop_ms=offset_ms(at, source_stop),
+            source_completed_ms=offset_ms(at, source_completed),
+            target_completed_ms=offset_ms(at, self.target_completed),
+            verified_ms=offset_ms(at, self.verified),
+            target_resume_ms=offset_ms(at, self.target_resume),
+            ended_ms=(time.time() - at) * 1e3,
+        )
 
 
 async def finish_on_target(

@@ -30,7 +30,6 @@ from migrate.report import (
     Sample,
     Status,
     Timeline,
-    offset_ms,
 )
 
 # The request's types are re-exported: this module was their home before migrate.request.
@@ -426,16 +425,10 @@ class StrategyRun:
         """The switchover as QEMU's events and our own marks saw it."""
         stop = src_log.find("STOP", since=self.transfer_events_from)
         src_done = src_log.find("MIGRATION", migration_status_is("completed"))
-        sw = self.switchover
-        at = self.started_at
-        return Timeline(
-            started_at=at,
-            source_stop_ms=offset_ms(at, stop.timestamp if stop else None),
-            source_completed_ms=offset_ms(at, src_done.timestamp if src_done else None),
-            target_completed_ms=offset_ms(at, sw.target_completed),
-            verified_ms=offset_ms(at, sw.verified),
-            target_resume_ms=offset_ms(at, sw.target_resume),
-            ended_ms=(time.time() - at) * 1e3,
+        return self.switchover.timeline(
+            self.started_at,
+            stop.timestamp if stop else None,
+            src_done.timestamp if src_done else None,
         )
 
     def _base_report(

@@ -64,7 +64,6 @@ from migrate.report import (
     Status,
     Timeline,
     Verdict,
-    offset_ms,
 )
 from migrate.safety import Switchover
 
@@ -476,17 +475,11 @@ class LibvirtRun:
     # -- the report ----------------------------------------------------------------------
 
     def _timeline(self) -> Timeline:
-        monitor, at, sw = self._monitor, self.started_at, self.switchover
+        monitor, at = self._monitor, self.started_at
         stop = monitor.find("source", "STOP", since=at) if monitor else None
         src_done = monitor.find("source", "MIGRATION", "completed") if monitor else None
-        return Timeline(
-            started_at=at,
-            source_stop_ms=offset_ms(at, stop.timestamp if stop else None),
-            source_completed_ms=offset_ms(at, src_done.timestamp if src_done else None),
-            target_completed_ms=offset_ms(at, sw.target_completed),
-            verified_ms=offset_ms(at, sw.verified),
-            target_resume_ms=offset_ms(at, sw.target_resume),
-            ended_ms=(time.time() - at) * 1e3,
+        return self.switchover.timeline(
+            at, stop.timestamp if stop else None, src_done.timestamp if src_done else None
         )
 
     def _integrity(self) -> IntegrityResult:
