@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lab.cluster_demo import VM_NAME, ClusterLab, _wait_in_file, definition_json
@@ -50,6 +51,21 @@ def _qemu_pids_under(text: str) -> list[int]:
             if b"qemu-system" in cmd and text.encode() in cmd:
                 pids.append(int(proc.name))
     return pids
+
+
+def _stream_agents() -> dict[int, tuple[str, str]]:
+    """pagestream agent processes now: pid -> (role, its parent's command line)."""
+    found: dict[int, tuple[str, str]] = {}
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "migrate.pagestream.agent" not in cmd or "--role" not in cmd[:-1]:
+            continue
+        try:
+            parent = " ".join(psutil.Process(proc.info["ppid"]).cmdline())
+        except psutil.Error:
+            continue
+        found[proc.info["pid"]] = (cmd[cmd.index("--role") + 1], parent)
+    return found
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -120,11 +136,32 @@ def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: 
             assert "VM demo defined on node a: running" in out
             asyncio.run(_wait_in_file(world.serial_log(a), r"^MEMDIRTY pass=", 90))
 
-            # Asked from host B: A's agent (the owner) runs it.
-            moved = world.cluster.cli(
-                b, "migrate", VM_NAME, "--to", "b", "--strategy", "pagestream", "--json",
-                "--state-dir", world.state(b), timeout_s=300,
+            # Asked from host B: A's agent (the owner) runs it. While it runs, every
+            # pagestream agent process is noted with its parent: the receiver must be a
+            # child of B's agent (the target), the sender of A's; none other.
+            follow = subprocess.Popen(
+                lab.netns_argv(b.netns, [
+                    sys.executable, "-m", "migrate.cli", "migrate", VM_NAME, "--to", "b",
+                    "--strategy", "pagestream", "--json", "--state-dir", world.state(b),
+                ]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
             )  # fmt: skip
+            seen: dict[int, tuple[str, str]] = {}
+            try:
+                deadline = time.monotonic() + 300
+                while follow.poll() is None and time.monotonic() < deadline:
+                    seen.update(_stream_agents())
+                    time.sleep(0.1)
+                out, err = follow.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            finally:
+                if follow.poll() is None:
+                    follow.kill()
+            moved = subprocess.CompletedProcess(follow.args, follow.returncode, out, err)
+            agent_of = {str(world.cluster.state_dir(h)): h.name for h in (a, b)}
+            parents = {
+                (role, next((n for d, n in agent_of.items() if d in parent), parent))
+                for role, parent in seen.values()
+            }
+            assert parents == {("receiver", "b"), ("sender", "a")}, seen
             assert moved.returncode == 0, moved.stderr[-3000:]
             report = json.loads(moved.stdout)
             _check_report(report, "pagestream")
