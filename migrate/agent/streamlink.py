@@ -261,10 +261,11 @@ class AgentReceiver(AgentChannel):
                 CONNECT_TIMEOUT_S,
             )
         except aiohttp.WSServerHandshakeError as exc:
+            reason = await self._refusal(self._session, exc.status)
             await self._session.close()
             raise StreamError(
-                f"agent {self.address} did not start the receiver: HTTP {exc.status} "
-                f"{exc.message}", side="receiver", kind="agent",
+                f"agent {self.address} did not start the receiver: {reason}",
+                side="receiver", kind="agent",
             ) from exc  # fmt: skip
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             await self._session.close()
@@ -274,6 +275,20 @@ class AgentReceiver(AgentChannel):
             ) from exc  # fmt: skip
         self._started = True
         self._reader = asyncio.create_task(self._read(self._ws), name="receiver relay")
+
+    async def _refusal(self, session: aiohttp.ClientSession, status: int) -> str:
+        """The agent's one-line refusal: the handshake error does not carry the body,
+        so the same path is asked again without the upgrade (it refuses the same way,
+        or answers 400 for the missing upgrade: nothing starts)."""
+        try:
+            async with session.get(
+                self.url, timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)
+            ) as resp:
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        return str(error) if isinstance(error, str) else f"HTTP {status}"
 
     async def _send(self, line: str) -> None:
         ws = self._ws
