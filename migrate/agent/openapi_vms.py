@@ -202,7 +202,7 @@ PATHS: dict[str, Any] = {
                 "`accept_timeout_s`; the agent adds the VM's RAM file, its address and its "
                 "node credentials) and `close`. When the receiver exits the agent sends "
                 '`{"exited": {"message", "exit_code", "stderr"}}` and closes; when the '
-                "websocket closes first (heartbeat 5 s) the agent ends the receiver. "
+                "websocket closes first (heartbeat 10 s) the agent ends the receiver. "
                 "409 when the VM is not incoming here or already has a receiver."
             ),
             "parameters": [_NAME],

@@ -17,7 +17,7 @@ file, its own address and its node credentials. Every other command but
 ``close`` is refused. Each line the receiver writes goes to the websocket as one
 text message; when it exits the relay sends ``{"exited": {...}}`` (its exit
 code, the tail of its stderr) and closes. When the websocket closes first (the
-source's migration ended, was cancelled, or its agent died: heartbeats stop) the
+source's migration ended, was cancelled, or its agent died: pings go unanswered) the
 relay ends the receiver: end of stdin, SIGTERM, SIGKILL, reaped. An incoming
 migration has at most one receiver; discarding the incoming VM ends it.
 """
@@ -41,8 +41,10 @@ from migrate.errors import StreamError
 from migrate.pagestream.control import AgentChannel, AgentProcess, AgentRole
 from migrate.tls import NodeCredentials
 
-#: The websocket's ping interval (s): a peer silent for about twice this is gone.
-HEARTBEAT_S: Final = 5.0
+#: The websocket's ping interval (s); a pong must follow within half of it. Long
+#: enough for a busy event loop (the source's runs the engine), short enough that a
+#: receiver whose source agent died goes within ~15 s.
+HEARTBEAT_S: Final = 10.0
 #: Largest control message (a scan result or an error may carry lists).
 MAX_MESSAGE_BYTES: Final = 16 << 20
 #: Deadline (s) of the websocket handshake (TCP, TLS, HTTP upgrade).
@@ -146,12 +148,12 @@ async def receiver_socket(request: web.Request) -> web.StreamResponse:
     running = receivers(ctx).get(name)
     if running is not None and not running.done():
         raise Refusal(409, f"VM {name!r} already has a pagestream receiver", "busy")
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
-    await ws.prepare(request)
     task = asyncio.current_task()
     assert task is not None
-    receivers(ctx)[name] = task
+    receivers(ctx)[name] = task  # before any await: a second request is refused
     try:
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
         await _relay(ctx, vms, name, run.ram_path, ws)
     finally:
         if receivers(ctx).get(name) is task:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,25 @@ from migrate.vmdef import VmDefinition
 from tests.unit.test_agent_vms import DEFINITION, _member
 
 SESSION = base64.b64encode(b"k" * 16).decode()
+ROOT = Path(__file__).resolve().parents[2]
+#: A source agent's engine in another process: starts the receiver, then waits to die.
+_SOURCE = f"""
+import asyncio, sys
+from pathlib import Path
+from migrate.agent.client import AgentClient
+from migrate.agent.streamlink import AgentReceiver
+from migrate.cluster.state import StateDir
+
+async def main():
+    async with AgentClient(StateDir(Path(sys.argv[1])), timeout_s=5) as client:
+        receiver = AgentReceiver(client.ssl_context, sys.argv[2], "web1")
+        await receiver.start()
+        await receiver.call("listen", {{"session": "{SESSION}", "tls": False}}, 10)
+        print("listening", flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
 
 
 def test_the_relay_passes_listen_with_the_targets_own_paths_and_close_only() -> None:
@@ -156,6 +176,19 @@ def test_a_receiver_started_by_the_target_agent_and_driven_over_its_websocket(
                 with pytest.raises(StreamError, match="exited with code -9"):
                     await receiver.wait_event("applied", 10)
                 await receiver.close()
+
+                # The source's agent dies (SIGKILL, no close frame): the receiver goes too.
+                source = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", _SOURCE, str(member.path), address,
+                    stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                )  # fmt: skip
+                assert source.stdout is not None
+                line = await asyncio.wait_for(source.stdout.readline(), 30)
+                assert line.startswith(b"listening"), line
+                (child,) = _receivers_of(os.getpid())
+                source.kill()
+                await source.wait()
+                assert await _gone(child), "the receiver outlived its source agent"
 
                 # Dropping the incoming VM ends a receiver that still runs.
                 receiver = AgentReceiver(client.ssl_context, address, "web1")
