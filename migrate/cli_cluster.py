@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from migrate import cli_args
-from migrate.cli import EXIT_OK, print_json
+from migrate.cli import EXIT_ERROR, EXIT_OK, print_json
 from migrate.errors import ConfigError
 
 
@@ -78,6 +78,15 @@ def register(sub: Any) -> None:
     join.add_argument("key", help="the join key (livemig-join:v1:...)")
     join.set_defaults(func=_join)
 
+    remove = csub.add_parser(
+        "remove", help="remove a node from the cluster (on the CA's node): agents refuse it"
+    )
+    _state_dir(remove)
+    remove.add_argument("node", type=_name, help="the node to remove")
+    remove.add_argument("--timeout", type=cli_args.positive_float(300), default=5.0,
+                        help="deadline for each member's answer (s)")  # fmt: skip
+    remove.set_defaults(func=_remove)
+
     nodes = csub.add_parser("nodes", help="list the members and what their agents say")
     _state_dir(nodes)
     nodes.add_argument("--json", action="store_true", help="print exactly one JSON object")
@@ -130,6 +139,18 @@ def _join(args: argparse.Namespace) -> int:
     names = ", ".join(m.name for m in members)
     sys.stdout.write(f"joined the cluster as {args.name} (members: {names})\n")
     return EXIT_OK
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from migrate.agent.nodes import remove_node
+    from migrate.cluster.state import StateDir
+
+    members, failed = asyncio.run(remove_node(StateDir(args.state_dir), args.node, args.timeout))
+    names = ", ".join(m.name for m in members)
+    sys.stdout.write(f"node {args.node} removed (members: {names})\n")
+    for line in failed:
+        sys.stderr.write(f"livemig: {line}\n")
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 def _nodes(args: argparse.Namespace) -> int:

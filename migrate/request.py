@@ -17,6 +17,7 @@ from migrate.report import new_migration_id
 from migrate.tls import MigrationTls, NodeCredentials
 
 if TYPE_CHECKING:
+    from migrate.pagestream.control import AgentChannel
     from migrate.remoteram import RemoteRam
 
 #: The longest path a UNIX socket address holds (``sun_path`` is 108 bytes, NUL included).
@@ -208,6 +209,11 @@ class MigrationRequest:
     ``target_ram`` reaches the target's RAM through its owner (digests, page
     writes) when this process cannot map the target's RAM file (another host),
     see :mod:`migrate.remoteram`; None: the file is mapped here.
+    ``target_receiver`` makes the control channel of pagestream's receiver when
+    the target host's own agent starts it (another host: the receiver writes RAM
+    that only that host can map, and the agent picks the file and the
+    credentials; the engine names no path of that host); None: the engine starts
+    the receiver itself, in ``target.netns``.
     ``with_local_disks`` copies each writable disk the target does not share over
     NBD (:mod:`migrate.disks.mirror`) into the target QEMU's image of that disk
     (same format and virtual size, created before the target QEMU started);
@@ -241,6 +247,7 @@ class MigrationRequest:
     state_dir: Path | None = None
     tls: MigrationTls | None = None
     target_ram: RemoteRam | None = None
+    target_receiver: Callable[[], AgentChannel] | None = None
     with_local_disks: bool = False
     shared_disks: tuple[str, ...] = ()
     disk_copy_mode: str = "write-blocking"

@@ -108,6 +108,22 @@ async def set_capabilities(sessions: tuple[QmpSession, ...], capabilities: dict[
         await session.execute("migrate-set-capabilities", {"capabilities": caps})
 
 
+async def clear_stale_capabilities(
+    session: QmpSession, current: dict[str, bool], wanted: dict[str, bool]
+) -> list[str]:
+    """Turn off every capability ``session`` has on that this migration does not ask
+    for; the names turned off.
+
+    A QEMU that was itself the target of a migration keeps that migration's
+    capabilities (pagestream's ``x-ignore-shared``): left on at one end only, the
+    next migration's stream does not parse at the other end, which drops it.
+    """
+    stale = sorted(name for name, on in current.items() if on and name not in wanted)
+    if stale:
+        await set_capabilities((session,), dict.fromkeys(stale, False))
+    return stale
+
+
 async def start_incoming(target: QmpSession, uri: str) -> None:
     """``migrate-incoming`` on a target started with ``-incoming defer``.
 
@@ -331,9 +347,23 @@ class StrategyRun:
         if request.offline and self.running:
             await source.execute("stop")
             self.running = False
-        # Before migrate/migrate-incoming, on both sides.
-        await set_capabilities((source, target), {"events": True, **self._capabilities()})
-        if source_only := self._source_capabilities():
+        # Before migrate/migrate-incoming, on both sides: exactly what this migration
+        # asks for (a QEMU that arrived by migration may keep that one's capabilities).
+        wanted = {"events": True, **self._capabilities()}
+        source_only = self._source_capabilities()
+        target_caps = (await snapshot_settings(target)).capabilities
+        for side, session, current, want in (
+            ("source", source, self.settings.capabilities, {**wanted, **source_only}),
+            ("target", target, target_caps, wanted),
+        ):
+            stale = await clear_stale_capabilities(session, current, want)
+            if stale:
+                self.events.notice(
+                    f"turned off {', '.join(stale)} on the {side} QEMU "
+                    "(left from an earlier migration)"
+                )
+        await set_capabilities((source, target), wanted)
+        if source_only:
             await set_capabilities((source,), source_only)
         context = ControlContext(ram_bytes=self.start.ram_bytes, started_monotonic=self.t0)
         for decision in self.controller.start(context):

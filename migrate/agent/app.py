@@ -10,7 +10,8 @@ where VM endpoints plug in::
 
     app = create_app(context, extra=[register])
 
-Every route requires a client certificate signed by the cluster CA unless it was
+Every route requires a client certificate signed by the cluster CA, of a node in
+this agent's member list (the very certificate recorded when it joined), unless it was
 added with ``public=True`` (only ``GET /v1/cluster/ca`` and ``POST /v1/cluster/join``
 are). The TLS layer already refuses a certificate from another CA; the middleware
 refuses a request without one (403) and records who called (:class:`Peer`, in
@@ -175,6 +176,12 @@ def _peer_from_tls(request: web.Request, ctx: AgentContext) -> Peer | None:
     return Peer(pki.common_name(cert), pki.fingerprint_der(der))
 
 
+def _is_member(ctx: AgentContext, who: Peer) -> bool:
+    """Whether ``who`` is in this node's member list with this very certificate (a
+    CA-signed certificate of a removed node, or an older one of a member, is not)."""
+    return any(m.name == who.name and m.cert_sha256 == who.cert_sha256 for m in ctx.state.members())
+
+
 def _route_label(request: web.Request) -> str:
     info = request.match_info
     resource = info.route.resource if info.http_exception is None else None
@@ -194,8 +201,16 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     line = f"{remote} {caller} {request.method} {request.path}"
     status = 500
     try:
-        if who is None and (request.method, route) not in request.app[PUBLIC]:
+        public = (request.method, route) in request.app[PUBLIC]
+        if who is None and not public:
             raise Refusal(403, "a cluster client certificate is required", "no-client-cert")
+        if who is not None and not public and not _is_member(ctx, who):
+            raise Refusal(
+                403,
+                f"node {who.name!r} (certificate {who.cert_sha256[:16]}...) is not a member "
+                "of this cluster",
+                "not-member",
+            )
         response = await handler(request)
         status = response.status
         return response

@@ -103,10 +103,20 @@ class AgentClient:
         self.state = state
         self.timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | None = None
 
     async def __aenter__(self) -> AgentClient:
-        self._session = _session(tls.client_context(self.state), self.timeout_s)
+        self._ssl = tls.client_context(self.state)
+        self._session = _session(self._ssl, self.timeout_s)
         return self
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """This member's client context (its certificate, the cluster CA), for
+        connections that outlive one call (a websocket relay)."""
+        if self._ssl is None:
+            raise RuntimeError("AgentClient used outside `async with`")
+        return self._ssl
 
     async def __aexit__(
         self,

@@ -5,6 +5,8 @@
     CLI ──POST /v1/vms/VM/migrate──▶ source agent ──GET /v1/node──────────────▶ target agent
                                         │          ──POST /v1/vms/VM/incoming─▶ QEMU -incoming defer -S,
                                         │                                       QMP over TCP+TLS
+                                        │          ══wss .../incoming/pagestream▶ pagestream receiver
+                                        │                                       (its child; pagestream)
                                         │ engine (migrate.api.Migration): source QMP (local socket),
                                         │ target QMP (TCP+TLS), data path over TLS, RAM check
                                         │ through the target agent (ram/digest, page-hashes, pages)
@@ -38,6 +40,7 @@ from dirtytrack.digest import RamDigest
 from migrate.agent.app import AgentContext
 from migrate.agent.client import AgentClient
 from migrate.agent.routes_vm import encode_pages, manager
+from migrate.agent.streamlink import AgentReceiver
 from migrate.agent.vms import VmError
 from migrate.api import Migration
 from migrate.cluster.address import parse_address
@@ -289,7 +292,6 @@ async def _run(ctx: AgentContext, run: MigrationRun, address: str) -> None:
                     target=HostEndpoint(
                         f"{options.to} (target)",
                         migration_uri=str(prep["migration_uri"]),
-                        netns=prep.get("netns") or None,
                         qmp_tcp=QmpTcpAddress(str(prep["qmp_host"]), int(prep["qmp_port"]), creds),
                     ),
                     strategy=options.strategy,
@@ -316,6 +318,7 @@ async def _run(ctx: AgentContext, run: MigrationRun, address: str) -> None:
                         else None
                     ),
                     target_ram=_remote_ram(client, address, vm),
+                    target_receiver=AgentReceiver.factory(client, address, vm),
                 )
                 run.handle = Migration(request, events=run.bus, abort_grace_s=2.0)
                 run.handle.add_callback(lambda event: _log_event(ctx, run, event))

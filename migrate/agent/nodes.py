@@ -63,3 +63,32 @@ async def list_nodes(state: StateDir, timeout_s: float = NODE_TIMEOUT_S) -> list
     async with AgentClient(state, timeout_s=timeout_s) as client:
         members = await _members(state, client)
         return list(await asyncio.gather(*(_status(client, m) for m in members)))
+
+
+async def remove_node(
+    state: StateDir, name: str, timeout_s: float = NODE_TIMEOUT_S
+) -> tuple[tuple[Member, ...], list[str]]:
+    """``livemig cluster remove NAME`` on the CA's node: drop ``name`` from the member
+    list here (this agent refuses its certificate from the next request on) and push
+    the list to every other member. The members left, and one line per member the
+    list did not reach. Raises :class:`ConfigError` (not the CA's node, no such
+    member, this node, the CA's node)."""
+    from migrate.cluster.state import members_to_json, without_member
+
+    identity = state.require_member()
+    if not state.holds_ca:
+        raise ConfigError(
+            f"node {identity.name!r} does not hold the cluster CA: remove members on the CA's node"
+        )
+    members = without_member(state.members(), name, identity.name)
+    state.write_members(members)
+    failed: list[str] = []
+    async with AgentClient(state, timeout_s=timeout_s) as client:
+        for m in members:
+            if m.name == identity.name:
+                continue
+            try:
+                await client.post_json(m.address, "/v1/cluster/members", members_to_json(members))
+            except ClusterError as exc:
+                failed.append(f"member list not pushed to {m.name}: {exc}")
+    return members, failed

@@ -78,7 +78,6 @@ SCHEMAS: dict[str, Any] = {
             "migration_uri": {"type": "string"},
             "tls_dir": {"type": "string", "description": "the target QEMU's tls-creds-x509 dir"},
             "ram_path": {"type": "string"},
-            "netns": {"type": ["string", "null"]},
         },
     },
     "MigrateRequest": {
@@ -190,6 +189,29 @@ PATHS: dict[str, Any] = {
             },
             [_NAME],
         ),
+    },
+    "/v1/vms/{name}/incoming/pagestream": {
+        "get": {
+            "operationId": "incomingPagestream",
+            "summary": "pagestream's receiver for an incoming VM: a websocket relay",
+            "description": (
+                "Upgrades to a websocket (mutual TLS like every route). The agent starts "
+                "`python -m migrate.pagestream.agent --role receiver` as its child and relays "
+                "its JSON-lines control channel, one text message per line. The client may "
+                "send only `listen` (args: `session` base64, `tls` boolean, optional "
+                "`accept_timeout_s`; the agent adds the VM's RAM file, its address and its "
+                "node credentials) and `close`. When the receiver exits the agent sends "
+                '`{"exited": {"message", "exit_code", "stderr"}}` and closes; when the '
+                "websocket closes first (heartbeat 10 s) the agent ends the receiver. "
+                "409 when the VM is not incoming here or already has a receiver."
+            ),
+            "parameters": [_NAME],
+            "responses": {
+                "101": {"description": "Switching protocols: the relay runs"},
+                "409": _json(_ref("Error"), "Not an incoming VM, or a receiver runs"),
+                **_ERRORS,
+            },
+        },
     },
     "/v1/vms/{name}/incoming/commit": {
         "post": _op(

@@ -5,6 +5,8 @@ The target side is called by the source node's agent (see ``migrate.agent.migrat
 
     POST /v1/vms/NAME/incoming   {definition, source}  → QEMU -incoming defer -S, QMP over
                                                          TCP+TLS on this node's address
+    GET  /v1/vms/NAME/incoming/pagestream (websocket)  → pagestream's receiver, started and
+                                                         relayed by this agent (streamlink)
     GET  /v1/vms/NAME/ram/digest                       → chunk digest of its RAM
     POST /v1/vms/NAME/ram/page-hashes {pages}          → one xxh3 per page
     POST /v1/vms/NAME/ram/pages {pages, data}          → write pages (only while paused)
@@ -16,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
+from migrate.agent import streamlink
 from migrate.agent.app import AgentContext, Refusal, Router, context, json_response, read_json
 from migrate.agent.vms import VmError, VmManager
 from migrate.errors import ConfigError, LivemigError
@@ -48,6 +50,12 @@ def register(router: Router) -> None:
     add("POST", "/v1/vms/{name}/start", start_vm, summary="Start a defined VM")
     add("POST", "/v1/vms/{name}/stop", stop_vm, summary="Stop a VM (it stays defined)")
     add("POST", "/v1/vms/{name}/incoming", incoming, summary="Start a migration's target QEMU")
+    add(
+        "GET",
+        streamlink.path("{name}"),
+        streamlink.receiver_socket,
+        summary="pagestream's receiver for an incoming VM (websocket relay)",
+    )
     add("POST", "/v1/vms/{name}/incoming/commit", commit, summary="Own a VM migrated here")
     add("POST", "/v1/vms/{name}/incoming/discard", discard, summary="Drop a migration's target")
     add("GET", "/v1/vms/{name}/ram/digest", ram_digest, summary="Chunk digest of the VM's RAM")
@@ -157,18 +165,6 @@ async def stop_vm(request: web.Request) -> web.Response:
 # -- a migration's target ---------------------------------------------------------------
 
 
-def _netns() -> str | None:
-    """The named network namespace this agent runs in (the lab's hosts), if any."""
-    try:
-        out = subprocess.run(
-            ["ip", "netns", "identify"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    name = out.stdout.strip()
-    return name if out.returncode == 0 and PLAIN_NAME.fullmatch(name or "-") else None
-
-
 async def incoming(request: web.Request) -> web.Response:
     ctx = context(request)
     name = _name(request)
@@ -205,8 +201,6 @@ async def incoming(request: web.Request) -> web.Response:
             "qmp_port": run.qmp_tcp_port,
             "migration_uri": _uri(vms.host, run.migration_port),
             "tls_dir": str(vms.dir(name) / "tls"),
-            "ram_path": run.ram_path,
-            "netns": await asyncio.to_thread(_netns),
         }
     )
 
@@ -245,6 +239,7 @@ async def discard(request: web.Request) -> web.Response:
     vms = manager(ctx)
     _target(vms, name)
     body = await read_json(request)
+    await streamlink.end_receiver(ctx, name)
     async with vms.lock(name):
         await vms.forget(name)
         vms.migrating.pop(name, None)

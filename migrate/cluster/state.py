@@ -314,6 +314,20 @@ def create_cluster(state: StateDir, name: str, address: Address) -> Member:
     return member
 
 
+def without_member(members: Iterable[Member], name: str, this_node: str) -> tuple[Member, ...]:
+    """``members`` less ``name``; raises :class:`ConfigError` if it is no member, this
+    node, or the node holding the CA."""
+    current = tuple(members)
+    gone = next((m for m in current if m.name == name), None)
+    if gone is None:
+        raise ConfigError(f"no node {name!r} in the cluster ({', '.join(m.name for m in current)})")
+    if name == this_node:
+        raise ConfigError(f"node {name!r} is this node: remove it from another member")
+    if gone.ca:
+        raise ConfigError(f"node {name!r} holds the cluster CA and cannot be removed")
+    return tuple(m for m in current if m.name != name)
+
+
 def with_member(members: Iterable[Member], new: Member) -> tuple[Member, ...]:
     """``members`` plus ``new``; raises :class:`ConfigError` if the name or address is taken."""
     current = tuple(members)

@@ -7,7 +7,9 @@ Modules::
     run        PagestreamRun: set-up, pre-copy sweeps, switchover (StrategyRun's hooks)
     verifier   StreamVerifier: the stream digest (and engine comparison) before cont
     totals     StreamTotals: the rounds added up, the report's StreamStats
-    control    AgentProcess: starts an agent (in a network namespace), JSON-lines channel
+    control    AgentChannel (the JSON-lines channel), AgentProcess: an agent as a child
+               process (in a network namespace); across hosts the target's node agent
+               runs the receiver (migrate.agent.streamlink, MigrationRequest.target_receiver)
     agent      python -m migrate.pagestream.agent --role sender|receiver
     sender     PageSender: tracker scan, capture, zstd pool, socket (in the source agent)
     receiver   PageReceiver: frame checks, writes into target RAM, digest (target agent)

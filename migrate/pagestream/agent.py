@@ -2,7 +2,9 @@
 
 The engine starts one agent per host, inside that host's network namespace
 (``ip netns exec NS python -m migrate.pagestream.agent ...``) or in its own when
-there is none, and drives it over a JSON-lines control channel::
+there is none; across real hosts the target's node agent starts the receiver and
+relays this channel over its API (``migrate.agent.streamlink``). The engine
+drives it over a JSON-lines control channel::
 
     engine → agent (stdin)   {"id": 1, "cmd": "sweep", "args": {...}}
     agent → engine (stdout)  {"id": 1, "ok": true, "result": {...}}

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from migrate.deadline import within
 from migrate.errors import ConfigError, StreamError
@@ -56,37 +56,28 @@ def agent_argv(
     return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
-class AgentProcess:
-    """One agent process and its control channel.
+class AgentChannel:
+    """The JSON-lines control protocol of one agent, whatever carries the lines.
 
     :meth:`call` sends a command and waits for its reply (raising the agent's
     error as :class:`StreamError` or :class:`ConfigError`); :meth:`wait_event`
     waits for an unsolicited event, raising if the agent reports ``failed`` or
-    exits first. ``log_path`` keeps the agent's stderr (else only its tail is kept,
-    for error messages). ``module`` is what runs as the agent (``python -m``).
+    ends first. A carrier (:class:`AgentProcess`: a child process's stdin and
+    stdout; a node agent's websocket relay) implements :meth:`start`,
+    :meth:`close` and :meth:`_send`, hands each line it receives to
+    :meth:`_receive` and calls :meth:`_ended` once, when the agent is gone.
     """
 
-    def __init__(
-        self,
-        role: AgentRole,
-        netns: str | None = None,
-        log_path: Path | None = None,
-        module: str = AGENT_MODULE,
-    ):
+    def __init__(self, role: AgentRole) -> None:
         self.role = role
-        self.netns = netns
-        self.log_path = log_path
-        self.argv = agent_argv(role, netns, module=module)
         self.events: list[dict[str, Any]] = []
-        self._proc: asyncio.subprocess.Process | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._changed = asyncio.Condition()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self._exit_error: StreamError | None = None
+        self._started = False
 
-    async def __aenter__(self) -> AgentProcess:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -98,37 +89,18 @@ class AgentProcess:
     ) -> None:
         await self.close()
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc else None
-
     async def start(self) -> None:
-        """Start the agent. Raises :class:`StreamError` if it cannot be started."""
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-                limit=_LINE_LIMIT,
-            )
-        except OSError as exc:
-            raise StreamError(
-                f"cannot start the {self.role} agent ({' '.join(self.argv)}): {exc}",
-                side=self.role.value,
-                kind="agent",
-            ) from exc
-        assert self._proc.stdout is not None and self._proc.stderr is not None
-        self._tasks = [
-            asyncio.create_task(self._read_stdout(self._proc.stdout), name=f"{self.role} agent"),
-            asyncio.create_task(self._read_stderr(self._proc.stderr), name=f"{self.role} log"),
-        ]
+        """Start (or reach) the agent. Raises :class:`StreamError` if it cannot."""
+        raise NotImplementedError
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """End the agent; it is gone (reaped) when this returns."""
+        raise NotImplementedError
+
+    async def _send(self, line: str) -> None:
+        """Send one line (with its newline); raises ``ConnectionResetError`` /
+        ``BrokenPipeError`` when the carrier is gone."""
+        raise NotImplementedError
 
     # --- talking ------------------------------------------------------------------------
 
@@ -140,7 +112,8 @@ class AgentProcess:
         Raises :class:`StreamError` / :class:`ConfigError` as the agent reported
         them, or :class:`StreamError` (kind ``agent``) if it exits or times out.
         """
-        proc = self._require()
+        if not self._started:
+            raise StreamError(f"the {self.role} agent was not started", side=self.role.value)
         if self._exit_error is not None:
             raise self._exit_error
         request_id = next(self._ids)
@@ -148,9 +121,7 @@ class AgentProcess:
         self._pending[request_id] = future
         line = json.dumps({"id": request_id, "cmd": command, "args": args or {}}) + "\n"
         try:
-            assert proc.stdin is not None
-            proc.stdin.write(line.encode())
-            await proc.stdin.drain()
+            await self._send(line)
             return await within(future, timeout)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._exit_error or StreamError(
@@ -214,6 +185,113 @@ class AgentProcess:
                     await within(self._changed.wait(), remaining)
             return event
 
+    # --- receiving ----------------------------------------------------------------------
+
+    async def _receive(self, message: dict[str, Any]) -> None:
+        """One line from the agent: an event, or the reply to a pending call."""
+        if "event" in message:
+            self.events.append(message)
+            async with self._changed:
+                self._changed.notify_all()
+            return
+        future = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+        if future is None or future.done():
+            return
+        if message.get("ok"):
+            future.set_result(dict(message.get("result") or {}))
+        else:
+            future.set_exception(self._rebuild(message.get("error") or {}))
+
+    async def _ended(self, error: StreamError) -> None:
+        """The agent is gone: ``error`` answers every pending and later call."""
+        self._exit_error = error
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _rebuild(self, error: dict[str, Any]) -> StreamError | ConfigError:
+        message = str(error.get("message", "unknown agent error"))
+        if error.get("type") == "ConfigError":
+            return ConfigError(f"{self.role}: {message}")
+        return StreamError(
+            message,
+            side=str(error.get("side") or self.role.value),
+            kind=str(error.get("kind") or "agent"),
+            detail=error.get("detail"),
+        )
+
+
+class AgentProcess(AgentChannel):
+    """One agent process (this host, or ``netns``) and its control channel.
+
+    ``log_path`` keeps the agent's stderr (else only its tail is kept, for error
+    messages). ``module`` is what runs as the agent (``python -m``).
+    """
+
+    def __init__(
+        self,
+        role: AgentRole,
+        netns: str | None = None,
+        log_path: Path | None = None,
+        module: str = AGENT_MODULE,
+    ):
+        super().__init__(role)
+        self.netns = netns
+        self.log_path = log_path
+        self.argv = agent_argv(role, netns, module=module)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def stderr_tail(self) -> list[str]:
+        return list(self._stderr_tail)
+
+    async def start(self) -> None:
+        """Start the agent. Raises :class:`StreamError` if it cannot be started."""
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                limit=_LINE_LIMIT,
+            )
+        except OSError as exc:
+            raise StreamError(
+                f"cannot start the {self.role} agent ({' '.join(self.argv)}): {exc}",
+                side=self.role.value,
+                kind="agent",
+            ) from exc
+        self._started = True
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._tasks = [
+            asyncio.create_task(self._read_stdout(self._proc.stdout), name=f"{self.role} agent"),
+            asyncio.create_task(self._read_stderr(self._proc.stderr), name=f"{self.role} log"),
+        ]
+
+    async def _send(self, line: str) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        proc.stdin.write(line.encode())
+        await proc.stdin.drain()
+
+    async def send_raw(self, line: str) -> None:
+        """Send a line as it is (a relay passing on its client's commands)."""
+        await self._send(line)
+
     # --- reading ------------------------------------------------------------------------
 
     async def _read_stdout(self, stdout: asyncio.StreamReader) -> None:
@@ -224,20 +302,14 @@ class AgentProcess:
                 except ValueError:
                     self._stderr_tail.append(f"(stdout) {line.decode(errors='replace').rstrip()}")
                     continue
-                if "event" in message:
-                    self.events.append(message)
-                    async with self._changed:
-                        self._changed.notify_all()
-                    continue
-                future = self._pending.get(message.get("id"))
-                if future is None or future.done():
-                    continue
-                if message.get("ok"):
-                    future.set_result(dict(message.get("result") or {}))
-                else:
-                    future.set_exception(self._rebuild(message.get("error") or {}))
+                if isinstance(message, dict):
+                    await self._on_line(line, message)
         finally:
             await self._on_exit()
+
+    async def _on_line(self, line: bytes, message: dict[str, Any]) -> None:
+        """One JSON line of the agent's stdout (a relay overrides it to pass it on)."""
+        await self._receive(message)
 
     async def _on_exit(self) -> None:
         code = await self._proc.wait() if self._proc is not None else None
@@ -245,17 +317,14 @@ class AgentProcess:
         with contextlib.suppress(TimeoutError):
             await within(asyncio.shield(self._tasks[1]), 1.0)
         tail = " | ".join(list(self._stderr_tail)[-5:])
-        self._exit_error = StreamError(
-            f"the {self.role} agent exited with code {code}" + (f": {tail}" if tail else ""),
-            side=self.role.value,
-            kind="agent",
-            detail={"exit_code": code, "stderr": list(self._stderr_tail)},
+        await self._ended(
+            StreamError(
+                f"the {self.role} agent exited with code {code}" + (f": {tail}" if tail else ""),
+                side=self.role.value,
+                kind="agent",
+                detail={"exit_code": code, "stderr": list(self._stderr_tail)},
+            )
         )
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(self._exit_error)
-        async with self._changed:
-            self._changed.notify_all()
 
     async def _read_stderr(self, stderr: asyncio.StreamReader) -> None:
         log = self.log_path.open("a", encoding="utf-8") if self.log_path else None
@@ -269,22 +338,6 @@ class AgentProcess:
         finally:
             if log is not None:
                 log.close()
-
-    def _rebuild(self, error: dict[str, Any]) -> StreamError | ConfigError:
-        message = str(error.get("message", "unknown agent error"))
-        if error.get("type") == "ConfigError":
-            return ConfigError(f"{self.role}: {message}")
-        return StreamError(
-            message,
-            side=str(error.get("side") or self.role.value),
-            kind=str(error.get("kind") or "agent"),
-            detail=error.get("detail"),
-        )
-
-    def _require(self) -> asyncio.subprocess.Process:
-        if self._proc is None:
-            raise StreamError(f"the {self.role} agent was not started", side=self.role.value)
-        return self._proc
 
     # --- ending -------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from migrate.control.intents import (
 from migrate.errors import MigrationError, QemuError, StreamError
 from migrate.events import DecisionMade, EventBus, Progress
 from migrate.integrity import RamComparison
-from migrate.pagestream.control import AgentProcess, AgentRole
+from migrate.pagestream.control import AgentChannel, AgentProcess, AgentRole
 from migrate.pagestream.options import PagestreamOptions
 from migrate.pagestream.planner import SwitchoverPlanner
 from migrate.pagestream.totals import StreamTotals
@@ -80,7 +80,7 @@ class PagestreamRun(StrategyRun):
         self.target_ram = target_ram
         self.host = host
         self.sender: AgentProcess | None = None
-        self.receiver: AgentProcess | None = None
+        self.receiver: AgentChannel | None = None
         self.verifier: StreamVerifier | None = None
         self.totals = StreamTotals()
         self.ram_pages = start.ram_bytes // PAGE_SIZE
@@ -127,12 +127,25 @@ class PagestreamRun(StrategyRun):
         options, request = self.options, self.request
         session = base64.b64encode(secrets.token_bytes(16)).decode()
         log_dir = options.log_dir
-        self.receiver = AgentProcess(
-            AgentRole.RECEIVER,
-            request.target.netns,
-            log_dir / "pagestream-receiver.log" if log_dir else None,
-            module=options.agent_module,
-        )
+        if request.target_receiver is not None:
+            # The target host's agent starts the receiver and names its RAM file,
+            # address and credentials; the engine asks only for the stream.
+            self.receiver = request.target_receiver()
+            listen_args: dict[str, Any] = {"session": session, "tls": request.tls is not None}
+        else:
+            self.receiver = AgentProcess(
+                AgentRole.RECEIVER,
+                request.target.netns,
+                log_dir / "pagestream-receiver.log" if log_dir else None,
+                module=options.agent_module,
+            )
+            listen_args = {
+                "ram_path": str(self.target_ram),
+                "host": self.host,
+                "port": 0,
+                "session": session,
+                "tls": _tls_args(request.tls.stream_server()) if request.tls else None,
+            }
         self.sender = AgentProcess(
             AgentRole.SENDER,
             request.source.netns,
@@ -141,17 +154,7 @@ class PagestreamRun(StrategyRun):
         )
         await self.receiver.start()
         await self.sender.start()
-        listen = await self.receiver.call(
-            "listen",
-            {
-                "ram_path": str(self.target_ram),
-                "host": self.host,
-                "port": 0,
-                "session": session,
-                "tls": _tls_args(request.tls.stream_server()) if request.tls else None,
-            },
-            timeout=options.setup_timeout_s,
-        )
+        listen = await self.receiver.call("listen", listen_args, timeout=options.setup_timeout_s)
         args: dict[str, Any] = {
             "ram_path": str(self.source_ram),
             "host": self.host,

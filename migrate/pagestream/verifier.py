@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from migrate.integrity import IntegrityResult, RamCheck, RamComparison
-from migrate.pagestream.control import AgentProcess
+from migrate.pagestream.control import AgentChannel
 from migrate.report import Integrity
 
 
@@ -19,7 +19,7 @@ class StreamVerifier:
 
     def __init__(
         self,
-        receiver: AgentProcess,
+        receiver: AgentChannel,
         comparison: RamCheck | None,
         files: tuple[Path, Path],
         timeout_s: float,

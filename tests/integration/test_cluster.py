@@ -190,4 +190,20 @@ def test_two_agents_join_refuse_and_list(tmp_path: Path) -> None:
         assert counts["token-used"] == counts["token-expired"] == counts["token-unknown"] == 1
         assert counts["ca-fingerprint"] == 1
 
+        # `cluster remove b` on the CA's node: a's agent refuses b's (CA-signed)
+        # certificate from then on, in one line, logged; refused requests change nothing.
+        removed = cluster.cli(a, "cluster", "remove", "b", "--state-dir", str(dir_a))
+        assert removed.returncode == 0 and "node b removed (members: a)" in removed.stdout, (
+            removed.stderr
+        )
+        gone = cluster.python(b, "-m", "lab.cluster", "request", url,
+                              "--cert", str(dir_b / "node.pem"), "--key", str(dir_b / "node-key.pem"))  # fmt: skip
+        answer = json.loads(gone.stdout)
+        assert answer["status"] == 403 and "node 'b'" in answer["body"]["error"], answer
+        assert "is not a member of this cluster" in answer["body"]["error"], answer
+        seen_from_b = cluster.cli(b, "cluster", "nodes", "--state-dir", str(dir_b), "--json")
+        nodes = {n["name"]: n for n in json.loads(seen_from_b.stdout)["nodes"]}
+        assert not nodes["a"]["reachable"] and "not a member" in nodes["a"]["error"], nodes["a"]
+        assert "REFUSED" in _log(cluster, "a") and "is not a member" in _log(cluster, "a")
+
         assert cluster.stop_agent(a) == 0 and cluster.stop_agent(b) == 0

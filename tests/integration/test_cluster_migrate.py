@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lab.cluster_demo import VM_NAME, ClusterLab, _wait_in_file, definition_json
@@ -50,6 +51,27 @@ def _qemu_pids_under(text: str) -> list[int]:
             if b"qemu-system" in cmd and text.encode() in cmd:
                 pids.append(int(proc.name))
     return pids
+
+
+def _stream_agents(agents: dict[str, str]) -> dict[int, tuple[str, str]]:
+    """pagestream agent processes below this cluster's node agents (``agents``: state
+    dir -> node): pid -> (role, the node whose agent is its parent, or says how far)."""
+    found: dict[int, tuple[str, str]] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "migrate.pagestream.agent" not in cmd or "--role" not in cmd[:-1]:
+            continue
+        try:
+            above = [" ".join(p.cmdline()) for p in proc.parents()]
+        except psutil.Error:
+            continue
+        for depth, line in enumerate(above):
+            node = next((n for d, n in agents.items() if f"agent --state-dir {d}" in line), None)
+            if node is not None:
+                where = node if depth == 0 else f"{node} (depth {depth + 1})"
+                found[proc.info["pid"]] = (cmd[cmd.index("--role") + 1], where)
+                break
+    return found
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -120,11 +142,29 @@ def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: 
             assert "VM demo defined on node a: running" in out
             asyncio.run(_wait_in_file(world.serial_log(a), r"^MEMDIRTY pass=", 90))
 
-            # Asked from host B: A's agent (the owner) runs it.
-            moved = world.cluster.cli(
-                b, "migrate", VM_NAME, "--to", "b", "--strategy", "pagestream", "--json",
-                "--state-dir", world.state(b), timeout_s=300,
+            # Asked from host B: A's agent (the owner) runs it. While it runs, every
+            # pagestream agent process is noted with its parent: the receiver must be a
+            # child of B's agent (the target), the sender of A's; none other.
+            follow = subprocess.Popen(
+                lab.netns_argv(b.netns, [
+                    sys.executable, "-m", "migrate.cli", "migrate", VM_NAME, "--to", "b",
+                    "--strategy", "pagestream", "--json", "--state-dir", world.state(b),
+                ]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
             )  # fmt: skip
+            agents = {str(world.cluster.state_dir(h)): h.name for h in (a, b)}
+            seen: dict[int, tuple[str, str]] = {}
+            try:
+                deadline = time.monotonic() + 300
+                while follow.poll() is None and time.monotonic() < deadline:
+                    seen.update(_stream_agents(agents))
+                    time.sleep(0.1)
+                out, err = follow.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            finally:
+                if follow.poll() is None:
+                    follow.kill()
+            moved = subprocess.CompletedProcess(follow.args, follow.returncode, out, err)
+            parents = set(seen.values())
+            assert parents == {("receiver", "b"), ("sender", "a")}, seen
             assert moved.returncode == 0, moved.stderr[-3000:]
             report = json.loads(moved.stdout)
             _check_report(report, "pagestream")
@@ -214,9 +254,11 @@ def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: 
                                          "--state-dir", world.state(a)]),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
             )  # fmt: skip
+            before: list[str] = []
             try:
                 assert follower.stdout is not None
                 for line in follower.stdout:
+                    before.append(line)
                     if json.loads(line).get("event") == "progress":
                         break
                 follower.send_signal(signal.SIGINT)
@@ -227,12 +269,12 @@ def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: 
                 lab.set_bandwidth(None)
             assert follower.returncode == 130, err
             final = json.loads(out.strip().splitlines()[-1])
-            # "aborted" when the engine can prove the target stopped; across hosts its
-            # rollback finds the target QEMU already gone (QEMU exits when its incoming
-            # migration is cancelled) and, unable to prove it over TCP, says "failed".
-            # Either way: the VM runs on its owner, untouched, and the target has nothing.
+            # The VM arrived here by pagestream (its QEMU kept x-ignore-shared from that
+            # incoming migration: the engine turns it off, else the target drops the
+            # stream at once and the migration fails before the abort lands).
             assert final["event"] == "finished", final
-            assert final["report"]["status"] in ("aborted", "failed"), final["report"]["error"]
+            assert final["report"]["status"] == "aborted", final["report"]["error"]
+            assert "turned off x-ignore-shared on the source QEMU" in "".join(before), before
             print(f"\nCtrl-C: {final['report']['status']}: {final['report']['error']}")
             listed_a = json.loads(
                 world.cli(a, "vm", "list", "--json", "--state-dir", world.state(a))

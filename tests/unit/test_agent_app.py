@@ -26,12 +26,14 @@ from migrate.agent import openapi
 from migrate.agent.app import AgentContext, create_app
 from migrate.agent.client import AgentClient
 from migrate.agent.metrics import AgentMetrics
+from migrate.agent.nodes import remove_node
 from migrate.agent.tlsgate import GatedTLSSite
 from migrate.cluster import pki, tls
 from migrate.cluster.address import parse_address
 from migrate.cluster.errors import AgentError, AgentRefused
 from migrate.cluster.state import Member, NodeIdentity, StateDir, create_cluster
 from migrate.cluster.tokens import TokenStore
+from migrate.errors import ConfigError
 from migrate.phase import Phase
 from migrate.report import MigrationReport, Status, Timeline
 
@@ -211,6 +213,11 @@ def test_mutual_tls_end_to_end(state_a: StateDir, tmp_path: Path) -> None:
             # The member's address in its certificate is 127.0.0.1 as well.
             member = _member_state(state_a, tmp_path / "b", "b", "127.0.0.1:7444")
             async with AgentClient(member, timeout_s=5) as client:
+                # Signed by our CA, but not in a's member list: refused, in one line.
+                with pytest.raises(AgentRefused, match=r"node 'b' .* is not a member") as no:
+                    await client.get_json(address, "/v1/node")
+                assert no.value.status == 403 and "\n" not in str(no.value)
+                state_a.write_members(member.members())
                 node = await client.get_json(address, "/v1/node")
                 assert node["name"] == "a" and node["memory"]["available_bytes"] > 0
                 # Only the CA's node may push members.
@@ -218,6 +225,17 @@ def test_mutual_tls_end_to_end(state_a: StateDir, tmp_path: Path) -> None:
                     await client.post_json(
                         address, "/v1/cluster/members", {"version": 1, "members": []}
                     )
+                # `cluster remove b` on a (the CA's node): a refuses b from then on.
+                with pytest.raises(ConfigError, match="is this node"):
+                    await remove_node(state_a, "a")
+                with pytest.raises(ConfigError, match="no node 'zz'"):
+                    await remove_node(state_a, "zz")
+                with pytest.raises(ConfigError, match="does not hold the cluster CA"):
+                    await remove_node(member, "a")
+                left, failed = await remove_node(state_a, "b")
+                assert [m.name for m in left] == ["a"] and failed == []
+                with pytest.raises(AgentRefused, match="not a member"):
+                    await client.get_json(address, "/v1/node")
             foreign = StateDir(tmp_path / "x")
             create_cluster(foreign, "x", parse_address("127.0.0.1:7445"))
             # A foreign member trusting our CA but presenting its own certificate.
@@ -243,6 +261,7 @@ def test_mutual_tls_end_to_end(state_a: StateDir, tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert any(" b GET /v1/node -> 200" in line for line in log.lines), log.lines
+    assert any("REFUSED" in ln and "not a member" in ln for ln in log.lines), log.lines
     assert any("certificate" in r for r in refused), refused
     assert any("HTTP" in r or "version" in r.lower() or "record" in r.lower() for r in refused), (
         refused

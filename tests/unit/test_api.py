@@ -176,3 +176,36 @@ def test_operator_requests_go_out_before_the_controllers_decisions() -> None:
     control.request_abort("stop", now=2.0)
     control.request_abort("again", now=2.0)
     assert [d.reason for d in control.on_sample(_sample(2.0))] == ["operator: stop"]
+
+
+def test_capabilities_left_from_an_earlier_migration_are_turned_off() -> None:
+    """A VM that arrived by pagestream keeps x-ignore-shared on: on one end only, the
+    next (native) stream would not parse at the other. The engine turns it off first."""
+
+    async def scenario() -> None:
+        source, target = fake_pair()
+        stale = [{"capability": "x-ignore-shared", "state": True}]
+        await source.execute("migrate-set-capabilities", {"capabilities": stale})
+        migration = Migration(make_request(), source=source, target=target)
+        await migration.start()
+        events = await asyncio.wait_for(_collect(migration), 5)
+        report = await migration.wait()
+        assert report.status is Status.COMPLETED
+        notices = [getattr(e, "message", "") for e in events]
+        wanted = "turned off x-ignore-shared on the source QEMU (left from an earlier migration)"
+        assert wanted in notices, notices
+        off = {"capability": "x-ignore-shared", "state": False}
+        cleared = [
+            call.seq
+            for call in source.calls_to("migrate-set-capabilities")
+            if call.arguments and off in call.arguments["capabilities"]
+        ]
+        (migrate,) = source.calls_to("migrate")
+        # Turned off before `migrate`; the target (fresh) is left as it was.
+        assert cleared and cleared[0] < migrate.seq, source.calls_to("migrate-set-capabilities")
+        assert not any(
+            "x-ignore-shared" in str(call.arguments)
+            for call in target.calls_to("migrate-set-capabilities")
+        )
+
+    asyncio.run(scenario())

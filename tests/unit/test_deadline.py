@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,16 @@ def test_the_answer_within_the_limit_is_returned() -> None:
         return await within(_answer(reply), 5.0) + await within(asyncio.sleep(0, 1), None)
 
     assert asyncio.run(scenario()) == 8
+
+
+def test_no_module_bounds_an_await_with_wait_for() -> None:
+    """The engine, the lab and the bench use ``within`` (cpumodel, which may not import
+    the engine, uses ``asyncio.timeout`` directly)."""
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        str(path.relative_to(root))
+        for package in ("migrate", "dirtytrack", "cpumodel", "lab", "bench")
+        for path in sorted((root / package).rglob("*.py"))
+        if "asyncio.wait_for(" in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
