@@ -15,6 +15,7 @@ Everything is driven with ``livemig`` commands in the hosts' namespaces.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import pytest
 
 from lab.cluster_demo import VM_NAME, ClusterLab, _wait_in_file, definition_json
 from lab.demo import DemoConfig, Workload, guest_spec
-from lab.net import Lab
+from lab.net import Lab, LabHost
 from migrate.qmp import process_exited
 
 pytestmark = pytest.mark.integration
@@ -220,30 +221,14 @@ def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: 
 
             # Adopt a QEMU started by hand on host A (shared-file RAM, a QMP socket; a
             # kernel: a definition needs something to boot).
-            sock = tmp_path / "hand.qmp"
+            sock, pidfile = tmp_path / "hand.qmp", tmp_path / "hand.pid"
             ram = Path("/dev/shm") / f"livemig-test-hand-{os.getpid()}.ram"
-            hand = subprocess.run(
-                lab.netns_argv(a.netns, [
-                    "qemu-system-x86_64", "-name", "hand", "-nodefaults", "-display", "none",
-                    "-m", "64M", "-kernel", str(spec.kernel),
-                    "-object", f"memory-backend-file,id=ram0,size=64M,mem-path={ram},share=on",
-                    "-machine", "pc,memory-backend=ram0", "-S",
-                    "-chardev", f"socket,id=m,path={sock},server=on,wait=off",
-                    "-mon", "chardev=m,mode=control", "-daemonize",
-                ]), capture_output=True, text=True, timeout=30, check=False,
-            )  # fmt: skip
-            assert hand.returncode == 0, hand.stderr
-            adopted = world.cli(a, "vm", "adopt", str(sock), "--state-dir", world.state(a))
-            assert "VM hand adopted by node a" in adopted
-            shown = json.loads(world.cli(a, "vm", "show", "hand", "--state-dir", world.state(a)))
-            assert shown["adopted"] is True and shown["definition"]["memory_mib"] == 64
-            hand_pid = int(shown["pid"])
-            world.cli(a, "vm", "stop", "hand", "--state-dir", world.state(a))
-            deadline = time.monotonic() + 10
-            while not process_exited(hand_pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert process_exited(hand_pid)
-            ram.unlink(missing_ok=True)
+            try:
+                _adopt_and_stop_a_hand_started_qemu(world, a, spec.kernel, sock, pidfile, ram)
+            finally:  # whatever failed above: no QEMU, no RAM file left behind
+                with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+                    os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+                ram.unlink(missing_ok=True)
 
             # Ctrl-C while it copies (link capped): the source agent aborts, the VM stays
             # on B (its owner), A (the target) keeps nothing.
@@ -293,3 +278,30 @@ def test_pagestream_by_name_restart_adopt(tmp_path: Path, guest: object, accel: 
         finally:
             world.close()
     assert _qemu_pids_under(str(tmp_path)) == []
+
+
+def _adopt_and_stop_a_hand_started_qemu(
+    world: ClusterLab, a: LabHost, kernel: Path, sock: Path, pidfile: Path, ram: Path
+) -> None:
+    """``vm adopt`` of a QEMU started by hand on ``a``, then ``vm stop`` ends it."""
+    hand = subprocess.run(
+        world.lab.netns_argv(a.netns, [
+            "qemu-system-x86_64", "-name", "hand", "-nodefaults", "-display", "none",
+            "-m", "64M", "-kernel", str(kernel),
+            "-object", f"memory-backend-file,id=ram0,size=64M,mem-path={ram},share=on",
+            "-machine", "pc,memory-backend=ram0", "-S",
+            "-chardev", f"socket,id=m,path={sock},server=on,wait=off",
+            "-mon", "chardev=m,mode=control", "-daemonize", "-pidfile", str(pidfile),
+        ]), capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert hand.returncode == 0, hand.stderr
+    adopted = world.cli(a, "vm", "adopt", str(sock), "--state-dir", world.state(a))
+    assert "VM hand adopted by node a" in adopted
+    shown = json.loads(world.cli(a, "vm", "show", "hand", "--state-dir", world.state(a)))
+    assert shown["adopted"] is True and shown["definition"]["memory_mib"] == 64
+    hand_pid = int(shown["pid"])
+    world.cli(a, "vm", "stop", "hand", "--state-dir", world.state(a))
+    deadline = time.monotonic() + 10
+    while not process_exited(hand_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_exited(hand_pid)
