@@ -27,11 +27,14 @@ from migrate.disks.images import remove_image
 from migrate.disks.integrity import DiskComparison, compare_images
 from migrate.disks.mirror import CopyMode, NbdAddress, NbdMirror
 from migrate.disks.model import DiskMode, DiskPlacement
+from migrate.disks.quickcheck import BITMAP as VERIFY_BITMAP
+from migrate.disks.quickcheck import EXPORT as VERIFY_EXPORT
 from migrate.disks.quickcheck import QuickCheck
 from migrate.disks.replica_mirror import ReplicaUse, detect_replicas
-from migrate.errors import ConfigError
+from migrate.errors import ConfigError, MigrationError
 from migrate.events import DiskCopy, DiskProgress, EventBus
 from migrate.integrity import IntegrityResult
+from migrate.journal import JournalDisk, JournalDisks, record_disks
 from migrate.qmp import QmpSession
 from migrate.report import DiskReport, Integrity
 from migrate.request import MigrationRequest
@@ -107,12 +110,39 @@ class MigrationDisks:
         for job in self.mirror.jobs:
             use = self.replicas.get(job.placement.name)
             job.replica_bitmap = use.bitmap if use is not None else None
+        try:
+            # Before the first step: a crash from here on leaves what recovery removes.
+            record_disks(self.journal_entry())
+        except OSError as exc:
+            raise MigrationError(f"cannot record the disk copy in the journal: {exc}") from exc
         await self.mirror.export()
         # The mirrors are completed in QEMU's pre-switchover pause (the strategy
         # calls finish_at_switchover, then migrate-continue).
         await self.source.execute(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "pause-before-switchover", "state": True}]},
+        )
+
+    def journal_entry(self) -> JournalDisks:
+        """The disk copy as the migration journal records it (for ``livemig recover``)."""
+        assert self.mirror is not None
+        return JournalDisks(
+            nbd_address=str(self.mirror.address),
+            disks=tuple(
+                JournalDisk(
+                    name=job.placement.name,
+                    target_image=str(job.placement.target.path)
+                    if job.placement.target is not None
+                    else None,
+                    export_id=job.export_id,
+                    client_node=job.client_node,
+                    job_id=job.job_id,
+                    source_node=job.placement.source.node_name,
+                )
+                for job in self.mirror.jobs
+            ),
+            verify_bitmap=VERIFY_BITMAP,
+            verify_export=VERIFY_EXPORT,
         )
 
     async def copy_bytes(self) -> int:
