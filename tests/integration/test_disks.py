@@ -1,23 +1,28 @@
 """VMs with a local disk between the lab's hosts: mirrored over NBD, refused without
 ``--with-local-disks``, and an abort mid-mirror that leaves the VM and its disk on
-the source and no target image behind."""
+the source and no target image behind — also when the engine itself is killed
+mid-mirror and ``livemig recover`` cleans up after it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from lab.demo import DemoConfig, LabPair, Workload, run_demo, run_in_lab
+from lab.demo import DISK_ID, DemoConfig, LabPair, Workload, run_demo, run_in_lab
+from lab.qemu import QemuProcess
 from migrate.api import Migration
 from migrate.disks.classify import block_disks
-from migrate.disks.images import extent_map
+from migrate.disks.images import create_like, extent_map, image_info
 from migrate.errors import PreflightError
 from migrate.events import EventBus
+from migrate.journal import JournalStore
+from migrate.qmp import QmpSession
 from migrate.report import Integrity, MigrationReport, Status
 from migrate.strategy import HostEndpoint, MigrationHooks, MigrationRequest
 from tests.jsonschemas import validate_report
@@ -63,8 +68,89 @@ def test_local_disk_refused_without_the_flag(tmp_path: Path) -> None:
     assert "local-disks" in reasons and "disk0" in reasons and "--with-local-disks" in reasons
 
 
+async def _livemig(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "migrate.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _kill_engine_mid_mirror_then_recover(
+    pair: LabPair, tmp_path: Path, seen: dict[str, object]
+) -> None:
+    """``livemig migrate --with-local-disks`` to a fresh target, SIGKILLed while its
+    mirror copies (QEMU's mirror goes on without it), then ``livemig recover``."""
+    assert pair.disk_images is not None
+    source_image, first_target_image = pair.disk_images
+    image = first_target_image.with_name("target-2-disk0.qcow2")
+    await create_like(image, await image_info(source_image))
+    state_dir = tmp_path / "state"
+    target = QemuProcess(
+        pair.spec, role="target-2", netns=pair.lab.host_b.netns,
+        taps={"net0": pair.lab.add_tap(pair.lab.host_b)}, incoming=True, paused=True,
+        log_dir=tmp_path, disk_paths={DISK_ID: image},
+    )  # fmt: skip
+    async with target:
+        await pair.source.release_qmp()
+        await target.release_qmp()
+        began = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "migrate.cli", "migrate", "--events",
+            "--source-qmp", str(pair.source.site.qmp_socket),
+            "--target-qmp", str(target.site.qmp_socket),
+            "--target-uri", pair.lab.host_b.migration_uri(4446),
+            "--state-dir", str(state_dir), "--with-local-disks", "--no-predict",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            while True:
+                line = await asyncio.wait_for(proc.stdout.readline(), 60)
+                assert line, "the CLI ended before its mirror copied"
+                record = json.loads(line)
+                if record["event"] == "disk-progress":
+                    (disk,) = record["disks"]
+                    if disk["copied_bytes"] > 1 << 20 and not disk["ready"]:
+                        seen["killed_at"] = disk["copied_bytes"]
+                        break
+            proc.kill()  # SIGKILL: no rollback; the mirror and the NBD server stay
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        store = JournalStore(state_dir)
+        (journal,) = store.unfinished()
+        assert journal.disks is not None
+        (recorded,) = journal.disks.disks
+        assert recorded.target_image == str(image) and image.exists()
+        code, out, err = await _livemig("recover", "--state-dir", str(state_dir), "--json")
+        assert code == 0, (out, err)
+        (result,) = json.loads(out)["migrations"]
+        seen["recover"] = result
+        seen["crash_s"] = time.monotonic() - began
+        seen["target_2_exited"] = await target.wait_exited(10) is not None
+        seen["target_2_image"] = image.exists()
+        session = await QmpSession.connect(pair.source.site.qmp_socket, "check", 5)
+        try:
+            seen["after_status"] = await session.status()
+            seen["after_jobs"] = await session.execute("query-block-jobs")
+            nodes = await session.execute("query-named-block-nodes", {"flat": True})
+            seen["after_nbd_nodes"] = [n["node-name"] for n in nodes if n["drv"] == "nbd"]
+            seen["after_exports"] = await session.execute("query-block-exports")
+        finally:
+            await session.close()
+        mark = len(pair.source.console.lines)
+        line = await pair.source.console.wait_for(r"^DISKCHECK pass=", 30, since=mark)
+        seen["after_check"] = line.text
+        seen["recover_done"] = store.unfinished() == []
+
+
 def test_abort_mid_mirror_leaves_vm_and_disk_on_source(tmp_path: Path) -> None:
-    """A slow link keeps the mirror busy; the abort comes while it copies."""
+    """A slow link keeps the mirror busy; the abort comes while it copies. Then the
+    same with the engine killed mid-mirror and ``livemig recover``."""
     seen: dict[str, object] = {}
 
     async def migrate(pair: LabPair) -> MigrationReport:
@@ -103,6 +189,7 @@ def test_abort_mid_mirror_leaves_vm_and_disk_on_source(tmp_path: Path) -> None:
         seen["source_image"] = subprocess.run(
             ["qemu-img", "check", "-U", str(source_image)], capture_output=True, text=True
         ).returncode
+        await _kill_engine_mid_mirror_then_recover(pair, tmp_path, seen)
         return report
 
     config = _config(tmp_path, bandwidth_mbit=40.0, disk_mib=64)
@@ -119,6 +206,24 @@ def test_abort_mid_mirror_leaves_vm_and_disk_on_source(tmp_path: Path) -> None:
     (disk,) = report.disks
     assert disk.mode == "mirrored" and disk.integrity is Integrity.UNCHECKED
     assert "removed" in disk.detail
+    # The engine killed mid-mirror: recover leaves exactly one running VM (the
+    # source, its disk checking out), no mirror, no NBD node or server, no target image.
+    result = seen["recover"]
+    assert isinstance(result, dict)
+    print(
+        f"\nkilled mid-mirror at {seen['killed_at']} bytes; livemig recover: "
+        f"{result['seconds'] * 1e3:.0f} ms; crash+recover {seen['crash_s']:.1f} s; did: "
+        + "; ".join(result["actions"])
+    )
+    assert result["result"] == "vm back on source", result
+    assert result["source"]["migration"] == "none", result["source"]
+    assert any("cancelled the disk copy job" in a for a in result["actions"]), result
+    assert any("removed the target's partial copy" in a for a in result["actions"]), result
+    assert seen["target_2_exited"] is True and seen["target_2_image"] is False
+    assert seen["after_status"] == "running" and seen["after_jobs"] == []
+    assert seen["after_nbd_nodes"] == [] and seen["after_exports"] == []
+    assert " bad=0 " in str(seen["after_check"]), seen["after_check"]
+    assert seen["recover_done"] is True
 
 
 def test_disk_that_differs_keeps_the_vm_on_the_source(tmp_path: Path) -> None:
