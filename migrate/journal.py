@@ -112,7 +112,9 @@ class JournalDisk:
     ``target_image``: the target QEMU's image of it (on the target host), partial
     until the migration completes; ``export_id``: the target's NBD export of it;
     ``client_node``/``job_id``: the source's NBD client node and mirror job;
-    ``source_node``: the source's disk node (where the comparison's bitmap goes).
+    ``source_node``: the source's disk node (where the comparison's bitmap goes);
+    ``replica_dir``: the replica directory the copy starts from (recovery releases
+    the replica, or marks it consumed), None for a full copy.
     """
 
     name: str
@@ -121,6 +123,7 @@ class JournalDisk:
     client_node: str
     job_id: str
     source_node: str
+    replica_dir: str | None = None
 
 
 @dataclass(frozen=True)

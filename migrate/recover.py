@@ -41,7 +41,12 @@ from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
 from migrate.codec import to_dict
-from migrate.disks.leftovers import remove_target_images, stop_source_copy, stop_target_exports
+from migrate.disks.leftovers import (
+    remove_target_images,
+    settle_replicas,
+    stop_source_copy,
+    stop_target_exports,
+)
 from migrate.errors import ConfigError, QemuError
 from migrate.journal import (
     JournalBusy,
@@ -360,6 +365,9 @@ class _Recoverer:
             # reaching the port; its images are the VM's disks now and stay.
             for note in await stop_target_exports(self.tgt.execute, self.record.disks):
                 self.did(note)
+        if self.record.disks is not None:
+            for note in settle_replicas(self.record.disks, self.record.migration_id, True):
+                self.did(note)
         await self._conclude("target", VM_ON_TARGET)
 
     async def _postcopy_done(self) -> bool:
@@ -445,6 +453,8 @@ class _Recoverer:
                     self.did(note)
             else:
                 self.did("kept the target's partial disk images: its QEMU may still hold them")
+            for note in settle_replicas(self.record.disks, self.record.migration_id, False):
+                self.did(note)
         if self.record.settings is not None:
             await self._restore_settings(self.record.settings)
         if self.record.source_was_running:

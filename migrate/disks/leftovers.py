@@ -14,6 +14,9 @@ settles the VM and calls, depending on where it stays:
   source was told to quit): its NBD exports of the VM's disks deleted and the NBD
   server stopped. The target's images are the VM's disks: they stay.
 
+Either way :func:`settle_replicas` marks a replica the copy started from released
+(the VM on the source) or consumed (on the target).
+
 Every step is best effort with the caller's deadline per command; what was done and
 what failed come back as notes. A name the QEMU does not know (the engine had not
 got that far, or had already cleaned it) is not an error.
@@ -26,9 +29,11 @@ import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from migrate.errors import QemuError
+from migrate.disks.replica_store import ReplicaStore
+from migrate.errors import ConfigError, QemuError
 from migrate.journal import JournalDisks
 
 #: Runs one QMP command on one QEMU (with a deadline); raises QemuError.
@@ -205,4 +210,24 @@ def remove_target_images(disks: JournalDisks) -> list[str]:
             notes.append(f"could not remove the target's partial image {disk.target_image}: {exc}")
             continue
         notes.append(f"removed the target's partial copy of disk {disk.name} ({disk.target_image})")
+    return notes
+
+
+def settle_replicas(disks: JournalDisks, migration_id: str, on_target: bool) -> list[str]:
+    """Release (VM on the source) or mark consumed (on the target) the replicas the
+    copy started from (:meth:`~migrate.disks.replica_store.ReplicaStore.mark`)."""
+    notes = []
+    action = "consume" if on_target else "release"
+    for disk in disks.disks:
+        if disk.replica_dir is None:
+            continue
+        try:
+            ReplicaStore(Path(disk.replica_dir)).mark(disk.name, migration_id, action)
+        except (ConfigError, OSError) as exc:
+            notes.append(f"could not mark the replica of disk {disk.name} {action}d: {exc}")
+            continue
+        notes.append(
+            f"marked the replica of disk {disk.name} in {disk.replica_dir} "
+            + ("consumed (it backs the VM's disk on the target)" if on_target else "released")
+        )
     return notes

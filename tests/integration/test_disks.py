@@ -229,30 +229,40 @@ def test_abort_mid_mirror_leaves_vm_and_disk_on_source(tmp_path: Path) -> None:
 def test_disk_that_differs_keeps_the_vm_on_the_source(tmp_path: Path) -> None:
     """A byte of the target's copy changed behind QEMU's back once its mirror is READY
     (before the background comparison: a change the guest did not write is not in
-    the source's dirty bitmap): the comparison catches it, the VM stays on the
-    source, the target copy goes."""
+    the source's dirty bitmap), and another after the background pass: the
+    comparison catches it, the VM stays on the source, the target copy goes."""
     seen: dict[str, object] = {}
 
     async def migrate(pair: LabPair) -> MigrationReport:
         assert pair.disk_images is not None
         source_image, target_image = pair.disk_images
 
-        async def corrupt() -> None:
+        async def flip(where: str, block: int) -> None:
             extents = [e for e in await extent_map(target_image) if e.data and not e.zero]
             assert extents and extents[0].offset is not None
             with target_image.open("r+b") as image:
-                image.seek(extents[0].offset + 4096 * 3 + 100)
+                image.seek(extents[0].offset + 4096 * block + 100)
                 old = image.read(1)
                 image.seek(-1, 1)
                 image.write(bytes([old[0] ^ 0xFF]))
-            seen["corrupted"] = True
+            seen[where] = True
+
+        async def corrupt() -> None:
+            await flip("corrupted", 3)
+
+        async def corrupt_after_the_background_pass() -> None:
+            # Neither in the source's dirty bitmap nor among the chunks the background
+            # pass saw differ: only the watch of the target image file tells.
+            await flip("corrupted_late", 11)
 
         request = MigrationRequest(
             source=HostEndpoint("host-a", pair.source.site.qmp_socket),
             target=HostEndpoint("host-b", pair.target.site.qmp_socket, pair.migration_uri),
             vm=pair.spec.name,
             with_local_disks=True,
-            hooks=MigrationHooks(after_disks_ready=corrupt),
+            hooks=MigrationHooks(
+                after_disks_ready=corrupt, after_disks_compared=corrupt_after_the_background_pass
+            ),
         )
         migration = Migration(request, source=pair.source.qmp, target=pair.target.qmp,
                               events=EventBus())  # fmt: skip
@@ -269,11 +279,14 @@ def test_disk_that_differs_keeps_the_vm_on_the_source(tmp_path: Path) -> None:
 
     result = asyncio.run(run_in_lab(_config(tmp_path, workload=Workload("disk:4")), migrate))
     report = result.report
-    assert seen.get("corrupted") is True
+    assert seen.get("corrupted") is True and seen.get("corrupted_late") is True
     assert report.status is Status.ABORTED, report.error
     assert "disk integrity check failed" in str(report.error)
     (disk,) = report.disks
     assert disk.integrity is Integrity.FAILED and "differs at guest offset" in disk.detail
+    # The downtime did not trust its fast path: the image was written behind QEMU's back.
+    assert "full comparison in the downtime" in disk.detail, disk.detail
+    assert "written and closed by another process" in disk.detail, disk.detail
     assert seen["target_image"] is False
     assert seen["source_image"] == 0
     assert " bad=0 " in str(seen["source_check"]), seen["source_check"]

@@ -13,6 +13,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from migrate.disks.replica_store import DiskReplica, ReplicaState, ReplicaStore
 from migrate.journal import JournalDisk, JournalDisks, JournalRecord, JournalStore
 from migrate.phase import Phase
 from tests.fakes import FakeQmp, fake_pair
@@ -106,10 +107,11 @@ class BlockModel:
         return Reply({})
 
 
-def disks_entry(image: Path) -> JournalDisks:
+def disks_entry(image: Path, replica_dir: Path | None = None) -> JournalDisks:
+    replica = str(replica_dir) if replica_dir else None
     return JournalDisks(
         nbd_address="198.19.0.2:4445",
-        disks=(JournalDisk("disk0", str(image), EXPORT, CLIENT, JOB, NODE),),
+        disks=(JournalDisk("disk0", str(image), EXPORT, CLIENT, JOB, NODE, replica),),
         verify_bitmap="livemig-verify",
         verify_export="livemig-verify",
     )
@@ -128,6 +130,17 @@ def crashed_with_disks(
         journal.point_of_no_return()
     journal.close()
     return journal.record
+
+
+def claimed_replica(tmp_path: Path, migration_id: str) -> ReplicaStore:
+    """A replica directory whose disk0 the crashed migration had claimed."""
+    store = ReplicaStore(tmp_path / "replica")
+    store.dir.mkdir()
+    disk = DiskReplica("disk0", "drive-disk0", 1 << 26, 3, "livemig-replica-0123abcd-3",
+                       1.5e9, "full", 1 << 26, 0.5)  # fmt: skip
+    store.save(ReplicaState("0123abcd").with_disk(disk))
+    store.mark("disk0", migration_id, "claim")
+    return store
 
 
 def test_the_journal_keeps_the_disk_copy_and_reads_older_journals_without_it(
@@ -153,10 +166,16 @@ def test_a_crash_mid_mirror_stops_the_copy_quits_the_target_and_removes_its_imag
     src.jobs, src.nodes = {JOB}, {CLIENT}
     src.bitmaps = {f"{JOB}-round-2", "livemig-replica-7"}
     dst.exports, dst.server = {EXPORT}, True
-    crashed_with_disks(tmp_path, Phase.SETUP, disks_entry(image))
+    record = crashed_with_disks(tmp_path, Phase.SETUP, disks_entry(image, tmp_path / "replica"))
+    replica = claimed_replica(tmp_path, record.migration_id)
     (result,), store = recover(tmp_path, source, target)
     assert result.result == VM_BACK_ON_SOURCE, result
     assert source.running and not target.alive
+    # The replica it started from is untouched, released: the next run may use it.
+    released = replica.load().disks["disk0"]
+    assert released.in_use_by is None and released.consumed_by is None
+    assert any("marked the replica of disk disk0" in a and "released" in a
+               for a in result.actions), result.actions  # fmt: skip
     assert src.jobs == set() and src.nodes == set()
     assert src.bitmaps == {"livemig-replica-7"}  # the replica's own bitmap stays
     assert not image.exists()
@@ -224,9 +243,15 @@ def test_the_vm_on_the_target_keeps_its_image_and_loses_the_nbd_exports(tmp_path
 
     asyncio.run(crash_just_before_cont())
     dst.exports, dst.server = {EXPORT}, True  # killed before the exports were dropped
-    crashed_with_disks(tmp_path, Phase.SWITCHOVER, disks_entry(image), point_of_no_return=True)
+    record = crashed_with_disks(
+        tmp_path, Phase.SWITCHOVER, disks_entry(image, tmp_path / "replica"),
+        point_of_no_return=True,
+    )  # fmt: skip
+    replica = claimed_replica(tmp_path, record.migration_id)
     (result,), store = recover(tmp_path, source, target)
     assert result.result == VM_ON_TARGET, result
+    # The replica backs the VM's disk now: consumed, never to be written or reused.
+    assert replica.load().disks["disk0"].consumed_by == record.migration_id
     assert target.running and not source.alive
     assert dst.exports == set() and dst.server is False
     assert image.read_bytes() == b"the VM's disk now"
