@@ -56,6 +56,9 @@ def test_local_disk_moves_live_with_its_disk(tmp_path: Path, strategy: str) -> N
     # The guest filled its whole 32 MiB disk: all of it was copied, and compared.
     assert disk["bytes"] >= 32 << 20 and disk["copy_mode"] == "write-blocking"
     assert disk["ready_ms"] is not None and disk["ready_ms"] > 0
+    # The downtime re-checked only what changed since the background pass (nothing
+    # but the mirror wrote the target image: its watch saw no other writer).
+    assert "re-checked" in disk["detail"] and "full comparison" not in disk["detail"], disk
     checks = {c.name: c for c in report.preflight}
     assert checks["local-disks"].verdict == "ok" and "disk0" in checks["local-disks"].detail
 
