@@ -339,3 +339,6 @@ async def _migrate_on_replica(tmp_path: Path) -> None:
                     changed,
                 )
                 assert disk.bytes >= caught_up[0]
+                # The replica now backs the migrated disk: consumed, never written again.
+                used = store.load().disks[DISK_ID]
+                assert used.consumed_by == report.migration_id and used.in_use_by is None
