@@ -449,6 +449,10 @@ class _Recoverer:
             harmless_target = True
         if self.record.disks is not None:
             if self.tgt.state.gone:
+                # A job that outlived its cancel (a slow link's writes in flight) ended
+                # when its NBD server went: what it held can go now.
+                for note in await stop_source_copy(self.src.execute, self.record.disks):
+                    self.did(note)
                 for note in remove_target_images(self.record.disks):
                     self.did(note)
             else:

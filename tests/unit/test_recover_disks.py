@@ -13,6 +13,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from migrate.disks import leftovers
 from migrate.disks.replica_store import DiskReplica, ReplicaState, ReplicaStore
 from migrate.journal import JournalDisk, JournalDisks, JournalRecord, JournalStore
 from migrate.phase import Phase
@@ -263,3 +266,31 @@ def test_the_vm_on_the_target_keeps_its_image_and_loses_the_nbd_exports(tmp_path
     )
     assert_finished(store, result, "target")
     assert_one_copy(source)
+
+
+def test_a_mirror_that_outlives_its_cancel_is_cleaned_up_once_the_target_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a slow link a force-cancelled mirror drains its writes in flight first; it
+    # ends (and frees its NBD client node) only when the target's NBD server goes.
+    monkeypatch.setattr(leftovers, "WAIT_S", 0.2)
+    source, target = fake_pair()
+    src = BlockModel(source)
+    src.jobs, src.nodes = {JOB}, {CLIENT}
+    image = tmp_path / "target-disk0.qcow2"
+    image.write_bytes(b"partial")
+
+    def jobs(args: dict[str, Any]) -> Any:
+        if not target.alive:
+            src.jobs.clear()
+        return Reply([{"device": j} for j in src.jobs])
+
+    source.on("query-block-jobs", jobs)
+    source.on("block-job-cancel", Reply({}))  # accepted, the job goes on
+    crashed_with_disks(tmp_path, Phase.SETUP, disks_entry(image))
+    (result,), store = recover(tmp_path, source, target)
+    assert result.result == VM_BACK_ON_SOURCE, result
+    assert src.jobs == set() and src.nodes == set() and not image.exists()
+    assert any("still on the source" in a for a in result.actions), result.actions
+    assert f"removed the source's NBD client node(s) {CLIENT}" in result.actions
+    assert_finished(store, result, "source")
