@@ -19,7 +19,7 @@ from lab.qemu import QemuProcess
 from migrate.api import Migration
 from migrate.disks.classify import block_disks
 from migrate.disks.images import create_like, extent_map, image_info
-from migrate.errors import PreflightError
+from migrate.errors import PreflightError, QemuError
 from migrate.events import EventBus
 from migrate.journal import JournalStore
 from migrate.qmp import QmpSession
@@ -69,6 +69,21 @@ def test_local_disk_refused_without_the_flag(tmp_path: Path) -> None:
         asyncio.run(run_demo(config))
     reasons = " ".join(refused.value.reasons)
     assert "local-disks" in reasons and "disk0" in reasons and "--with-local-disks" in reasons
+
+
+async def _source_status(pair: LabPair) -> str:
+    """The source's run state; if its QMP session is lost, why (QEMU's exit code, the
+    end of its log and of the guest's console: a QEMU abort or a guest panic under
+    ``-no-reboot`` both end the process)."""
+    try:
+        return await pair.source.qmp.status()
+    except QemuError as exc:
+        await asyncio.sleep(0.5)
+        raise AssertionError(
+            f"{exc}; source QEMU exit code {pair.source.returncode}; its log ends: "
+            f"{pair.source.read_qemu_log()[-1500:]!r}; console ends: "
+            f"{[line.text for line in pair.source.console.lines[-15:]]}"
+        ) from exc
 
 
 async def _livemig(*args: str, timeout: float = 60) -> tuple[int, str, str]:
@@ -179,7 +194,7 @@ def test_abort_mid_mirror_leaves_vm_and_disk_on_source(tmp_path: Path) -> None:
         report = await migration.wait()
         mark = len(pair.source.console.lines)
         # The VM runs on the source, its disk workload still checks out there.
-        assert await pair.source.qmp.status() == "running"
+        assert await _source_status(pair) == "running"
         line = await pair.source.console.wait_for(r"^DISKCHECK pass=", 30, since=mark)
         line = await pair.source.console.wait_for(
             r"^DISKCHECK pass=", 30, since=pair.source.console.lines.index(line) + 1
@@ -271,7 +286,7 @@ def test_disk_that_differs_keeps_the_vm_on_the_source(tmp_path: Path) -> None:
                               events=EventBus())  # fmt: skip
         report = await migration.run()
         mark = len(pair.source.console.lines)
-        assert await pair.source.qmp.status() == "running"
+        assert await _source_status(pair) == "running"
         line = await pair.source.console.wait_for(r"^DISKCHECK pass=", 30, since=mark)
         seen["source_check"] = line.text
         seen["target_image"] = target_image.exists()
