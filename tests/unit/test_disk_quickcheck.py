@@ -105,3 +105,14 @@ def test_an_unwatchable_target_image_voids_the_fast_path(tmp_path: Path) -> None
     check._watch_target()
     check.seal()
     assert check.tampered is not None and "cannot watch" in check.tampered
+
+
+def test_the_downtime_recheck_of_scattered_writes_reads_only_their_granules() -> None:
+    # One 4 KiB guest write in each of 64 chunks of a 256 MiB disk: aligned to whole
+    # chunks that re-read the disk; at the bitmap's granularity, 64 granules.
+    from migrate.disks.quickcheck import GRANULARITY
+
+    dirty = [(i * CHUNK + 12 * GRANULARITY, i * CHUNK + 13 * GRANULARITY) for i in range(64)]
+    assert sum(h - lo for lo, h in recheck_ranges(dirty, [], 256 * MIB, CHUNK)) == 256 * MIB
+    fine = recheck_ranges(dirty, [(8 * MIB, 12 * MIB)], 256 * MIB, GRANULARITY)
+    assert sum(h - lo for lo, h in fine) == 63 * GRANULARITY + 4 * MIB
