@@ -45,7 +45,7 @@ _POLL_S = 0.05
 
 def _missing(exc: QemuError) -> bool:
     text = str(exc).lower()
-    return "not found" in text or "no such" in text or "cannot find" in text
+    return any(s in text for s in ("not found", "no such", "cannot find", "failed to find"))
 
 
 async def _try(execute: Execute, notes: list[str], command: str, args: dict[str, Any]) -> bool:
