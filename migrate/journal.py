@@ -12,6 +12,11 @@ which of them may hold the VM. It records:
 - the phase, and the *point of no return*: set just before the target is sent
   ``cont`` (by :func:`point_of_no_return`, which :mod:`migrate.safety` calls), from
   when on the target, not the source, is the VM;
+- with ``--with-local-disks``, the disk copy (:class:`JournalDisks`: the target's
+  image paths and NBD exports, the source's NBD client nodes and mirror jobs),
+  written before the target's NBD server starts, so that recovery can stop the
+  copy and remove the target's partial images (or, the VM on the target, drop
+  its exports);
 - the outcome, after which the journal is *finished*: its file moves to
   ``journal/done/`` (pruned after :data:`KEEP_FINISHED_S`).
 
@@ -101,6 +106,39 @@ class PhaseMark:
 
 
 @dataclass(frozen=True)
+class JournalDisk:
+    """One local disk being copied: its names on both sides.
+
+    ``target_image``: the target QEMU's image of it (on the target host), partial
+    until the migration completes; ``export_id``: the target's NBD export of it;
+    ``client_node``/``job_id``: the source's NBD client node and mirror job;
+    ``source_node``: the source's disk node (where the comparison's bitmap goes);
+    ``replica_dir``: the replica directory the copy starts from (recovery releases
+    the replica, or marks it consumed), None for a full copy.
+    """
+
+    name: str
+    target_image: str | None
+    export_id: str
+    client_node: str
+    job_id: str
+    source_node: str
+    replica_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class JournalDisks:
+    """The disk copy of a migration: the target's NBD server (``nbd_address``, for
+    messages), each disk, and the names the in-downtime comparison uses on the
+    source (a block dirty bitmap on each disk node, a read-only NBD export)."""
+
+    nbd_address: str
+    disks: tuple[JournalDisk, ...]
+    verify_bitmap: str = ""
+    verify_export: str = ""
+
+
+@dataclass(frozen=True)
 class JournalOutcome:
     """How the migration ended: ``status`` (the report's, or ``refused``, ``error``,
     ``recovered``, ``forgotten``), why, and where the VM was found (``source``,
@@ -134,6 +172,7 @@ class JournalRecord:
     outcome: JournalOutcome | None = None
     finished: bool = False
     recovery: dict[str, Any] | None = None
+    disks: JournalDisks | None = None
     version: int = JOURNAL_VERSION
 
     @classmethod
@@ -425,6 +464,11 @@ class MigrationJournal:
         if not self.record.point_of_no_return and not self.record.finished:
             self._write(point_of_no_return=True, point_of_no_return_at=time.time())
 
+    def record_disks(self, disks: JournalDisks) -> None:
+        """Record the disk copy about to start (before the target's NBD server)."""
+        if not self.record.finished:
+            self._write(disks=disks)
+
     def finish(self, outcome: JournalOutcome, recovery: dict[str, Any] | None = None) -> bool:
         """Record the outcome, mark the journal finished and move it to ``done/``.
 
@@ -487,3 +531,14 @@ def point_of_no_return() -> None:
     journal = _ACTIVE.get()
     if journal is not None:
         journal.point_of_no_return()
+
+
+def record_disks(disks: JournalDisks) -> None:
+    """Record the disk copy in the running migration's journal (none: nothing).
+
+    Call before the first step of the copy (the target's NBD server). Raises
+    ``OSError`` if the journal cannot be written; the copy must then not start.
+    """
+    journal = _ACTIVE.get()
+    if journal is not None:
+        journal.record_disks(disks)

@@ -6,12 +6,15 @@ each with a deadline) and acts on what it finds:
 
 - **the target runs**: it is the VM (after the point of no return, or a target
   started without ``-S``): the source QEMU is told to quit (after a post-copy has
-  brought the target every page);
+  brought the target every page), and the target's NBD exports of a disk copy
+  dropped (its images, the VM's disks now, stay);
 - **after the point of no return**, the target paused with the whole VM (its
   incoming migration completed): it gets ``cont``, then as above;
 - **before the point of no return**: the source's outgoing migration is cancelled,
-  the target QEMU quit, the source's migration settings put back as they were at
-  the start, and the source resumed if it ran then;
+  a disk copy stopped (:mod:`migrate.disks.leftovers`: mirror jobs, NBD client
+  nodes), the target QEMU quit and, once it is gone, its partial disk images
+  removed; the source's migration settings put back as they were at the start,
+  and the source resumed if it ran then;
 - **neither side provable** (both unreachable, or the side that should run is
   gone, or a target that may hold the whole VM cannot be reached): nothing is
   resumed; the result is ``unknown`` with both sides' state and what to do.
@@ -39,6 +42,12 @@ from typing import Any, Final, Protocol, TypeVar
 
 from migrate.codec import to_dict
 from migrate.deadline import within
+from migrate.disks.leftovers import (
+    remove_target_images,
+    settle_replicas,
+    stop_source_copy,
+    stop_target_exports,
+)
 from migrate.errors import ConfigError, QemuError
 from migrate.journal import (
     JournalBusy,
@@ -352,6 +361,14 @@ class _Recoverer:
                 f"({self.src.state.detail}): kill it, it must never run again"
             )
             return
+        if self.record.disks is not None and self.tgt.session is not None:
+            # The disk copy's NBD exports would leave the VM's disks writable by anyone
+            # reaching the port; its images are the VM's disks now and stay.
+            for note in await stop_target_exports(self.tgt.execute, self.record.disks):
+                self.did(note)
+        if self.record.disks is not None:
+            for note in settle_replicas(self.record.disks, self.record.migration_id, True):
+                self.did(note)
         await self._conclude("target", VM_ON_TARGET)
 
     async def _postcopy_done(self) -> bool:
@@ -402,6 +419,10 @@ class _Recoverer:
             self.did("cancelled the outgoing migration")
         if not await self._source_migration_stopped():
             return
+        if self.record.disks is not None:
+            # Before the target goes: a mirror writing to a vanished NBD server fails.
+            for note in await stop_source_copy(self.src.execute, self.record.disks):
+                self.did(note)
         was_gone, was_reachable = self.tgt.state.gone, self.tgt.state.reachable
         tgt = self.tgt.state if was_gone else await self.tgt.observe()
         if was_reachable and not tgt.reachable and not tgt.gone:
@@ -427,6 +448,18 @@ class _Recoverer:
                 "run the VM (its incoming migration never completed)"
             )
             harmless_target = True
+        if self.record.disks is not None:
+            if self.tgt.state.gone:
+                # A job that outlived its cancel (a slow link's writes in flight) ended
+                # when its NBD server went: what it held can go now.
+                for note in await stop_source_copy(self.src.execute, self.record.disks):
+                    self.did(note)
+                for note in remove_target_images(self.record.disks):
+                    self.did(note)
+            else:
+                self.did("kept the target's partial disk images: its QEMU may still hold them")
+            for note in settle_replicas(self.record.disks, self.record.migration_id, False):
+                self.did(note)
         if self.record.settings is not None:
             await self._restore_settings(self.record.settings)
         if self.record.source_was_running:

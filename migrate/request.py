@@ -170,11 +170,13 @@ class MigrationHooks:
     the integrity check and ``cont``. ``point_of_no_return`` runs right before
     ``cont`` goes to the target (synchronously: a journal records it there).
     ``after_disks_ready`` runs once every local disk's mirror is READY, before the
-    background disk comparison starts.
+    background disk comparison starts; ``after_disks_compared`` once that background
+    pass is done, before the RAM migration (and the switchover) start.
     """
 
     before_target_resume: Callable[[], Awaitable[None]] | None = None
     after_disks_ready: Callable[[], Awaitable[None]] | None = None
+    after_disks_compared: Callable[[], Awaitable[None]] | None = None
     point_of_no_return: Callable[[], None] | None = None
 
 

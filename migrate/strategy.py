@@ -256,6 +256,8 @@ class StrategyRun:
                     raise MigrationError(why, phase=report.phase, report=report) from exc
                 if self.switchover.resumed:
                     # The VM already runs on the target: rolling back would lose its work.
+                    for note in self.disks.settle_replicas(on_target=True):
+                        self.events.notice(note)
                     self.phase.advance(Phase.COMPLETED)
                     self.events.emit(Finished(self._report(src_log, tgt_log, error=describe(exc))))
                     raise
@@ -277,6 +279,8 @@ class StrategyRun:
                     # A QEMU that answered `quit` may still be exiting; unlinking the
                     # image it still holds open is safe (it writes nothing more).
                     back.notes += self.disks.remove_target_images()
+                if back.unknown is None:
+                    back.notes += self.disks.settle_replicas(on_target=False)
                 self.phase.advance(failure_phase(exc))
                 notes = back.notes + ([back.unknown] if back.unknown else [])
                 report = self._report(
@@ -334,6 +338,8 @@ class StrategyRun:
         for note in await self.disks.close_checks():  # verify removed them unless skipped
             self.events.notice(note)
         self.phase.advance(Phase.COMPLETED)
+        for note in self.disks.settle_replicas(on_target=True):
+            self.events.notice(note)
         self._on_completed()
         if self.request.quit_source:
             # QEMU closes the QMP socket while answering quit; a lost session is success.

@@ -173,9 +173,12 @@ def compare_ranges(
     chunk_bytes: int = CHUNK_BYTES,
     source_chain: list[Path] | None = None,
     target_chain: list[Path] | None = None,
+    differ_bytes: int | None = None,
 ) -> tuple[int, list[tuple[int, int]]]:
     """Compare ``ranges`` of two mapped images chunk by chunk, to the end (blocking:
-    run it in a thread): the bytes compared and the chunks that differ."""
+    run it in a thread): the bytes compared and the ranges that differ — whole
+    chunks, or with ``differ_bytes`` the pieces of that size (from each chunk's
+    start) that differ within a differing chunk."""
     src = _Reader(source, source_map, source_chain)
     dst = _Reader(target, target_map, target_chain)
     compared = 0
@@ -183,8 +186,14 @@ def compare_ranges(
     try:
         for pos, n, a, b in _chunk_pairs(ranges, src, dst, chunk_bytes):
             compared += n
-            if _differ(a, b):
+            if not _differ(a, b):
+                continue
+            if differ_bytes is None:
                 differed.append((pos, pos + n))
+                continue
+            for i in range(0, n, differ_bytes):
+                if a[i : i + differ_bytes] != b[i : i + differ_bytes]:
+                    differed.append((pos + i, pos + min(n, i + differ_bytes)))
     finally:
         src.close()
         dst.close()

@@ -14,9 +14,17 @@ Once every mirror is READY (write-blocking mode keeps both images in step):
   reads the bitmap's dirty ranges — the bitmap disabled, the node exported
   read-only over NBD on a UNIX socket with the bitmap, ``qemu-img map`` with
   ``x-dirty-bitmap`` (dirty ranges read as ``"data": false``) — and compares
-  only those ranges and the chunks that differed, chunk-aligned.
+  only those ranges (aligned to the bitmap's 64 KiB granularity) and the chunks
+  that differed.
 
-QEMU's block dirty bitmaps are reliable (only 7.2's TCG RAM dirty log is not).
+QEMU's block dirty bitmaps are reliable (only 7.2's TCG RAM dirty log is not). They
+record the guest's writes, not a change of the target's image behind its QEMU's
+back (another process writing the file): :meth:`QuickCheck.start` therefore watches
+the target image file (inotify, before the background pass) for a writer closing
+it, the file deleted or renamed (the target QEMU keeps its image open all along),
+and :meth:`QuickCheck.seal` (in the source's pre-switchover pause) ends the watch.
+Seen any: the fast path does not vouch for the target; the downtime compares in
+full. (A writer that keeps the file open past the pause is not seen.)
 Anything that goes wrong on the fast path falls back to the full comparison.
 :meth:`QuickCheck.close` removes the export, the NBD server and the bitmap in
 every path.
@@ -34,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asyncinotify import Inotify, Mask
+
 from migrate.disks.images import DiskImageError, _qemu_img, backing_chain, extent_map, image_info
 from migrate.disks.integrity import (
     CHUNK_BYTES,
@@ -48,6 +58,8 @@ from migrate.report import Integrity
 BITMAP = "livemig-verify"
 GRANULARITY = 64 << 10
 EXPORT = "livemig-verify"
+#: What another process did to the target image file that voids the fast path.
+TAMPER = Mask.CLOSE_WRITE | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.ATTRIB
 
 Range = tuple[int, int]
 
@@ -112,10 +124,53 @@ class QuickCheck:
         self._exported = False
         self._server = False
         self._dir: Path | None = None
+        self._watch: Inotify | None = None
+        #: Why the target image cannot be trusted outside the dirty ranges (None: it can).
+        self.tampered: str | None = None
+
+    def _watch_target(self) -> None:
+        try:
+            watch = Inotify(sync_timeout=0)
+        except OSError as exc:
+            self.tampered = f"cannot watch the target image ({exc})"
+            return
+        try:
+            watch.add_watch(self.target_path, TAMPER)
+        except OSError as exc:
+            watch.close()
+            self.tampered = f"cannot watch the target image ({exc})"
+            return
+        self._watch = watch
+
+    def seal(self) -> None:
+        """End the watch of the target image (the source stopped): what it saw decides
+        whether the fast path may vouch for the target. Idempotent; never raises."""
+        watch, self._watch = self._watch, None
+        if watch is None:
+            return
+        try:
+            for event in watch:  # what is pending (sync_timeout 0)
+                if event.mask & Mask.Q_OVERFLOW:
+                    self.tampered = self.tampered or "the target image's watch overflowed"
+                elif event.mask & TAMPER:
+                    what = (
+                        "written and closed"
+                        if event.mask & Mask.CLOSE_WRITE
+                        else ("deleted, renamed or changed (attributes)")
+                    )
+                    self.tampered = self.tampered or (
+                        f"the target image was {what} by another process since the background "
+                        "pass (its QEMU keeps it open)"
+                    )
+        except OSError as exc:
+            self.tampered = self.tampered or f"the target image's watch failed ({exc})"
+        finally:
+            watch.close()
 
     async def start(self) -> None:
         """Flush both sides, add the bitmap, compare in the background (guest running).
         A failure leaves :attr:`background` ``None`` (verify then compares in full)."""
+        self._watch_target()
         try:
             running = await self.qmp.status() == "running"
             if running:
@@ -144,9 +199,12 @@ class QuickCheck:
         src_chain = await backing_chain(self.source_path) if src_info.backing else None
         dst_chain = await backing_chain(self.target_path) if dst_info.backing else None
         want = data_ranges(src_map, dst_map) if ranges is None else ranges
+        # What differs is remembered by the bitmap's granule, not by whole chunk: the
+        # downtime re-reads it (a target overlay on a replica differs in every cluster
+        # the guest writes during the pass, scattered over the disk).
         return await asyncio.to_thread(
             compare_ranges, want, self.source_path, src_map, self.target_path, dst_map,
-            CHUNK_BYTES, src_chain, dst_chain,
+            CHUNK_BYTES, src_chain, dst_chain, GRANULARITY,
         )  # fmt: skip
 
     async def _read_bitmap(self) -> list[Range]:
@@ -178,13 +236,19 @@ class QuickCheck:
         what differed in it; the full comparison if the fast path is not available.
         Never raises."""
         t0 = time.monotonic()
+        self.seal()
         background = self.background
         fast: DiskComparison | None = None
-        if background is not None:
+        if self.tampered is not None:
+            self.problem = self.tampered
+        elif background is not None:
             try:
                 dirty = await self._read_bitmap()
                 size = (await image_info(self.source_path)).virtual_size
-                ranges = recheck_ranges(dirty, background.differed, size)
+                # Aligned to the bitmap's granularity, not to whole 4 MiB chunks: a
+                # guest writing scattered blocks touches every chunk within a second
+                # (the whole disk re-read in the downtime, docs/bench/disks).
+                ranges = recheck_ranges(dirty, background.differed, size, GRANULARITY)
                 compared, differed = await self._compare(ranges)
                 ms = (time.monotonic() - t0) * 1e3
                 if differed:
@@ -221,6 +285,7 @@ class QuickCheck:
 
     async def close(self) -> list[str]:
         """Remove the export, the NBD server, the bitmap (best effort, each once)."""
+        self.seal()
         notes = []
         steps: list[tuple[str, str, dict[str, Any]]] = []
         if self._exported:

@@ -73,14 +73,17 @@ class CatchUp:
         }
 
 
-def fresh_replica(store: ReplicaStore, disk: SourceDisk) -> DiskReplica | None:
+def fresh_replica(
+    store: ReplicaStore, disk: SourceDisk, migration_id: str | None = None
+) -> DiskReplica | None:
     """The replica of ``disk`` in ``store`` if a migration can start from it: the state
-    file knows it, no commit is pending, the sizes match, its image exists, and the
-    source still has its generation's bitmap, persistent and consistent."""
+    file knows it, no commit is pending, no other migration uses it, none consumed it,
+    the sizes match, its image exists, and the source still has its generation's
+    bitmap, persistent and consistent."""
     if not store.exists():
         return None
     replica = store.load().disks.get(disk.name)
-    if replica is None or replica.overlay is not None:
+    if replica is None or replica.overlay is not None or replica.unusable(migration_id):
         return None
     if replica.virtual_size != disk.virtual_size or not store.base(disk.name).is_file():
         return None
@@ -199,7 +202,10 @@ class ReplicaUse:
 
 
 async def detect_replicas(
-    source: QmpSession, target: QmpSession, placements: Sequence[DiskPlacement]
+    source: QmpSession,
+    target: QmpSession,
+    placements: Sequence[DiskPlacement],
+    migration_id: str | None = None,
 ) -> dict[str, ReplicaUse]:
     """The disks among ``placements`` whose target image is an overlay on a fresh
     replica of the source's disk (see :func:`fresh_replica`), by disk name.
@@ -228,7 +234,7 @@ async def detect_replicas(
             continue
         try:
             store = ReplicaStore(base.parent)
-            replica = fresh_replica(store, disk)
+            replica = fresh_replica(store, disk, migration_id)
             same = replica is not None and store.base(replica.name).resolve() == base.resolve()
         except (ConfigError, OSError):
             continue  # not a replica directory we can read: a plain mirror then

@@ -13,6 +13,16 @@ generation, the source bitmap that holds what changed since it, the last run's t
 mode, bytes and duration. At every instant the state file names a valid image
 chain: a killed run leaves at worst a stale ``.next`` image, which the next run
 removes. ``.lock`` (``flock``) keeps two runs from sharing a directory.
+
+A migration that starts from a replica (:mod:`~migrate.disks.replica_mirror`) makes
+its target image an overlay backed by ``NAME.qcow2``, and marks the disk's entry:
+``in_use_by`` (its migration id) while it runs, cleared when it rolls back (the
+replica untouched, reusable); ``consumed_by`` once the target holds the VM: the base
+image then backs the migrated VM's disk, and the source bitmap no longer describes
+it. A replica in use or consumed is never written by ``livemig replicate`` (a clear
+refusal: writing the base would corrupt the VM that runs on it) nor used by another
+migration (which then mirrors the whole disk). ``livemig recover`` settles the mark
+of a migration whose engine died.
 """
 
 from __future__ import annotations
@@ -67,6 +77,9 @@ class DiskReplica:
     total_bytes: int = 0
     runs: int = 0
     overlay: str | None = None
+    in_use_by: str | None = None
+    consumed_by: str | None = None
+    consumed_at: float | None = None
 
     @property
     def image(self) -> str:
@@ -86,7 +99,27 @@ class DiskReplica:
             "total_bytes": self.total_bytes,
             "runs": self.runs,
             "overlay": self.overlay,
+            "in_use_by": self.in_use_by,
+            "consumed_by": self.consumed_by,
+            "consumed_at": self.consumed_at,
         }
+
+    def unusable(self, migration_id: str | None = None) -> str | None:
+        """Why this replica may not be written nor migrated from (None: it may).
+        ``migration_id``: the migration asking, which may use a replica it holds."""
+        if self.consumed_by is not None:
+            return (
+                f"replica of disk {self.name} was consumed by migration {self.consumed_by} "
+                f"(its base image backs that VM's disk on the target since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.consumed_at or 0))}): "
+                "it is stale; start a new replica in another directory"
+            )
+        if self.in_use_by is not None and self.in_use_by != migration_id:
+            return (
+                f"replica of disk {self.name} is in use by migration {self.in_use_by} "
+                "(if that migration's livemig died, run `livemig recover`)"
+            )
+        return None
 
     @classmethod
     def from_dict(cls, data: Any) -> DiskReplica:
@@ -107,12 +140,21 @@ class DiskReplica:
                 total_bytes=_int(data.get("total_bytes", 0)),
                 runs=_int(data.get("runs", 0)),
                 overlay=None if data.get("overlay") is None else str(data["overlay"]),
+                in_use_by=_opt_str(data.get("in_use_by")),
+                consumed_by=_opt_str(data.get("consumed_by")),
+                consumed_at=None if data.get("consumed_at") is None else float(data["consumed_at"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"replica state: malformed disk entry ({exc})") from None
         if disk.overlay is not None and disk.overlay != f"{disk.name}.commit.qcow2":
             raise ConfigError(f"replica state: unexpected overlay {disk.overlay!r}")
         return disk
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"not a string: {value!r}")
+    return value
 
 
 def _int(value: Any) -> int:
@@ -241,6 +283,35 @@ class ReplicaStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def mark(self, name: str, migration_id: str, action: str) -> DiskReplica:
+        """Mark disk ``name``'s replica for migration ``migration_id`` (under the lock):
+        ``claim`` (in use by it), ``release`` (no longer: it rolled back), ``consume``
+        (the target holds the VM). Raises :class:`ConfigError` if the replica is gone,
+        unusable for this migration, or a replication run holds the directory."""
+        with self.locked():
+            state = self.load()
+            disk = state.disks.get(name)
+            if disk is None:
+                raise ConfigError(f"no replica of disk {name} in {self.dir}")
+            if action == "claim":
+                why = disk.unusable(migration_id)
+                if why is not None:
+                    raise ConfigError(why)
+                disk = replace(disk, in_use_by=migration_id)
+            elif action == "release":
+                if disk.in_use_by != migration_id or disk.consumed_by is not None:
+                    return disk
+                disk = replace(disk, in_use_by=None)
+            elif action == "consume":
+                if disk.consumed_by is not None:
+                    return disk
+                disk = replace(disk, in_use_by=None, consumed_by=migration_id,
+                               consumed_at=time.time())  # fmt: skip
+            else:
+                raise ValueError(f"unknown replica mark {action!r}")
+            self.save(replace(state, disks={**state.disks, name: disk}))
+            return disk
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -533,6 +533,13 @@ async def replicate_once(
         state = store.load()
         try:
             chosen = _choose(await source_disks(session), disks)
+            for disk in chosen:
+                known = state.disks.get(disk.name)
+                why = known.unusable() if known is not None else None
+                if why is not None:
+                    # Its base image backs a migrated VM's disk (or soon may): never
+                    # write it, not even for a fresh baseline.
+                    raise ConfigError(f"{why} ({store.dir})")
             runs: list[DiskRun] = []
             async with StorageDaemon(store.dir, nbd) as daemon, EventRecorder(session) as events:
                 target = ReplicaTarget(store, daemon)

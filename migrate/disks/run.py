@@ -21,17 +21,22 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from migrate.disks.classify import Classification, block_disks, classify
 from migrate.disks.images import remove_image
 from migrate.disks.integrity import DiskComparison, compare_images
 from migrate.disks.mirror import CopyMode, NbdAddress, NbdMirror
 from migrate.disks.model import DiskMode, DiskPlacement
+from migrate.disks.quickcheck import BITMAP as VERIFY_BITMAP
+from migrate.disks.quickcheck import EXPORT as VERIFY_EXPORT
 from migrate.disks.quickcheck import QuickCheck
 from migrate.disks.replica_mirror import ReplicaUse, detect_replicas
-from migrate.errors import ConfigError
+from migrate.disks.replica_store import ReplicaStore
+from migrate.errors import ConfigError, MigrationError
 from migrate.events import DiskCopy, DiskProgress, EventBus
 from migrate.integrity import IntegrityResult
+from migrate.journal import JournalDisk, JournalDisks, record_disks
 from migrate.qmp import QmpSession
 from migrate.report import DiskReport, Integrity
 from migrate.request import MigrationRequest
@@ -64,13 +69,21 @@ class MigrationDisks:
         self.removed: list[str] = []
         self._last_progress = 0.0
         self.replicas: dict[str, ReplicaUse] = {}
+        #: Disks whose replica this migration may not use (its claim was refused).
+        self.refused_replicas: dict[str, str] = {}
+        #: Disks whose replica this migration marked in use (see ReplicaStore.mark).
+        self.claimed: list[str] = []
         self.checks: dict[str, QuickCheck] = {}
 
     async def classify(self) -> Classification:
         src, dst = await block_disks(self.source), await block_disks(self.target)
         found = classify(src, dst, self.request.with_local_disks, self.request.shared_disks)
         if found.mirrored:
-            self.replicas = await detect_replicas(self.source, self.target, found.mirrored)
+            self.replicas = await detect_replicas(
+                self.source, self.target, found.mirrored, self.request.migration_id
+            )
+            for name in self.refused_replicas:
+                self.replicas.pop(name, None)
         self.classification = replace(
             found, placements=tuple(self._on_replica(p) for p in found.placements)
         )
@@ -104,6 +117,13 @@ class MigrationDisks:
             tag=f"lm{self.request.migration_id[:8]}",
             on_progress=self._progress,
         )
+        try:
+            # Before the first step: a crash from here on leaves what recovery removes
+            # (and the replicas it releases or marks consumed).
+            record_disks(self.journal_entry())
+        except OSError as exc:
+            raise MigrationError(f"cannot record the disk copy in the journal: {exc}") from exc
+        self._claim_replicas()
         for job in self.mirror.jobs:
             use = self.replicas.get(job.placement.name)
             job.replica_bitmap = use.bitmap if use is not None else None
@@ -113,6 +133,85 @@ class MigrationDisks:
         await self.source.execute(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "pause-before-switchover", "state": True}]},
+        )
+
+    def _replica_store(self, name: str) -> ReplicaStore:
+        return ReplicaStore(Path(self.replicas[name].image).parent)
+
+    def _claim_replicas(self) -> None:
+        """Mark each replica this migration starts from as in use by it; a replica
+        that cannot be claimed is not used (the whole disk is mirrored)."""
+        for name in list(self.replicas):
+            try:
+                self._replica_store(name).mark(name, self.request.migration_id, "claim")
+            except (ConfigError, OSError) as exc:
+                self.refused_replicas[name] = str(exc)
+                del self.replicas[name]
+                self.notice(f"disk {name}: not starting from its replica ({exc}); "
+                            "mirroring the whole disk")  # fmt: skip
+                continue
+            self.claimed.append(name)
+        if self.refused_replicas:
+            self.classification = replace(
+                self.classification,
+                placements=tuple(
+                    replace(
+                        p,
+                        mode=DiskMode.MIRRORED,
+                        reason=f"replica not used: {self.refused_replicas[p.name]}",
+                    )
+                    if p.name in self.refused_replicas and p.mode is DiskMode.REPLICA
+                    else p
+                    for p in self.classification.placements
+                ),
+            )
+            assert self.mirror is not None
+            self.mirror.placements = self.classification.mirrored
+            for job in self.mirror.jobs:
+                job.placement = next(
+                    p for p in self.mirror.placements if p.name == job.placement.name
+                )
+
+    def settle_replicas(self, on_target: bool) -> list[str]:
+        """Once the migration ended: the replicas it used are consumed (the VM runs on
+        the target, on top of them) or released (it stays on the source). Notes."""
+        notes = []
+        action = "consume" if on_target else "release"
+        for name in self.claimed:
+            try:
+                self._replica_store(name).mark(name, self.request.migration_id, action)
+            except (ConfigError, OSError) as exc:
+                notes.append(f"disk {name}: could not mark its replica {action}d: {exc}")
+                continue
+            if on_target:
+                notes.append(f"disk {name}: its replica ({self.replicas[name].image}) now backs "
+                             "the migrated disk: marked consumed")  # fmt: skip
+        self.claimed = []
+        return notes
+
+    def journal_entry(self) -> JournalDisks:
+        """The disk copy as the migration journal records it (for ``livemig recover``)."""
+        assert self.mirror is not None
+        return JournalDisks(
+            nbd_address=str(self.mirror.address),
+            disks=tuple(
+                JournalDisk(
+                    name=job.placement.name,
+                    target_image=str(job.placement.target.path)
+                    if job.placement.target is not None
+                    else None,
+                    export_id=job.export_id,
+                    client_node=job.client_node,
+                    job_id=job.job_id,
+                    source_node=job.placement.source.node_name,
+                    replica_dir=str(Path(self.replicas[job.placement.name].image).parent)
+                    if job.placement.name in self.replicas
+                    else None,
+                )
+                for job in self.mirror.jobs
+            ),
+            verify_bitmap=VERIFY_BITMAP,
+            verify_export=VERIFY_EXPORT,
         )
 
     async def copy_bytes(self) -> int:
@@ -172,6 +271,8 @@ class MigrationDisks:
                 if background is not None
                 else f"disk {placement.name}: {check.problem}; the downtime compares it in full"
             )
+        if self.request.hooks.after_disks_compared is not None:
+            await self.request.hooks.after_disks_compared()
 
     def _progress(self, state: dict[str, tuple[int, int]]) -> None:
         now = time.monotonic()
@@ -190,7 +291,10 @@ class MigrationDisks:
 
     async def finish_at_switchover(self) -> None:
         """In the source's pre-switchover pause: complete the mirrors before the
-        source hands its images over (:meth:`NbdMirror.finish_jobs`)."""
+        source hands its images over (:meth:`NbdMirror.finish_jobs`). The watches
+        of the target images end here (:meth:`QuickCheck.seal`)."""
+        for check in self.checks.values():
+            check.seal()
         if self.mirror is not None:
             await self.mirror.finish_jobs()
 

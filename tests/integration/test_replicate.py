@@ -228,6 +228,12 @@ async def _scenario(tmp_path: Path) -> None:
                         "human-monitor-command",
                         {"command-line": f'qemu-io -d {qdev} "write -P 0x55 44M 2M"'},
                     )
+                    # Cancelling a mirror before it is READY cancels it (no COMPLETED):
+                    # under load the sync=none mirror may take a moment to get there.
+                    ready = await events.wait_for(
+                        "BLOCK_JOB_READY", lambda e: e.data.get("device") == "mig-mirror", 30
+                    )
+                    assert ready is not None, "the mirror never became READY"
                     await session.execute("block-job-cancel", {"device": "mig-mirror"})
                     done = await events.wait_for(
                         "BLOCK_JOB_COMPLETED", lambda e: e.data.get("device") == "mig-mirror", 30
@@ -339,3 +345,6 @@ async def _migrate_on_replica(tmp_path: Path) -> None:
                     changed,
                 )
                 assert disk.bytes >= caught_up[0]
+                # The replica now backs the migrated disk: consumed, never written again.
+                used = store.load().disks[DISK_ID]
+                assert used.consumed_by == report.migration_id and used.in_use_by is None

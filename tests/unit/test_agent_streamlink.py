@@ -43,10 +43,10 @@ from migrate.agent.streamlink import AgentReceiver
 from migrate.cluster.state import StateDir
 
 async def main():
-    async with AgentClient(StateDir(Path(sys.argv[1])), timeout_s=5) as client:
+    async with AgentClient(StateDir(Path(sys.argv[1])), timeout_s=30) as client:
         receiver = AgentReceiver(client.ssl_context, sys.argv[2], "web1")
         await receiver.start()
-        await receiver.call("listen", {{"session": "{SESSION}", "tls": False}}, 10)
+        await receiver.call("listen", {{"session": "{SESSION}", "tls": False}}, 30)
         print("listening", flush=True)
         await asyncio.sleep(60)
 
@@ -140,7 +140,7 @@ def test_a_receiver_started_by_the_target_agent_and_driven_over_its_websocket(
         address = f"127.0.0.1:{site.bound_port}"
         vms: Any = ctx.services.get("vms")
         try:
-            async with AgentClient(member, timeout_s=5) as client:
+            async with AgentClient(member, timeout_s=30) as client:
                 receiver = AgentReceiver(client.ssl_context, address, "web1")
                 # Not an incoming VM here: refused before any process starts.
                 with pytest.raises(StreamError, match="not an incoming migration here"):
@@ -153,7 +153,7 @@ def test_a_receiver_started_by_the_target_agent_and_driven_over_its_websocket(
 
                 receiver = AgentReceiver(client.ssl_context, address, "web1")
                 await receiver.start()
-                listen = await receiver.call("listen", {"session": SESSION, "tls": True}, 10)
+                listen = await receiver.call("listen", {"session": SESSION, "tls": True}, 30)
                 assert listen["page_count"] == 256 and listen["port"] > 0
                 # The agent's child, on the agent's host; its credentials are the node's.
                 (child,) = _receivers_of(os.getpid())
@@ -170,7 +170,7 @@ def test_a_receiver_started_by_the_target_agent_and_driven_over_its_websocket(
                 # The receiver dies: the engine's side hears it, with its exit code.
                 receiver = AgentReceiver(client.ssl_context, address, "web1")
                 await receiver.start()
-                await receiver.call("listen", {"session": SESSION, "tls": False}, 10)
+                await receiver.call("listen", {"session": SESSION, "tls": False}, 30)
                 (child,) = _receivers_of(os.getpid())
                 child.kill()
                 with pytest.raises(StreamError, match="exited with code -9"):
@@ -193,7 +193,7 @@ def test_a_receiver_started_by_the_target_agent_and_driven_over_its_websocket(
                 # Dropping the incoming VM ends a receiver that still runs.
                 receiver = AgentReceiver(client.ssl_context, address, "web1")
                 await receiver.start()
-                await receiver.call("listen", {"session": SESSION, "tls": False}, 10)
+                await receiver.call("listen", {"session": SESSION, "tls": False}, 30)
                 (child,) = _receivers_of(os.getpid())
                 await streamlink.end_receiver(ctx, "web1")
                 assert await _gone(child)

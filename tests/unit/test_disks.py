@@ -339,3 +339,19 @@ def test_mirror_abort_before_ready_cancels_and_tears_down() -> None:
     ]
     assert "nbd-server-stop" in dst_cmds and "block-export-del" in dst_cmds
     assert any("cancelled 1 disk mirror" in n for n in notes)
+
+
+def test_compared_ranges_report_what_differs_by_piece_within_a_chunk(tmp_path: Path) -> None:
+    from migrate.disks.integrity import compare_ranges
+
+    size = 1 << 20
+    a = _raw(tmp_path / "a", {1: b"a", 40: b"b", 200: b"c"}, size)
+    b = _raw(tmp_path / "b", {1: b"a", 40: b"x", 200: b"y"}, size)
+    everything = [(0, size)]
+    compared, chunks = compare_ranges(everything, tmp_path / "a", a, tmp_path / "b", b, size)
+    assert compared == size and chunks == [(0, size)]
+    piece = 64 << 10
+    _, pieces = compare_ranges(everything, tmp_path / "a", a, tmp_path / "b", b, size,
+                               differ_bytes=piece)  # fmt: skip
+    # Block 40 (160 KiB) and block 200 (800 KiB): their 64 KiB pieces only.
+    assert pieces == [(2 * piece, 3 * piece), (12 * piece, 13 * piece)]

@@ -129,3 +129,64 @@ def test_cli_status_lists_disks(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (listed["generation"], listed["last_bytes"], listed["runs"]) == (3, 8 << 20, 3)
     assert main(["replicate", "status", "--replica-dir", str(tmp_path)]) == 0
     assert "disk0: generation 3" in capsys.readouterr().out
+
+
+# -- a replica a migration used ------------------------------------------------------------
+
+
+def test_a_migration_claims_releases_and_consumes_a_replica(tmp_path: Path) -> None:
+    store = ReplicaStore(tmp_path)
+    good = {"name": "livemig-replica-0123abcd-3", "persistent": True, "recording": True,
+            "count": 0}  # fmt: skip
+    store.save(ReplicaState("0123abcd").with_disk(_disk()))
+    store.base("disk0").write_bytes(b"")
+    assert store.mark("disk0", "m1", "claim").in_use_by == "m1"
+    # The migration holding it still sees it fresh; another one does not, nor claims it.
+    assert fresh_replica(store, _source((good,)), "m1") is not None
+    assert fresh_replica(store, _source((good,)), "m2") is None
+    with pytest.raises(ConfigError, match=r"in use by migration m1.*livemig recover"):
+        store.mark("disk0", "m2", "claim")
+    # A rollback releases it (another migration's release changes nothing)...
+    assert store.mark("disk0", "m2", "release").in_use_by == "m1"
+    assert store.mark("disk0", "m1", "release").in_use_by is None
+    assert fresh_replica(store, _source((good,)), "m2") is not None
+    # ... a completed migration consumes it, for good.
+    store.mark("disk0", "m2", "claim")
+    consumed = store.mark("disk0", "m2", "consume")
+    assert (consumed.in_use_by, consumed.consumed_by) == (None, "m2")
+    assert consumed.consumed_at is not None
+    assert store.load().disks["disk0"] == consumed  # survives the state file
+    assert store.mark("disk0", "m2", "release") == consumed
+    for migration in ("m2", "m3", None):
+        assert fresh_replica(store, _source((good,)), migration) is None
+    with pytest.raises(ConfigError, match="consumed by migration m2"):
+        store.mark("disk0", "m3", "claim")
+
+
+def test_replication_refuses_a_consumed_replica_in_one_line(tmp_path: Path) -> None:
+    import asyncio
+
+    from migrate.disks.replicate import replicate_once
+    from tests.fakes import FakeQmp
+    from tests.fakes.qmp import Reply
+    from tests.unit.test_disks import QUERY_BLOCK
+
+    store = ReplicaStore(tmp_path)
+    store.save(ReplicaState("0123abcd").with_disk(_disk(virtual_size=1 << 26)))
+    store.base("disk0").write_bytes(b"generation 3")
+    store.mark("disk0", "m1", "consume")
+    source = FakeQmp()
+    source.on("query-block", Reply(QUERY_BLOCK))
+    with pytest.raises(ConfigError) as refused:
+        asyncio.run(replicate_once(source, store))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "replica of disk disk0 was consumed by migration m1" in message
+    assert "start a new replica in another directory" in message and str(tmp_path) in message
+    # Nothing was written: no fresh baseline over the image a migrated VM runs on.
+    assert store.base("disk0").read_bytes() == b"generation 3"
+    assert list(tmp_path.glob("*.next.qcow2")) == []
+    assert [c for c in source.commands if c != "query-block"] == []
+    store.save(store.load().with_disk(_disk(virtual_size=1 << 26, in_use_by="m9")))
+    with pytest.raises(ConfigError, match="in use by migration m9"):
+        asyncio.run(replicate_once(source, store))
