@@ -173,6 +173,16 @@ def server_context(creds: NodeCredentials) -> ssl.SSLContext:
     return context
 
 
+def peer_node_name(sock: ssl.SSLSocket) -> str | None:
+    """The node name (CN) in the certificate the peer of a handshaken ``sock`` presented."""
+    subject = (sock.getpeercert() or {}).get("subject", ())
+    for rdn in subject if isinstance(subject, tuple) else ():
+        for attribute in rdn:
+            if isinstance(attribute, tuple) and attribute[0] == "commonName":
+                return str(attribute[1])
+    return None
+
+
 @dataclass(frozen=True)
 class MigrationTls:
     """Encrypt and authenticate a migration's data path with the cluster's certificates.

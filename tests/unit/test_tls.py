@@ -63,13 +63,16 @@ def test_qemu_creds_dir_refuses_what_gnutls_would(tmp_path: Path) -> None:
 
 
 def _stream(
-    tmp_path: Path, server: NodeCredentials, client: NodeCredentials
+    tmp_path: Path, server: NodeCredentials, client: NodeCredentials, peer_name: str | None = None
 ) -> tuple[Path, Path, Events, list[BaseException]]:
     source = ram_file(tmp_path / "source.ram", 256)
     target = ram_file(tmp_path / "target.ram", 256, seed=None)
     events = Events()
     receiver = PageReceiver.bind(
-        ReceiverConfig(target, "127.0.0.1", SESSION, accept_timeout_s=10, tls=server), events
+        ReceiverConfig(
+            target, "127.0.0.1", SESSION, accept_timeout_s=10, tls=server, peer_name=peer_name
+        ),
+        events,
     )
     errors: list[BaseException] = []
 
@@ -112,6 +115,25 @@ def test_page_stream_refuses_a_peer_of_another_ca(tmp_path: Path) -> None:
     assert errors and all(isinstance(e, StreamError) and e.kind == "transport" for e in errors)
     assert any("TLS" in str(e) for e in errors)
     assert not events.named("round") and not np.fromfile(target, np.uint64).any()
+
+
+def test_page_stream_receiver_accepts_only_the_expected_sender(tmp_path: Path) -> None:
+    ca = ThrowawayCa.create()
+    server = ca.issue(tmp_path / "b", "node-b", "127.0.0.1")
+    node_a = ca.issue(tmp_path / "a", "node-a", "198.19.0.1")
+    other = ca.issue(tmp_path / "x", "node-x", "198.19.0.1")  # same CA, same address
+    _source, target, events, errors = _stream(tmp_path / "x", server, other, peer_name="node-a")
+    refusals = [e for e in errors if "presented" in str(e)]
+    assert len(refusals) == 1 and isinstance(refusals[0], StreamError)
+    assert str(refusals[0]) == (
+        "the sender 127.0.0.1 presented node 'node-x''s certificate, not 'node-a''s"
+    )
+    assert refusals[0].kind == "transport" and "\n" not in str(refusals[0])
+    assert not events.named("round") and not np.fromfile(target, np.uint64).any()
+    (tmp_path / "ok").mkdir()
+    source, target, events, errors = _stream(tmp_path / "ok", server, node_a, peer_name="node-a")
+    assert not errors and events.named("verified")[0]["ok"] is True
+    assert np.array_equal(np.fromfile(source, np.uint64), np.fromfile(target, np.uint64))
 
 
 def test_page_stream_checks_the_receivers_name(tmp_path: Path) -> None:
