@@ -173,7 +173,7 @@ def server_context(creds: NodeCredentials) -> ssl.SSLContext:
     return context
 
 
-def peer_node_name(sock: ssl.SSLSocket) -> str | None:
+def peer_node_name(sock: ssl.SSLSocket | ssl.SSLObject) -> str | None:
     """The node name (CN) in the certificate the peer of a handshaken ``sock`` presented."""
     subject = (sock.getpeercert() or {}).get("subject", ())
     for rdn in subject if isinstance(subject, tuple) else ():
