@@ -12,6 +12,11 @@ looked for in every frame captured on host A's migration interface: found in a
 plain run, absent from TLS runs (native and pagestream), though it reached the
 target's RAM in all of them. One plain and one TLS native run share the lab,
 the guest workload and the probe, so their downtimes compare (printed).
+
+The TLS runs name the source (``MigrationTls.source_name``: node-a). Before the
+native TLS run, host A's QEMU presents another certificate of the same CA
+(node-x) to a target told to accept only node-a (``tls-authz``): QEMU refuses it
+(its log names ``CN=node-x``), the engine fails in one line, the VM stays.
 """
 
 from __future__ import annotations
