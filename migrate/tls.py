@@ -46,6 +46,18 @@ CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 #: The id of the ``tls-creds-x509`` object the engine adds for a migration.
 MIGRATION_CREDS_ID = "livemig-mig-tls"
+#: The id of the ``authz-simple`` object naming the one source a target accepts.
+MIGRATION_AUTHZ_ID = "livemig-mig-authz"
+
+
+def qemu_peer_name(node: str) -> str:
+    """The distinguished name QEMU sees in ``node``'s certificate (``CN=node``).
+
+    QEMU's TLS session names its peer by gnutls's RFC 4514 rendering of the
+    certificate's subject (``gnutls_x509_crt_get_dn``); a node certificate's
+    subject is its CN alone (:mod:`migrate.cluster.pki`).
+    """
+    return f"CN={node}"
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,16 @@ def server_context(creds: NodeCredentials) -> ssl.SSLContext:
     return context
 
 
+def peer_node_name(sock: ssl.SSLSocket | ssl.SSLObject) -> str | None:
+    """The node name (CN) in the certificate the peer of a handshaken ``sock`` presented."""
+    subject = (sock.getpeercert() or {}).get("subject", ())
+    for rdn in subject if isinstance(subject, tuple) else ():
+        for attribute in rdn:
+            if isinstance(attribute, tuple) and attribute[0] == "commonName":
+                return str(attribute[1])
+    return None
+
+
 @dataclass(frozen=True)
 class MigrationTls:
     """Encrypt and authenticate a migration's data path with the cluster's certificates.
@@ -169,11 +191,15 @@ class MigrationTls:
     as each host sees them: QEMU reads them, and pagestream's agents run on the
     same hosts. ``hostname`` is the name the target's certificate must carry
     (QEMU's ``tls-hostname``; None: the host of the migration URI).
+    ``source_name`` is the node name (CN) the source's certificate must carry:
+    the target QEMU (``tls-authz``) and pagestream's receiver refuse any other
+    certificate of the CA; None: any certificate the CA signed.
     """
 
     source_dir: Path
     target_dir: Path
     hostname: str | None = None
+    source_name: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("source_dir", "target_dir"):
@@ -186,6 +212,12 @@ class MigrationTls:
                 raise ConfigError(f"tls {name} must be an absolute path, not {str(value)!r}")
         if self.hostname is not None:
             validate.text(self.hostname, "tls hostname", max_length=253)
+        if self.source_name is not None:
+            validate.text(self.source_name, "tls source name", max_length=253)
+            if any(c in self.source_name for c in ',+=\\"<>;#'):
+                raise ConfigError(
+                    f"tls source name {self.source_name!r} has a character a DN escapes"
+                )
 
     def stream_client(self) -> NodeCredentials:
         """The sender's (source host) files."""
@@ -233,11 +265,27 @@ async def use_migration_tls(
     the peer), then ``tls-creds`` on both and ``tls-hostname`` on the source: QEMU's
     migration stream runs over mutual TLS. Call before ``migrate-incoming``.
 
+    With ``tls.source_name`` the target also gets an ``authz-simple`` object naming
+    the source's certificate (:func:`qemu_peer_name`) as its ``tls-authz``: QEMU
+    refuses the handshake of any other client certificate.
+
     ``hostname`` is used when ``tls.hostname`` is None. Raises :class:`QemuError`.
     """
     await add_tls_creds(source, tls.source_dir, "client")
     await add_tls_creds(target, tls.target_dir, "server")
-    await target.execute("migrate-set-parameters", {"tls-creds": MIGRATION_CREDS_ID})
+    target_params: dict[str, object] = {"tls-creds": MIGRATION_CREDS_ID}
+    if tls.source_name is not None:
+        await remove_tls_creds(target, MIGRATION_AUTHZ_ID)
+        await target.execute(
+            "object-add",
+            {
+                "qom-type": "authz-simple",
+                "id": MIGRATION_AUTHZ_ID,
+                "identity": qemu_peer_name(tls.source_name),
+            },
+        )
+        target_params["tls-authz"] = MIGRATION_AUTHZ_ID
+    await target.execute("migrate-set-parameters", target_params)
     await source.execute(
         "migrate-set-parameters",
         {"tls-creds": MIGRATION_CREDS_ID, "tls-hostname": tls.hostname or hostname},

@@ -313,7 +313,12 @@ async def _run(ctx: AgentContext, run: MigrationRun, address: str) -> None:
                     ),
                     migration_id=run.id,
                     tls=(
-                        MigrationTls(vms.tls_dir(vm), Path(str(prep["tls_dir"])), target_host)
+                        MigrationTls(
+                            vms.tls_dir(vm),
+                            Path(str(prep["tls_dir"])),
+                            target_host,
+                            source_name=ctx.identity.name,
+                        )
                         if options.tls
                         else None
                     ),

@@ -7,7 +7,8 @@ for the next bytes to arrive (commands answered one message late, or never). The
 agent therefore terminates TLS itself — Python's ``ssl``, the node certificate,
 client certificates required and checked against the cluster CA — and relays
 the bytes to the QEMU's own UNIX QMP socket. One client at a time (QMP's rule);
-each connection gets its own relay. The engine connects as to any QMP-over-TLS
+each connection gets its own relay. With ``peer_name`` (an incoming VM: the
+source node that asked for it) only that node's certificate (CN) is relayed. The engine connects as to any QMP-over-TLS
 server (:class:`~migrate.request.QmpTcpAddress`).
 """
 
@@ -20,6 +21,7 @@ import ssl
 from pathlib import Path
 
 from migrate.deadline import within
+from migrate.tls import peer_node_name
 
 #: How long to wait for the QEMU's socket to accept (s).
 CONNECT_TIMEOUT_S = 5.0
@@ -29,8 +31,14 @@ class QmpTlsProxy:
     """Listens on ``host`` (a free port) and relays each TLS client to ``socket_path``."""
 
     def __init__(
-        self, host: str, socket_path: Path, context: ssl.SSLContext, log: logging.Logger
+        self,
+        host: str,
+        socket_path: Path,
+        context: ssl.SSLContext,
+        log: logging.Logger,
+        peer_name: str | None = None,
     ) -> None:
+        self.peer_name = peer_name
         self.host = host
         self.socket_path = socket_path
         self.context = context
@@ -59,6 +67,17 @@ class QmpTlsProxy:
                     peer,
                 )
                 return
+            if self.peer_name is not None:
+                name = peer_node_name(writer.get_extra_info("ssl_object"))
+                if name != self.peer_name:
+                    self.log.warning(
+                        "QMP relay %s: refused %s: node %r's certificate, not %r's",
+                        self.socket_path.parent.name,
+                        peer,
+                        name,
+                        self.peer_name,
+                    )
+                    return
             async with self._busy:
                 try:
                     qr, qw = await within(

@@ -25,7 +25,15 @@ import numpy as np
 from aiohttp import web
 
 from migrate.agent import streamlink
-from migrate.agent.app import AgentContext, Refusal, Router, context, json_response, read_json
+from migrate.agent.app import (
+    AgentContext,
+    Refusal,
+    Router,
+    context,
+    json_response,
+    peer,
+    read_json,
+)
 from migrate.agent.vms import VmError, VmManager
 from migrate.errors import ConfigError, LivemigError
 from migrate.integrity import MAX_REPAIR_PAGES
@@ -185,7 +193,11 @@ async def incoming(request: web.Request) -> web.Response:
         vms.save_definition(definition)
         vms.migrating[name] = "target"
         try:
-            run = await vms.launch(definition, incoming=True)
+            # The relayed QMP takes only the member that asked (its authenticated name).
+            caller = peer(request)
+            run = await vms.launch(
+                definition, incoming=True, source=caller.name if caller is not None else None
+            )
         except BaseException as exc:
             vms.migrating.pop(name, None)
             await vms.forget(name)

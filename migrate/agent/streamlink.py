@@ -33,7 +33,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from migrate.agent.app import AgentContext, Refusal, context
+from migrate.agent.app import AgentContext, Refusal, context, peer
 from migrate.agent.client import AgentClient
 from migrate.agent.vms import VmManager
 from migrate.cluster.address import parse_address
@@ -101,9 +101,17 @@ class _Relayed(AgentProcess):
         self.gone.set()
 
 
-def vet(message: Any, vm_ram: str, host: str, creds: NodeCredentials | None) -> dict[str, Any]:
+def vet(
+    message: Any,
+    vm_ram: str,
+    host: str,
+    creds: NodeCredentials | None,
+    peer_name: str | None = None,
+) -> dict[str, Any]:
     """The source's command as the receiver gets it. ``listen`` takes this host's
-    RAM file, address and credentials (``creds``: TLS was asked for). Raises
+    RAM file, address and credentials (``creds``: TLS was asked for), and with TLS
+    the node the stream must come from (``peer_name``: the member that opened the
+    relay; the receiver refuses any other node's certificate). Raises
     :class:`ValueError` (one line) for anything else."""
     if not isinstance(message, dict) or message.get("cmd") not in _COMMANDS:
         cmd = message.get("cmd") if isinstance(message, dict) else None
@@ -132,6 +140,8 @@ def vet(message: Any, vm_ram: str, host: str, creds: NodeCredentials | None) -> 
         if creds is None:
             raise ValueError("listen: this node has no TLS credentials for the stream")
         listen["tls"] = {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)}
+        if peer_name is not None:
+            listen["peer_name"] = peer_name
     return {"id": request_id, "cmd": "listen", "args": listen}
 
 
@@ -155,7 +165,8 @@ async def receiver_socket(request: web.Request) -> web.StreamResponse:
     try:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
-        await _relay(ctx, vms, name, run.ram_path, ws)
+        who = peer(request)
+        await _relay(ctx, vms, name, run.ram_path, ws, who.name if who is not None else None)
     finally:
         if receivers(ctx).get(name) is task:
             receivers(ctx).pop(name, None)
@@ -163,7 +174,12 @@ async def receiver_socket(request: web.Request) -> web.StreamResponse:
 
 
 async def _relay(
-    ctx: AgentContext, vms: VmManager, name: str, ram: str, ws: web.WebSocketResponse
+    ctx: AgentContext,
+    vms: VmManager,
+    name: str,
+    ram: str,
+    ws: web.WebSocketResponse,
+    source: str | None,
 ) -> None:
     proc = _Relayed(ws, vms.dir(name) / "pagestream-receiver.log")
     try:
@@ -173,7 +189,7 @@ async def _relay(
         await ws.close()
         return
     ctx.log.info("VM %s: pagestream receiver started (pid %s)", name, proc.pid)
-    inbound = asyncio.create_task(_inbound(ctx, vms, name, ram, ws, proc), name="relay in")
+    inbound = asyncio.create_task(_inbound(ctx, vms, name, ram, ws, proc, source), name="relay in")
     gone = asyncio.create_task(proc.gone.wait(), name="relay exit")
     try:
         await asyncio.wait({inbound, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -201,6 +217,7 @@ async def _inbound(
     ram: str,
     ws: web.WebSocketResponse,
     proc: _Relayed,
+    source: str | None,
 ) -> None:
     """The source's commands, vetted, to the receiver's stdin, until the websocket closes."""
     async for msg in ws:
@@ -213,7 +230,7 @@ async def _inbound(
             if isinstance(parsed, dict) and (parsed.get("args") or {}).get("tls") is True:
                 tls_dir = await asyncio.to_thread(vms.tls_dir, name)
                 creds = NodeCredentials.from_qemu_dir(tls_dir, "server")
-            line = vet(parsed, ram, vms.host, creds)
+            line = vet(parsed, ram, vms.host, creds, source)
         except (ValueError, AttributeError) as exc:
             ctx.log.warning("VM %s: pagestream relay refused a command: %s", name, exc)
             request_id = parsed.get("id") if isinstance(parsed, dict) else None

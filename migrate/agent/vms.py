@@ -300,10 +300,13 @@ class VmManager:
         digest = hashlib.sha256(f"{self.node}/{name}/{nic}".encode()).hexdigest()
         return f"lm{digest[:10]}"
 
-    async def launch(self, definition: VmDefinition, incoming: bool = False) -> VmRun:
+    async def launch(
+        self, definition: VmDefinition, incoming: bool = False, source: str | None = None
+    ) -> VmRun:
         """Start QEMU for ``definition`` on this host (:func:`migrate.hostvm.launch_vm`;
         ``incoming``: ``-incoming defer -S`` plus QMP over TCP+TLS on this node's
-        address, relayed). Raises :class:`VmError`."""
+        address, relayed; ``source``: the one node whose certificate the relay
+        takes). Raises :class:`VmError`."""
         name = definition.name
         try:
             check_definition(definition)
@@ -344,7 +347,9 @@ class VmManager:
             except (QemuError, ConfigError) as exc:
                 raise VmError(str(exc), 500) from None
             if incoming:
-                proxy = QmpTlsProxy(self.host, qmp, server_context(self.creds()), self.log)
+                proxy = QmpTlsProxy(
+                    self.host, qmp, server_context(self.creds()), self.log, peer_name=source
+                )
                 qmp_port = await proxy.start()
                 self.proxies[name] = proxy
             run = VmRun(

@@ -204,6 +204,8 @@ class ReceiverAgent:
             config = dataclasses.replace(config, accept_timeout_s=float(args["accept_timeout_s"]))
         if args.get("tls") is not None:
             config = dataclasses.replace(config, tls=_credentials(args["tls"]))
+            if args.get("peer_name") is not None:
+                config = dataclasses.replace(config, peer_name=str(args["peer_name"]))
         self.receiver = self.receiver_type.bind(config, self.channel.event)
         self.thread = threading.Thread(target=self._serve, name="receiver", daemon=True)
         self.thread.start()

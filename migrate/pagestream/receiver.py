@@ -29,7 +29,7 @@ from dirtytrack.digest import RamDigest, ram_digest
 from dirtytrack.ram import PAGE_SIZE, RamMapping
 from migrate.errors import ConfigError, StreamError
 from migrate.pagestream.protocol import FinalDigest, FrameReader, Hello, PageBatch, RoundEnd
-from migrate.tls import NodeCredentials, server_context
+from migrate.tls import NodeCredentials, peer_node_name, server_context
 
 #: Chunks of target RAM named in a digest-mismatch report.
 MAX_CHUNKS_NAMED: Final = 8
@@ -48,6 +48,9 @@ class ReceiverConfig:
     io_timeout_s: float = 120.0
     #: Serve the stream over mutual TLS with these (server) credentials.
     tls: NodeCredentials | None = None
+    #: With ``tls``: the node name (CN) the sender's certificate must carry (None:
+    #: any certificate of the CA).
+    peer_name: str | None = None
 
 
 @dataclass
@@ -158,6 +161,14 @@ class PageReceiver:
                     kind="transport",
                 ) from exc
             self._conn = conn
+            name = peer_node_name(conn)
+            if self.config.peer_name is not None and name != self.config.peer_name:
+                raise StreamError(
+                    f"the sender {peer[0]} presented node {name!r}'s certificate, "
+                    f"not {self.config.peer_name!r}'s",
+                    side="receiver",
+                    kind="transport",
+                )
         reader = FrameReader(self._recv_exactly)
         hello = reader.next()
         if not isinstance(hello, Hello):

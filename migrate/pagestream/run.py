@@ -145,6 +145,7 @@ class PagestreamRun(StrategyRun):
                 "port": 0,
                 "session": session,
                 "tls": _tls_args(request.tls.stream_server()) if request.tls else None,
+                "peer_name": request.tls.source_name if request.tls else None,
             }
         self.sender = AgentProcess(
             AgentRole.SENDER,

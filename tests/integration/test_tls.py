@@ -12,6 +12,11 @@ looked for in every frame captured on host A's migration interface: found in a
 plain run, absent from TLS runs (native and pagestream), though it reached the
 target's RAM in all of them. One plain and one TLS native run share the lab,
 the guest workload and the probe, so their downtimes compare (printed).
+
+The TLS runs name the source (``MigrationTls.source_name``: node-a). Before the
+native TLS run, host A's QEMU presents another certificate of the same CA
+(node-x) to a target told to accept only node-a (``tls-authz``): QEMU refuses it
+(its log names ``CN=node-x``), the engine fails in one line, the VM stays.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import dataclasses
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -32,11 +38,15 @@ from dirtytrack.ram import PAGE_SIZE, RamMapping
 from lab.demo import MIGRATION_PORT, Workload, wait_workload_started
 from lab.net import MIGRATION_IFACE
 from lab.probe import NetworkProbe
+from lab.qemu import QemuProcess
+from migrate.deadline import within
 from migrate.engine import migrate
+from migrate.errors import MigrationError
 from migrate.remoteram import RamOwner
 from migrate.report import Integrity, MigrationReport, Status
 from migrate.request import HostEndpoint, MigrationRequest, QmpTcpAddress
 from migrate.tls import MigrationTls, NodeCredentials, write_qemu_creds_dir
+from migrate.vmspec import VMSpec
 from tests.integration.conftest import VmFactory, guest_answers
 from tests.jsonschemas import validate_report
 from tests.pki_helper import ThrowawayCa
@@ -154,6 +164,7 @@ async def _move(
     a_creds: NodeCredentials,
     b_dir: Path,
     a_dir: Path,
+    intruder_dir: Path | None = None,
 ) -> Run:
     lab = vms.lab
     spec, ip = vms.spec("idle")
@@ -173,82 +184,155 @@ async def _move(
     )  # fmt: skip
     rng = np.random.default_rng()
     marker = rng.bytes(PAGE_SIZE)
-    async with vms.source(spec) as source, vms.target(target_spec) as target:
-        assert source.ram_path is not None and target.ram_path is not None
+    async with vms.source(spec) as source:
+        assert source.ram_path is not None
         await wait_workload_started(source, Workload.parse("idle"))
         pages = _free_pages(source.ram_path, MARKER_PAGES, rng)
         _write_marker(source.ram_path, pages, marker)
         await source.release_qmp()  # the engine takes the source's one QMP socket
-        on_target: list[bool] = []
+        if intruder_dir is not None:
+            await _refused(vms, spec, target_spec, source.site.qmp_socket, a_creds, intruder_dir,
+                           b_dir)  # fmt: skip
+        async with vms.target(target_spec) as target:
+            assert target.ram_path is not None
+            return await _moved(vms, spec, ip, source, target, strategy, tls, a_creds, b_dir,
+                                a_dir, pages, marker)  # fmt: skip
+    raise AssertionError("unreachable")
 
-        async def look_at_target() -> None:
-            # Paused target, before cont: the marker crossed the link in every run.
-            with RamMapping(target.ram_path) as ram:  # type: ignore[arg-type]
-                buf = ram.buffer()
-                on_target.append(any(bytes(buf[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]) == marker
-                                     for p in pages))  # fmt: skip
-                del buf
 
-        calls = 0
+async def _refused(
+    vms: VmFactory,
+    spec: VMSpec,
+    target_spec: VMSpec,
+    source_qmp: Path,
+    a_creds: NodeCredentials,
+    intruder_dir: Path,
+    b_dir: Path,
+) -> None:
+    """Host A's QEMU presents another certificate of the CA (CN node-x): the target
+    QEMU, told to accept only node-a (``tls-authz``), refuses it; the VM stays."""
+    lab = vms.lab
+    async with vms.target(target_spec, role="refusing-target") as target:
+        request = MigrationRequest(
+            source=HostEndpoint("host-a", source_qmp, netns=lab.host_a.netns),
+            target=HostEndpoint(
+                "host-b",
+                migration_uri=lab.host_b.migration_uri(MIGRATION_PORT),
+                netns=lab.host_b.netns,
+                qmp_tcp=QmpTcpAddress(lab.host_b.migration_addr, QMP_TLS_PORT, a_creds),
+            ),
+            strategy="native",
+            vm=spec.name,
+            tls=MigrationTls(intruder_dir, b_dir, source_name="node-a"),
+        )
 
-        def request(owner: RamOwner) -> MigrationRequest:
-            remote = owner.remote()
-
-            async def counted_digest():  # type: ignore[no-untyped-def]
-                nonlocal calls
-                calls += 1
-                return await remote.digest()
-
-            from migrate.remoteram import RemoteRam
-            from migrate.request import MigrationHooks
-
-            return MigrationRequest(
-                source=HostEndpoint("host-a", source.site.qmp_socket, netns=lab.host_a.netns),
-                target=HostEndpoint(
-                    "host-b",
-                    migration_uri=lab.host_b.migration_uri(MIGRATION_PORT),
-                    netns=lab.host_b.netns,
-                    qmp_tcp=QmpTcpAddress(b_addr, QMP_TLS_PORT, a_creds),
-                ),
-                strategy=strategy,
-                vm=spec.name,
-                tls=MigrationTls(a_dir, b_dir) if tls else None,
-                target_ram=RemoteRam(counted_digest, remote.page_hashes, remote.write_pages),
-                hooks=MigrationHooks(before_target_resume=look_at_target),
-            )
-
-        def engine() -> MigrationReport:
-            async def run() -> MigrationReport:
-                # The RAM's owner: in-process here, the target node's agent later.
-                async with RamOwner(target.ram_path) as owner:  # type: ignore[arg-type]
-                    task = asyncio.create_task(migrate(request(owner)))
-                    done, _ = await asyncio.wait({task}, timeout=ENGINE_DEADLINE_S)
-                    if not done:
-                        for other in asyncio.all_tasks():
-                            other.print_stack()
-                        task.cancel()
-                        raise AssertionError(f"the engine took over {ENGINE_DEADLINE_S} s")
-                    return task.result()
+        def engine() -> str:
+            async def run() -> str:
+                try:
+                    await within(migrate(request), ENGINE_DEADLINE_S)
+                except MigrationError as exc:
+                    return str(exc)
+                raise AssertionError("the target accepted a source it was not told to")
 
             return asyncio.run(run())
 
-        capture = Capture(lab.host_a.netns, MIGRATION_IFACE)
-        async with NetworkProbe(ip, lab.client_ns, 0.001) as probe:
-            await asyncio.sleep(0.3)
-            try:
-                report = await asyncio.to_thread(in_netns, lab.host_a.netns, engine)
-            finally:
-                wire = capture.stop()
-            await asyncio.sleep(0.3)
-        assert probe.record is not None
-        tl = report.timeline
-        gap = probe.record.longest_gap(tl.started_at, tl.started_at + tl.ended_ms / 1e3)
-        report = dataclasses.replace(
-            report, guest_downtime_ms=gap.duration_ms if gap is not None else None
+        began = time.monotonic()
+        error = await asyncio.to_thread(in_netns, lab.host_a.netns, engine)
+        print(f"\nrefused source (CN=node-x): {time.monotonic() - began:.2f} s: {error}")
+        assert "stays on the source" in error, error
+        assert "\n" not in error
+        # QEMU names the client by its certificate's DN and exits (its incoming failed).
+        denied = [line for line in target.read_qemu_log().splitlines() if "authz" in line]
+        print(f"refusing target QEMU: {denied}")
+        assert any("authz check for CN=node-x is denied" in line for line in denied), denied
+
+
+async def _moved(
+    vms: VmFactory,
+    spec: VMSpec,
+    ip: str,
+    source: QemuProcess,
+    target: QemuProcess,
+    strategy: str,
+    tls: bool,
+    a_creds: NodeCredentials,
+    b_dir: Path,
+    a_dir: Path,
+    pages: list[int],
+    marker: bytes,
+) -> Run:
+    lab = vms.lab
+    b_addr = lab.host_b.migration_addr
+    on_target: list[bool] = []
+
+    async def look_at_target() -> None:
+        # Paused target, before cont: the marker crossed the link in every run.
+        with RamMapping(target.ram_path) as ram:  # type: ignore[arg-type]
+            buf = ram.buffer()
+            on_target.append(any(bytes(buf[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]) == marker
+                                 for p in pages))  # fmt: skip
+            del buf
+
+    calls = 0
+
+    def request(owner: RamOwner) -> MigrationRequest:
+        remote = owner.remote()
+
+        async def counted_digest():  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            return await remote.digest()
+
+        from migrate.remoteram import RemoteRam
+        from migrate.request import MigrationHooks
+
+        return MigrationRequest(
+            source=HostEndpoint("host-a", source.site.qmp_socket, netns=lab.host_a.netns),
+            target=HostEndpoint(
+                "host-b",
+                migration_uri=lab.host_b.migration_uri(MIGRATION_PORT),
+                netns=lab.host_b.netns,
+                qmp_tcp=QmpTcpAddress(b_addr, QMP_TLS_PORT, a_creds),
+            ),
+            strategy=strategy,
+            vm=spec.name,
+            tls=MigrationTls(a_dir, b_dir, source_name="node-a") if tls else None,
+            target_ram=RemoteRam(counted_digest, remote.page_hashes, remote.write_pages),
+            hooks=MigrationHooks(before_target_resume=look_at_target),
         )
-        assert await guest_answers(lab, ip) > 0, "the guest does not answer on the target"
-        source_gone = await source.wait_exited(5.0)
-        assert source_gone is not None, "the source QEMU still runs after a completed move"
+
+    def engine() -> MigrationReport:
+        async def run() -> MigrationReport:
+            # The RAM's owner: in-process here, the target node's agent later.
+            async with RamOwner(target.ram_path) as owner:  # type: ignore[arg-type]
+                task = asyncio.create_task(migrate(request(owner)))
+                done, _ = await asyncio.wait({task}, timeout=ENGINE_DEADLINE_S)
+                if not done:
+                    for other in asyncio.all_tasks():
+                        other.print_stack()
+                    task.cancel()
+                    raise AssertionError(f"the engine took over {ENGINE_DEADLINE_S} s")
+                return task.result()
+
+        return asyncio.run(run())
+
+    capture = Capture(lab.host_a.netns, MIGRATION_IFACE)
+    async with NetworkProbe(ip, lab.client_ns, 0.001) as probe:
+        await asyncio.sleep(0.3)
+        try:
+            report = await asyncio.to_thread(in_netns, lab.host_a.netns, engine)
+        finally:
+            wire = capture.stop()
+        await asyncio.sleep(0.3)
+    assert probe.record is not None
+    tl = report.timeline
+    gap = probe.record.longest_gap(tl.started_at, tl.started_at + tl.ended_ms / 1e3)
+    report = dataclasses.replace(
+        report, guest_downtime_ms=gap.duration_ms if gap is not None else None
+    )
+    assert await guest_answers(lab, ip) > 0, "the guest does not answer on the target"
+    source_gone = await source.wait_exited(5.0)
+    assert source_gone is not None, "the source QEMU still runs after a completed move"
     return Run(report, _marker_in(wire, marker), bool(on_target and on_target[0]), calls, len(wire))
 
 
@@ -259,11 +343,18 @@ def test_tls_data_paths_between_hosts_hide_guest_pages(vms: VmFactory, tmp_path:
     b_creds = ca.issue(tmp_path / "node-b", "node-b", lab.host_b.migration_addr)
     a_dir = write_qemu_creds_dir(a_creds, tmp_path / "node-a" / "qemu-tls")
     b_dir = write_qemu_creds_dir(b_creds, tmp_path / "node-b" / "qemu-tls")
+    # Another member's certificate, signed by the same CA, used from host A.
+    x_creds = ca.issue(tmp_path / "node-x", "node-x", lab.host_a.migration_addr)
+    x_dir = write_qemu_creds_dir(x_creds, tmp_path / "node-x" / "qemu-tls")
 
     async def scenario() -> list[tuple[str, Run]]:
         runs = []
         for strategy, tls in RUNS:
-            run = await _move(vms, tmp_path, strategy, tls, a_creds, b_dir, a_dir)
+            # The native TLS run first proves the target refuses another node's
+            # certificate (a target QEMU of its own: a refused handshake leaves
+            # QEMU listening, but its one migrate-incoming is spent).
+            intruder = x_dir if (strategy, tls) == ("native", True) else None
+            run = await _move(vms, tmp_path, strategy, tls, a_creds, b_dir, a_dir, intruder)
             runs.append((f"{strategy} {'tls' if tls else 'plain'}", run))
         return runs
 

@@ -74,6 +74,15 @@ def test_the_relay_passes_listen_with_the_targets_own_paths_and_close_only() -> 
     plain = vet({"id": 2, "cmd": "listen", "args": {"session": SESSION, "tls": False}},
                 "/r", "h", None)  # fmt: skip
     assert "tls" not in plain["args"]
+    # The member that opened the relay is the one node the receiver takes a stream from;
+    # the source cannot name another (the target chooses it).
+    from_a = vet({"id": 4, "cmd": "listen", "args": {"session": SESSION, "tls": True}},
+                 "/r", "h", creds, "node-a")  # fmt: skip
+    assert from_a["args"]["peer_name"] == "node-a"
+    with pytest.raises(ValueError, match="the target chooses peer_name"):
+        vet({"id": 5, "cmd": "listen",
+             "args": {"session": SESSION, "tls": True, "peer_name": "node-x"}},
+            "/r", "h", creds, "node-a")  # fmt: skip
     assert vet({"id": 3, "cmd": "close", "args": {"x": 1}}, "/r", "h", None)["args"] == {}
     for bad, needle in (
         ({"id": 1, "cmd": "sweep"}, "takes listen and close, not 'sweep'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -14,7 +15,15 @@ from migrate.errors import ConfigError, StreamError
 from migrate.pagestream.receiver import PageReceiver, ReceiverConfig
 from migrate.pagestream.sender import PageSender, SenderConfig
 from migrate.request import HostEndpoint, MigrationRequest, QmpTcpAddress, migration_uri_host
-from migrate.tls import MigrationTls, NodeCredentials, write_qemu_creds_dir
+from migrate.tls import (
+    MIGRATION_AUTHZ_ID,
+    MIGRATION_CREDS_ID,
+    MigrationTls,
+    NodeCredentials,
+    use_migration_tls,
+    write_qemu_creds_dir,
+)
+from tests.fakes.qmp import FakeQmp
 from tests.pki_helper import ThrowawayCa
 from tests.unit.test_pagestream_stream import SESSION, Events, ram_file
 
@@ -54,13 +63,16 @@ def test_qemu_creds_dir_refuses_what_gnutls_would(tmp_path: Path) -> None:
 
 
 def _stream(
-    tmp_path: Path, server: NodeCredentials, client: NodeCredentials
+    tmp_path: Path, server: NodeCredentials, client: NodeCredentials, peer_name: str | None = None
 ) -> tuple[Path, Path, Events, list[BaseException]]:
     source = ram_file(tmp_path / "source.ram", 256)
     target = ram_file(tmp_path / "target.ram", 256, seed=None)
     events = Events()
     receiver = PageReceiver.bind(
-        ReceiverConfig(target, "127.0.0.1", SESSION, accept_timeout_s=10, tls=server), events
+        ReceiverConfig(
+            target, "127.0.0.1", SESSION, accept_timeout_s=10, tls=server, peer_name=peer_name
+        ),
+        events,
     )
     errors: list[BaseException] = []
 
@@ -105,6 +117,25 @@ def test_page_stream_refuses_a_peer_of_another_ca(tmp_path: Path) -> None:
     assert not events.named("round") and not np.fromfile(target, np.uint64).any()
 
 
+def test_page_stream_receiver_accepts_only_the_expected_sender(tmp_path: Path) -> None:
+    ca = ThrowawayCa.create()
+    server = ca.issue(tmp_path / "b", "node-b", "127.0.0.1")
+    node_a = ca.issue(tmp_path / "a", "node-a", "198.19.0.1")
+    other = ca.issue(tmp_path / "x", "node-x", "198.19.0.1")  # same CA, same address
+    _source, target, events, errors = _stream(tmp_path / "x", server, other, peer_name="node-a")
+    refusals = [e for e in errors if "presented" in str(e)]
+    assert len(refusals) == 1 and isinstance(refusals[0], StreamError)
+    assert str(refusals[0]) == (
+        "the sender 127.0.0.1 presented node 'node-x''s certificate, not 'node-a''s"
+    )
+    assert refusals[0].kind == "transport" and "\n" not in str(refusals[0])
+    assert not events.named("round") and not np.fromfile(target, np.uint64).any()
+    (tmp_path / "ok").mkdir()
+    source, target, events, errors = _stream(tmp_path / "ok", server, node_a, peer_name="node-a")
+    assert not errors and events.named("verified")[0]["ok"] is True
+    assert np.array_equal(np.fromfile(source, np.uint64), np.fromfile(target, np.uint64))
+
+
 def test_page_stream_checks_the_receivers_name(tmp_path: Path) -> None:
     ca = ThrowawayCa.create()
     server = ca.issue(tmp_path / "b", "node-b", "198.19.0.2")  # not 127.0.0.1
@@ -138,3 +169,47 @@ def test_request_tls_options_and_transport(tmp_path: Path) -> None:
     assert str(QmpTcpAddress("::1", 5, creds)) == "tls:[::1]:5"
     assert migration_uri_host("tcp:[::1]:4") == "::1"
     assert migration_uri_host("unix:/x") is None
+
+
+def _tls_fakes() -> tuple[FakeQmp, FakeQmp]:
+    source, target = FakeQmp("source"), FakeQmp("target", runstate="inmigrate", incoming="defer")
+    for fake in (source, target):
+        for command in ("object-add", "object-del", "migrate-set-parameters"):
+            fake.on(command, {})
+    return source, target
+
+
+def test_native_tls_target_accepts_only_the_named_source(tmp_path: Path) -> None:
+    source, target = _tls_fakes()
+    tls = MigrationTls(tmp_path / "a", tmp_path / "b", source_name="node-a")
+    asyncio.run(use_migration_tls(source, target, tls, "198.19.0.2"))
+    adds = [c.arguments for c in target.calls if c.command == "object-add"]
+    assert adds[-1] == {
+        "qom-type": "authz-simple",
+        "id": MIGRATION_AUTHZ_ID,
+        "identity": "CN=node-a",
+    }
+    params = [c.arguments for c in target.calls if c.command == "migrate-set-parameters"]
+    assert params == [{"tls-creds": MIGRATION_CREDS_ID, "tls-authz": MIGRATION_AUTHZ_ID}]
+    # A stale authz object of an earlier attempt goes first, like the creds object.
+    deleted = [c.arguments for c in target.calls if c.command == "object-del"]
+    assert deleted == [{"id": MIGRATION_CREDS_ID}, {"id": MIGRATION_AUTHZ_ID}]
+    assert target.commands == ["object-del", "object-add"] * 2 + ["migrate-set-parameters"]
+    # The source is a client: QEMU checks no authz there.
+    assert all(
+        "tls-authz" not in (c.arguments or {})
+        and (c.arguments or {}).get("qom-type") != "authz-simple"
+        for c in source.calls
+    )
+
+
+def test_native_tls_without_a_source_name_sets_no_authz(tmp_path: Path) -> None:
+    source, target = _tls_fakes()
+    asyncio.run(
+        use_migration_tls(source, target, MigrationTls(tmp_path / "a", tmp_path / "b"), "h")
+    )
+    assert "authz-simple" not in str(target.calls)
+    params = [c.arguments for c in target.calls if c.command == "migrate-set-parameters"]
+    assert params == [{"tls-creds": MIGRATION_CREDS_ID}]
+    with pytest.raises(ConfigError, match="DN escapes"):
+        MigrationTls(tmp_path / "a", tmp_path / "b", source_name="a,O=x")
