@@ -12,8 +12,9 @@ Layout under the state directory::
 
 QEMU is started, stopped and adopted by :mod:`migrate.hostvm`; this module adds
 the node's side: taps on the bridges a definition names, the records, the TLS relay.
-Guest RAM is a ``memory-backend-file,share=on`` at ``/dev/shm/livemig-NODE-NAME.ram``
-(unless the definition names a RAM ``dir``). QEMU is started with ``-daemonize``: it leaves the agent's session and process
+Guest RAM is a ``memory-backend-file,share=on`` at
+``/dev/shm/livemig-NODE-STATE-NAME.ram`` (STATE: a digest of the state dir, so two
+agents on one machine never share a file; unless the definition names a RAM ``dir``). QEMU is started with ``-daemonize``: it leaves the agent's session and process
 group, so an agent that stops (or is restarted, or killed) leaves its VMs running;
 the next agent re-adopts every VM whose ``run.json`` names a live QEMU
 (:meth:`VmManager.readopt`). An incoming VM (a migration's target) also serves QMP
@@ -146,6 +147,16 @@ def bridges_of_taps() -> dict[str, str]:
     return out
 
 
+def ram_file(node: str, state_path: Path, name: str) -> Path:
+    """Where the agent of ``node`` (state dir ``state_path``) keeps VM ``name``'s RAM.
+
+    The state dir is in the name: two agents on one machine (a lab, a test) may
+    carry the same node and VM names and must not share (or delete) one file.
+    """
+    state = hashlib.sha256(str(state_path.resolve()).encode()).hexdigest()[:8]
+    return RAM_DIR / f"livemig-{node}-{state}-{name}.ram"
+
+
 class VmManager:
     """One agent's VMs (see the module docstring). Operations on a VM are serialised."""
 
@@ -225,7 +236,7 @@ class VmManager:
             self._write(path, asdict(run))
 
     def ram_path(self, name: str) -> Path:
-        return RAM_DIR / f"livemig-{self.node}-{name}.ram"
+        return ram_file(self.node, self.state_path, name)
 
     def creds(self) -> NodeCredentials:
         return NodeCredentials.from_state_dir(self.state_path)

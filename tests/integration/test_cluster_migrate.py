@@ -31,6 +31,7 @@ import pytest
 from lab.cluster_demo import VM_NAME, ClusterLab, _wait_in_file, definition_json
 from lab.demo import DemoConfig, Workload, guest_spec
 from lab.net import Lab, LabHost
+from migrate.agent.vms import ram_file
 from migrate.qmp import process_exited
 
 pytestmark = pytest.mark.integration
@@ -115,7 +116,7 @@ def test_demo_cluster_json(tmp_path: Path) -> None:
     # Nothing left behind: QEMUs, RAM files; the state dirs are under --log-dir.
     root = tmp_path / "logs" / "cluster"
     assert _qemu_pids_under(str(root)) == []
-    assert not [p for p in ("a", "b") if Path(f"/dev/shm/livemig-{p}-demo.ram").exists()]
+    assert not [n for n in ("a", "b") if ram_file(n, root / n, "demo").exists()]
     assert not list(root.glob("*/vms/*/run.json"))
     print(f"\ndemo --cluster native: {elapsed:.1f} s, guest downtime "
           f"{report['guest_downtime_ms']:.0f} ms, total {report['total_time_ms']:.0f} ms")  # fmt: skip
