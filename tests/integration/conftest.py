@@ -9,9 +9,11 @@ fails the run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,6 +84,17 @@ class Pair:
             vm=self.spec.name,
             **kwargs,  # type: ignore[arg-type]
         )
+
+
+async def livemig_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run ``livemig ARGS`` to its end (within ``timeout``); exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "migrate.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 async def guest_answers(lab: Lab, ip: str, seconds: float = 0.5) -> int:

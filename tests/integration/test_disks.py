@@ -26,6 +26,7 @@ from migrate.journal import JournalStore
 from migrate.qmp import QmpSession
 from migrate.report import Integrity, MigrationReport, Status
 from migrate.strategy import HostEndpoint, MigrationHooks, MigrationRequest
+from tests.integration.conftest import livemig_cli
 from tests.jsonschemas import validate_report
 
 
@@ -85,16 +86,6 @@ async def _source_status(pair: LabPair) -> str:
         ) from exc
 
 
-async def _livemig(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "migrate.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def _kill_engine_mid_mirror_then_recover(
     pair: LabPair, tmp_path: Path, seen: dict[str, object]
 ) -> None:
@@ -143,7 +134,7 @@ async def _kill_engine_mid_mirror_then_recover(
         assert journal.disks is not None
         (recorded,) = journal.disks.disks
         assert recorded.target_image == str(image) and image.exists()
-        code, out, err = await _livemig("recover", "--state-dir", str(state_dir), "--json")
+        code, out, err = await livemig_cli("recover", "--state-dir", str(state_dir), "--json")
         assert code == 0, (out, err)
         (result,) = json.loads(out)["migrations"]
         seen["recover"] = result

@@ -23,7 +23,7 @@ from lab.qemu import QemuProcess
 from migrate.journal import JournalStore
 from migrate.phase import Phase
 from migrate.qmp import QmpSession
-from tests.integration.conftest import Pair, VmFactory, guest_answers
+from tests.integration.conftest import Pair, VmFactory, guest_answers, livemig_cli
 
 LINK_MBIT = 40
 WORKLOAD = "dirty:8"
@@ -44,16 +44,6 @@ def _migrate_args(
         "--state-dir", str(state_dir),
         "--policy", "qemu-default", "--no-predict", "--link-mbit", str(LINK_MBIT),
     ]  # fmt: skip
-
-
-async def _livemig(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "migrate.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def _kill_mid_precopy(pair: Pair, state_dir: Path) -> None:
@@ -102,7 +92,7 @@ def test_recover_after_the_engine_was_killed_mid_precopy(vms: VmFactory, tmp_pat
             assert not store.owner_alive(record.migration_id)
 
             # The VM is refused until recovered; nothing is touched.
-            code, out, err = await _livemig("migrate", "--json", *_migrate_args(pair, state_dir))
+            code, out, err = await livemig_cli("migrate", "--json", *_migrate_args(pair, state_dir))
             assert code == 1, (out, err)
             assert (
                 f"has an unfinished migration {record.migration_id} (phase {record.phase}): "
@@ -110,7 +100,7 @@ def test_recover_after_the_engine_was_killed_mid_precopy(vms: VmFactory, tmp_pat
             ) in err, err
 
             began = time.monotonic()
-            code, out, err = await _livemig("recover", "--state-dir", str(state_dir), "--json")
+            code, out, err = await livemig_cli("recover", "--state-dir", str(state_dir), "--json")
             wall_s = time.monotonic() - began
             assert code == 0, (out, err)
             data = json.loads(out)
@@ -153,7 +143,7 @@ def test_recover_after_the_engine_was_killed_mid_precopy(vms: VmFactory, tmp_pat
             vms.lab.set_bandwidth(None)
             async with vms.target(pair.spec, role="target-2") as target2:
                 await target2.release_qmp()
-                code, out, err = await _livemig(
+                code, out, err = await livemig_cli(
                     "migrate", "--json", *_migrate_args(pair, state_dir, target2, 4449)
                 )
                 assert code == 0, (out, err)
