@@ -8,6 +8,7 @@ migration: how it reaches the target (:class:`DiskMode`) and why.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -156,6 +157,16 @@ class BlockDisk:
     @property
     def name(self) -> str:
         return self.device or self.node_name
+
+    def allocated_bytes(self) -> int:
+        """About what a full copy moves: the image file's allocated size, at most the
+        virtual size. (Not ``qemu-img map``: a running QEMU keeps fresh qcow2
+        metadata in memory.)"""
+        try:
+            allocated = os.stat(self.path).st_blocks * 512
+        except OSError:
+            allocated = self.virtual_size
+        return min(allocated, self.virtual_size)
 
 
 @dataclass(frozen=True)

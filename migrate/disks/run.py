@@ -18,7 +18,6 @@ A replica mode (``DiskMode.REPLICA``) fits in as another placement whose
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -215,20 +214,14 @@ class MigrationDisks:
         )
 
     async def copy_bytes(self) -> int:
-        """About the bytes the first full copy moves: each local disk's image file's
-        allocated size, at most its virtual size. (Not ``qemu-img map``: a running
-        QEMU keeps fresh qcow2 metadata in memory.)"""
+        """About the bytes the first copy moves: each local disk's allocated bytes
+        (:meth:`BlockDisk.allocated_bytes`), on a replica what changed since it."""
         total = 0
         for placement in (await self.classify()).mirrored:
-            disk = placement.source
             if placement.mode is DiskMode.REPLICA:
                 total += self.replicas[placement.name].dirty_bytes
-                continue
-            try:
-                allocated = os.stat(disk.path).st_blocks * 512
-            except OSError:
-                allocated = disk.virtual_size
-            total += min(allocated, disk.virtual_size)
+            else:
+                total += placement.source.allocated_bytes()
         return total
 
     async def copy(self) -> None:

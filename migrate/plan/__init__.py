@@ -21,7 +21,6 @@ from pathlib import Path
 from migrate.disks.model import BlockDisk
 from migrate.plan.compare import measured_from
 from migrate.plan.disks import (
-    allocated_bytes,
     forecast_with_disks,
     measure_with_disks,
     with_disk_copy,
@@ -45,7 +44,6 @@ __all__ = [
     "BandwidthHint",
     "Measurement",
     "RamSample",
-    "allocated_bytes",
     "allowed",
     "bandwidth_known",
     "forecast",
@@ -71,5 +69,5 @@ async def plan_migration(
     """:func:`measure` then :func:`forecast`; with ``disks`` (the local disks a
     migration would copy) their copy and the guest's writes to them are in it."""
     m, write_rate = await measure_with_disks(source, ram_path, disks, calc_time_s)
-    disk_bytes = sum(allocated_bytes(d) for d in disks)
+    disk_bytes = sum(d.allocated_bytes() for d in disks)
     return forecast_with_disks(m, bandwidth, policy, disk_bytes, write_rate)

@@ -12,7 +12,6 @@ link and adds the copy and those writes to each forecast (pure).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,17 +23,6 @@ from migrate.plan.measuring import measure
 from migrate.policy import Policy
 from migrate.qmp import QmpSession
 from migrate.report import Forecast, Predicted
-
-
-def allocated_bytes(disk: BlockDisk) -> int:
-    """About what a full copy of ``disk`` moves: its image file's allocated size, at
-    most its virtual size. (Not ``qemu-img map``: a running QEMU keeps fresh qcow2
-    metadata in memory.)"""
-    try:
-        allocated = os.stat(disk.path).st_blocks * 512
-    except OSError:
-        allocated = disk.virtual_size
-    return min(allocated, disk.virtual_size)
 
 
 async def measure_with_disks(
